@@ -66,7 +66,7 @@ def run_bench(data: str | Path, detector: str = "patchcore", params: dict | None
     subset = test[:n]
     decoded = [subset[i] for i in range(n)]
     tensor = det.preprocess.images_to_tensor(decoded[:batch_size])
-    extractor = det._extractor() if hasattr(det, "_extractor") else None
+    extractor = det.feature_extractor()
 
     def backbone():
         for _ in range(0, n, batch_size):

@@ -1,5 +1,5 @@
 """Behaviour of core.metrics against hand-computed cases, sklearn, and slow reference implementations."""
-import sys
+
 import time
 from pathlib import Path
 
@@ -8,10 +8,7 @@ import pytest
 from scipy import ndimage
 from sklearn.metrics import roc_auc_score
 
-# Lets the file run from any working directory, even before the repo has a conftest or pytest config.
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from core import metrics  # noqa: E402
+from core import metrics
 
 
 # ------------------------------------------------------------------------------------------------ helpers

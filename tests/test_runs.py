@@ -12,11 +12,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
+from core.runs import SCHEMA_VERSION, RunStore, to_json
 
-from core.runs import SCHEMA_VERSION, RunStore, to_json  # noqa: E402
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..backbones import FeatureExtractor
 from ..data import Preprocess
 
 # progress(stage, done, total); raising core.Cancelled from it stops the work.
@@ -72,6 +73,10 @@ class Detector:
     def preprocess(self) -> Preprocess:
         """Geometry and normalisation of model inputs; subclasses with a backbone override mean/std."""
         return Preprocess(resize=self.resize, crop=self.crop)
+
+    def feature_extractor(self) -> FeatureExtractor | None:
+        """The frozen pretrained backbone, for detectors that have one (benchmarks time it alone)."""
+        return None
 
     def is_fitted(self) -> bool:
         return hasattr(self, "fit_info_")
@@ -183,6 +188,26 @@ class Detector:
 
     def _card_extra(self) -> dict:
         return {}
+
+
+class BackboneDetector(Detector):
+    """A detector on a frozen pretrained backbone; subclasses store `backbone`, `stages` and `weights`."""
+
+    def feature_extractor(self) -> FeatureExtractor:
+        # Built lazily and never saved: the weights come from the backbone's own package or file.
+        if getattr(self, "_extractor", None) is None:
+            self._extractor = FeatureExtractor(self.backbone, tuple(self.stages), self.weights)
+            self._extractor.to(resolve_device(self.device))
+        return self._extractor
+
+    @property
+    def preprocess(self) -> Preprocess:
+        extractor = self.feature_extractor()
+        return Preprocess(resize=self.resize, crop=self.crop, mean=extractor.mean, std=extractor.std)
+
+    def backbone_features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The chosen stages' feature maps of a preprocessed batch, on the detector's device."""
+        return self.feature_extractor()(x.to(resolve_device(self.device)))
 
 
 def _json_default(value):

@@ -14,8 +14,7 @@ import torch.nn.functional as F
 
 from ..backbones import DEFAULT_BACKBONE, FeatureExtractor
 from ..coreset import greedy_coreset
-from ..data import Preprocess
-from .base import Detector, Progress, register_detector, resolve_device
+from .base import BackboneDetector, Progress, register_detector
 from .ops import upsample_blur
 
 
@@ -36,7 +35,7 @@ def locally_aware_patches(features: list[torch.Tensor]) -> torch.Tensor:
 
 
 @register_detector("patchcore", family="representation")
-class PatchCore(Detector):
+class PatchCore(BackboneDetector):
     """PatchCore anomaly detector.
 
     Parameters
@@ -66,11 +65,6 @@ class PatchCore(Detector):
         self.seed = seed
         self.device = device
 
-    @property
-    def preprocess(self) -> Preprocess:
-        mean, std = self._extractor().mean, self._extractor().std
-        return Preprocess(resize=self.resize, crop=self.crop, mean=mean, std=std)
-
     def _validate(self) -> None:
         if not 0 < self.coreset_ratio <= 1:
             raise ValueError(f"coreset_ratio must be in (0, 1], got {self.coreset_ratio}")
@@ -79,17 +73,9 @@ class PatchCore(Detector):
         if self.n_reweight < 1:
             raise ValueError(f"n_reweight must be >= 1, got {self.n_reweight}")
 
-    def _extractor(self) -> FeatureExtractor:
-        # Built lazily and not saved: the weights come from the backbone's own package or file.
-        if getattr(self, "_extractor_cache", None) is None:
-            self._extractor_cache = FeatureExtractor(self.backbone, tuple(self.stages), self.weights)
-            self._extractor_cache.to(resolve_device(self.device))
-        return self._extractor_cache
-
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """(N, C, h, w) locally aware patch embeddings of a preprocessed batch."""
-        device = resolve_device(self.device)
-        return locally_aware_patches(self._extractor()(x.to(device))).float().cpu()
+        return locally_aware_patches(self.backbone_features(x)).float().cpu()
 
     def embed_images(self, images: Sequence[np.ndarray], progress: Progress, batch_size: int = 16) -> torch.Tensor:
         """(N, h, w, C) patch embeddings of raw images, computed in batches."""
@@ -157,7 +143,7 @@ class PatchCore(Detector):
         self._build_index()
 
     def _card_extra(self) -> dict:
-        ex = self._extractor()
+        ex = self.feature_extractor()
         return {"backbone": {"name": self.backbone, "stages": list(self.stages), "channels": list(ex.channels),
                              "strides": list(ex.strides)},
                 "memory_bank": {"patches": int(self.memory_bank_.shape[0]), "dim": int(self.memory_bank_.shape[1]),

@@ -1,0 +1,34 @@
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO = REPO / "data" / "demo" / "hazelnut_toy"
+SHARED_DATASETS = Path(os.environ.get("ANOMALYSCOPE_DATASETS", REPO.parent / "shared" / "datasets"))
+
+
+def shared_category(name: str) -> Path:
+    """A real benchmark category from ../shared/datasets, or a clean skip when it is absent."""
+    path = SHARED_DATASETS / name
+    if not (path / "train").is_dir():
+        pytest.skip(f"{path} not available")
+    return path
+
+
+@pytest.fixture(autouse=True)
+def isolated_workspace(tmp_path, monkeypatch):
+    """Every test gets its own registry and model folder."""
+    monkeypatch.setenv("ANOMALYSCOPE_HOME", str(tmp_path / "workspace"))
+
+
+@pytest.fixture(scope="session")
+def demo():
+    from core.data import load_mvtec
+    return load_mvtec(DEMO)
+
+
+@pytest.fixture(scope="session")
+def rng():
+    return np.random.default_rng(0)

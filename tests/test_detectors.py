@@ -1,0 +1,66 @@
+"""The detector contract, for every registered detector, on the bundled demo set."""
+import numpy as np
+import pytest
+
+from core import metrics
+from core.detectors import NotFittedError, create_detector, list_detectors, load_detector
+
+# Small settings so that each detector fits the demo set in seconds on two CPU cores.
+FAST_PARAMS = {
+    "patchcore": {"coreset_ratio": 0.05},
+}
+
+
+@pytest.fixture(scope="module")
+def fitted(demo):
+    """Each detector fitted once on the demo's normal training images."""
+    train = demo.subset(split="train", label=0)
+    cache = {}
+
+    def get(name):
+        if name not in cache:
+            cache[name] = create_detector(name, **FAST_PARAMS.get(name, {}))
+            params_before = cache[name].get_params()
+            assert cache[name].fit(train) is cache[name]
+            assert cache[name].get_params() == params_before, "fit must not change parameters"
+        return cache[name]
+    return get
+
+
+def test_every_detector_has_fast_settings():
+    assert set(list_detectors()) <= set(FAST_PARAMS)
+
+
+@pytest.mark.parametrize("name", list_detectors())
+def test_unfitted_detector_refuses_to_score(name, demo):
+    with pytest.raises(NotFittedError):
+        create_detector(name, **FAST_PARAMS.get(name, {})).score_maps(demo[:1])
+
+
+@pytest.mark.parametrize("name", list_detectors())
+def test_detector_beats_chance_on_demo(name, demo, fitted):
+    test = demo.subset(split="test")
+    scores, maps = fitted(name).score_maps(test)
+    size = fitted(name).preprocess.input_size
+    assert maps.shape == (len(test), size, size) and np.isfinite(maps).all()
+    assert metrics.image_auroc(test.labels, scores) > 0.6
+
+
+@pytest.mark.parametrize("name", list_detectors())
+def test_save_load_round_trip_gives_identical_scores(name, demo, fitted, tmp_path):
+    images = [demo.subset(split="test")[i] for i in (0, 10, 20)]
+    det = fitted(name)
+    before = det.predict(images)
+    det.save(tmp_path / "model")
+    again = load_detector(tmp_path / "model").predict(images)
+    np.testing.assert_array_equal(before.scores, again.scores)
+    for a, b in zip(before.maps, again.maps):
+        np.testing.assert_array_equal(a, b)
+    assert [m.shape for m in before.maps] == [im.shape[:2] for im in images], "maps at input resolution"
+
+
+@pytest.mark.parametrize("name", list_detectors())
+def test_model_card_describes_the_model(name, fitted):
+    card = fitted(name).model_card()
+    assert card["detector"] == name and card["params"] == fitted(name).get_params()
+    assert card["n_images"] == 28 and card["training_set"]["n_images"] == 28
