@@ -1,0 +1,213 @@
+"""Threshold presets and everything a threshold slider shows, precomputed once per run.
+
+A :class:`ScoreDistribution` holds, for every candidate threshold, how many normal and anomalous values
+lie at or above it (``score >= threshold`` means anomalous, as in :mod:`core.metrics`). Built once, it
+answers the confusion counts at any threshold with one binary search, so moving a slider costs
+microseconds however many images or pixels there are; the ROC and precision-recall curves and the
+presets come from the same counts.
+
+Image scores are few, so their distribution is exact (one candidate per distinct score) and agrees with
+:func:`core.metrics.confusion_at`, :func:`~core.metrics.roc_points` and :func:`~core.metrics.f1_max`.
+Pixels are many (a thousand 224 x 224 maps are 50 million values), so their distribution is binned
+into fine histogram bins: its answers are exact at bin edges and off by at most one bin in between.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+PIXEL_BINS = 4096
+
+# How each preset is shown to users; the keys are what the run registry stores as `threshold_preset`.
+PRESET_LABELS = {
+    "f1_max": "F1-max on the test set",
+    "target_fpr": "Target false-positive rate",
+    "zero_miss": "Zero missed defects on the test set",
+    "normal_quantile": "Quantile of normal scores",
+}
+
+
+@dataclass(frozen=True)
+class ScoreDistribution:
+    """Counts of normal and anomalous values at or above each candidate threshold.
+
+    ``thresholds`` ascend; ``n_anomalous_at[i]`` and ``n_normal_at[i]`` count the values
+    ``>= thresholds[i]``. Both count arrays carry one extra final entry, 0, for a threshold above
+    every value. ``hist_edges`` / ``hist_normal`` / ``hist_anomalous`` are a coarse histogram for plots.
+    """
+    thresholds: np.ndarray
+    n_anomalous_at: np.ndarray
+    n_normal_at: np.ndarray
+    hist_edges: np.ndarray
+    hist_normal: np.ndarray
+    hist_anomalous: np.ndarray
+    exact: bool
+
+    @classmethod
+    def from_scores(cls, labels, scores, hist_bins: int = 40) -> "ScoreDistribution":
+        """Exact distribution of image scores; labels are 0 (normal) and 1 (anomalous)."""
+        labels = np.asarray(labels).astype(bool)
+        scores = np.asarray(scores, dtype=np.float64)
+        if scores.shape != labels.shape or scores.ndim != 1 or scores.size == 0:
+            raise ValueError(f"need equally long 1-D labels and scores, got {labels.shape} and {scores.shape}")
+        if not np.isfinite(scores).all():
+            raise ValueError("scores must be finite")
+        values, inverse = np.unique(scores, return_inverse=True)
+        anomalous = np.bincount(inverse[labels], minlength=values.size)
+        normal = np.bincount(inverse[~labels], minlength=values.size)
+        edges = _hist_edges(values[0], values[-1], hist_bins)
+        return cls(values, _counts_at_or_above(anomalous), _counts_at_or_above(normal), edges,
+                   np.histogram(scores[~labels], edges)[0], np.histogram(scores[labels], edges)[0], exact=True)
+
+    @classmethod
+    def from_maps(cls, maps, masks, bins: int = PIXEL_BINS, hist_bins: int = 40) -> "ScoreDistribution":
+        """Binned distribution of map pixels; ``masks[i]`` None leaves image i out (no ground truth)."""
+        kept = [i for i in range(len(maps)) if masks[i] is not None]
+        if not kept:
+            raise ValueError("no image has a ground-truth mask (normal images count as all-zero masks)")
+        lo = min(float(np.min(maps[i])) for i in kept)
+        hi = max(float(np.max(maps[i])) for i in kept)
+        edges = np.linspace(lo, hi if hi > lo else lo + 1.0, bins + 1)
+        anomalous = np.zeros(bins, dtype=np.int64)
+        normal = np.zeros(bins, dtype=np.int64)
+        for i in kept:   # one image at a time: no 50-million-value temporary
+            values = np.asarray(maps[i], dtype=np.float32).ravel()
+            mask = np.asarray(masks[i], dtype=bool).ravel()
+            anomalous += np.histogram(values[mask], edges)[0]
+            normal += np.histogram(values[~mask], edges)[0]
+        # The plot histogram merges fine bins, so it needs no second pass over the pixels.
+        group = max(1, bins // hist_bins)
+        coarse = edges[::group] if edges[::group][-1] == edges[-1] else np.append(edges[::group], edges[-1])
+        n_coarse = coarse.size - 1
+        return cls(edges[:-1], _counts_at_or_above(anomalous), _counts_at_or_above(normal), coarse,
+                   np.add.reduceat(normal, np.arange(0, bins, group))[:n_coarse],
+                   np.add.reduceat(anomalous, np.arange(0, bins, group))[:n_coarse], exact=False)
+
+    # -- totals and range ------------------------------------------------------------------------
+    @property
+    def n_anomalous(self) -> int:
+        return int(self.n_anomalous_at[0])
+
+    @property
+    def n_normal(self) -> int:
+        return int(self.n_normal_at[0])
+
+    @property
+    def has_both_classes(self) -> bool:
+        return self.n_anomalous > 0 and self.n_normal > 0
+
+    @property
+    def lowest(self) -> float:
+        return float(self.thresholds[0])
+
+    @property
+    def highest(self) -> float:
+        return float(self.hist_edges[-1])
+
+    # -- at one threshold ------------------------------------------------------------------------
+    def confusion(self, threshold: float) -> dict:
+        """tp, fp, tn, fn and precision, recall, fpr, f1, accuracy, as :func:`core.metrics.confusion_at`."""
+        i = int(np.searchsorted(self.thresholds, threshold, side="left"))
+        tp, fp = int(self.n_anomalous_at[i]), int(self.n_normal_at[i])
+        fn, tn = self.n_anomalous - tp, self.n_normal - fp
+        total = tp + fp + tn + fn
+        return {"tp": tp, "fp": fp, "tn": tn, "fn": fn,
+                "precision": _ratio(tp, tp + fp), "recall": _ratio(tp, tp + fn), "fpr": _ratio(fp, fp + tn),
+                "f1": _ratio(2 * tp, 2 * tp + fp + fn), "accuracy": _ratio(tp + tn, total)}
+
+    # -- curves ----------------------------------------------------------------------------------
+    def roc(self) -> tuple[np.ndarray, np.ndarray]:
+        """(fpr, tpr) from (0, 0) to (1, 1), one point per candidate threshold."""
+        fpr = self.n_normal_at[::-1] / max(self.n_normal, 1)
+        tpr = self.n_anomalous_at[::-1] / max(self.n_anomalous, 1)
+        return fpr, tpr
+
+    def precision_recall(self) -> tuple[np.ndarray, np.ndarray]:
+        """(recall, precision) at every threshold that flags something, recall ascending."""
+        tp, fp = self.n_anomalous_at[:-1][::-1], self.n_normal_at[:-1][::-1]
+        flagged = tp + fp
+        keep = flagged > 0
+        return tp[keep] / max(self.n_anomalous, 1), tp[keep] / flagged[keep]
+
+    def auroc(self) -> float:
+        fpr, tpr = self.roc()
+        return float(np.trapezoid(tpr, fpr))
+
+    # -- presets ---------------------------------------------------------------------------------
+    def f1_max(self) -> float:
+        """The threshold with the best F1 (the highest one among ties: it flags the fewest)."""
+        self._need_both("F1-max")
+        tp, fp = self.n_anomalous_at[:-1], self.n_normal_at[:-1]
+        f1 = 2 * tp / (2 * tp + fp + (self.n_anomalous - tp))
+        return float(self.thresholds[len(f1) - 1 - int(np.argmax(f1[::-1]))])
+
+    def target_fpr(self, fpr: float) -> float:
+        """The lowest threshold that flags at most a fraction ``fpr`` of the normal values."""
+        if not 0 <= fpr <= 1:
+            raise ValueError(f"target false-positive rate must be in [0, 1], got {fpr}")
+        if self.n_normal == 0:
+            raise ValueError("a false-positive rate needs normal values")
+        allowed = np.floor(fpr * self.n_normal + 1e-9)
+        i = int(np.argmax(self.n_normal_at <= allowed))   # counts fall as thresholds rise
+        return float(self.thresholds[i]) if i < self.thresholds.size else self._above_all()
+
+    def zero_miss(self) -> float:
+        """The highest threshold that still flags every anomalous value."""
+        if self.n_anomalous == 0:
+            raise ValueError("zero missed defects needs anomalous values")
+        i = int(np.flatnonzero(self.n_anomalous_at == self.n_anomalous)[-1])
+        return float(self.thresholds[i])
+
+    def normal_quantile(self, q: float) -> float:
+        """The lowest threshold above a fraction ``q`` of the normal values.
+
+        This is the preset for a new line with no defect images yet: it needs normal values only.
+        It equals ``target_fpr(1 - q)``; the two are worded for different questions.
+        """
+        if not 0 <= q <= 1:
+            raise ValueError(f"quantile must be in [0, 1], got {q}")
+        return self.target_fpr(1 - q)
+
+    def preset(self, name: str, value: float | None = None) -> float:
+        """Dispatch by preset name; ``value`` is the FPR for target_fpr and q for normal_quantile."""
+        if name == "f1_max":
+            return self.f1_max()
+        if name == "zero_miss":
+            return self.zero_miss()
+        if name == "target_fpr":
+            return self.target_fpr(0.01 if value is None else value)
+        if name == "normal_quantile":
+            return self.normal_quantile(0.99 if value is None else value)
+        raise KeyError(f"unknown threshold preset {name!r}; known: {', '.join(PRESET_LABELS)}")
+
+    def available_presets(self) -> list[str]:
+        """Presets that make sense for these values (F1 and zero-miss need anomalous ones)."""
+        out = []
+        if self.has_both_classes:
+            out += ["f1_max", "target_fpr", "zero_miss"]
+        if self.n_normal:
+            out.append("normal_quantile")
+        return out
+
+    def _need_both(self, what: str) -> None:
+        if not self.has_both_classes:
+            raise ValueError(f"{what} needs both normal and anomalous values")
+
+    def _above_all(self) -> float:
+        top = float(self.hist_edges[-1])
+        return float(np.nextafter(top, np.inf)) if self.exact else top
+
+
+def _counts_at_or_above(per_value: np.ndarray) -> np.ndarray:
+    return np.append(np.cumsum(per_value[::-1])[::-1], 0).astype(np.int64)
+
+
+def _hist_edges(lo: float, hi: float, bins: int) -> np.ndarray:
+    if hi <= lo:
+        hi = lo + max(abs(lo), 1.0) * 1e-3
+    return np.linspace(lo, hi, bins + 1)
+
+
+def _ratio(numerator: int, denominator: int) -> float:
+    return numerator / denominator if denominator else 0.0

@@ -1,0 +1,88 @@
+import time
+
+import numpy as np
+import pytest
+
+from core import metrics
+from core.thresholds import ScoreDistribution
+
+
+@pytest.fixture(scope="module")
+def scored():
+    rng = np.random.default_rng(1)
+    labels = np.r_[np.zeros(700, int), np.ones(300, int)]
+    scores = np.r_[rng.normal(1.0, 0.3, 700), rng.normal(2.0, 0.5, 300)].round(3)  # rounding makes ties
+    return labels, scores
+
+
+def test_confusion_matches_metrics_everywhere(scored):
+    labels, scores = scored
+    dist = ScoreDistribution.from_scores(labels, scores)
+    for t in [-5, scores.min(), 0.8, 1.234, 1.5, np.median(scores), 2.5, scores.max(), 9]:
+        assert dist.confusion(t) == pytest.approx(metrics.confusion_at(labels, scores, t))
+
+
+def test_curves_and_f1_agree_with_metrics(scored):
+    labels, scores = scored
+    dist = ScoreDistribution.from_scores(labels, scores)
+    assert dist.auroc() == pytest.approx(metrics.image_auroc(labels, scores))
+    best_f1, best_t = metrics.f1_max(labels, scores)
+    assert dist.f1_max() == pytest.approx(best_t)
+    assert dist.confusion(dist.f1_max())["f1"] == pytest.approx(best_f1)
+    recall, precision = dist.precision_recall()
+    assert np.all(np.diff(recall) >= 0) and precision.min() > 0
+
+
+def test_presets_do_what_they_say(scored):
+    labels, scores = scored
+    dist = ScoreDistribution.from_scores(labels, scores)
+    t = dist.zero_miss()
+    assert dist.confusion(t)["fn"] == 0
+    assert dist.confusion(np.nextafter(t, np.inf))["fn"] > 0          # it is the highest such threshold
+    for fpr in (0.0, 0.01, 0.05, 0.5):
+        t = dist.target_fpr(fpr)
+        assert dist.confusion(t)["fpr"] <= fpr
+        lower = dist.thresholds[dist.thresholds < t]
+        if lower.size:
+            assert dist.confusion(lower[-1])["fpr"] > fpr                # and the lowest one
+    normal = scores[labels == 0]
+    t = dist.normal_quantile(0.99)
+    assert np.mean(normal >= t) <= 0.01 and np.mean(normal < t) >= 0.99
+
+
+def test_normal_only_offers_quantile_and_flags_nothing_above_all():
+    dist = ScoreDistribution.from_scores(np.zeros(50, int), np.linspace(0, 1, 50))
+    assert dist.available_presets() == ["normal_quantile"]
+    assert dist.confusion(dist.normal_quantile(1.0))["fp"] == 0
+    with pytest.raises(ValueError, match="both"):
+        dist.f1_max()
+    with pytest.raises(ValueError, match="anomalous"):
+        dist.zero_miss()
+
+
+def test_pixel_distribution_is_close_to_exact():
+    rng = np.random.default_rng(2)
+    maps = rng.random((12, 32, 32)).astype(np.float32)
+    masks = [np.zeros((32, 32), bool) for _ in range(12)]
+    for m, amap in zip(masks[6:], maps[6:]):
+        m[8:16, 8:16] = True
+        amap[8:16, 8:16] += 0.8
+    masks.append(None)                                        # an anomalous image without a mask: left out
+    maps = np.concatenate([maps, rng.random((1, 32, 32)).astype(np.float32) + 5])
+    dist = ScoreDistribution.from_maps(maps, masks, bins=1024)
+    flat_masks = np.concatenate([m.ravel() for m in masks[:12]])
+    flat_maps = maps[:12].ravel()
+    assert dist.n_anomalous == flat_masks.sum() and dist.n_normal == (~flat_masks).sum()
+    assert dist.auroc() == pytest.approx(metrics.pixel_auroc(np.stack(masks[:12]), maps[:12]), abs=2e-3)
+    exact = metrics.confusion_at(flat_masks.astype(int), flat_maps, dist.thresholds[300])
+    assert dist.confusion(dist.thresholds[300]) == pytest.approx(exact)   # exact at bin edges
+    assert dist.hist_normal.sum() == dist.n_normal and dist.hist_anomalous.sum() == dist.n_anomalous
+
+
+def test_a_threshold_move_on_1000_scores_is_microseconds(scored):
+    labels, scores = scored
+    dist = ScoreDistribution.from_scores(labels, scores)
+    start = time.perf_counter()
+    for t in np.linspace(scores.min(), scores.max(), 1000):
+        dist.confusion(t)
+    assert (time.perf_counter() - start) / 1000 < 1e-3
