@@ -13,9 +13,10 @@ from pathlib import Path
 import numpy as np
 
 from . import metrics
-from .data import ImageSet
+from .data import ImageSet, load_dataset
 from .detectors import Detector, create_detector, load_detector
 from .detectors.base import Progress, no_progress
+from .results import RunResults, load_results, save_results
 from .runs import RunStore
 from .workspace import workspace_dir
 
@@ -74,32 +75,57 @@ def report_dict(dataset: ImageSet) -> dict:
 
 def train_run(store: RunStore, dataset_id: int, dataset: ImageSet, detector: str, params: dict | None = None,
               progress: Progress | None = None, name: str | None = None) -> int:
-    """Fit on the dataset's normal training images, evaluate on its test split, save and register.
+    """Fit on the dataset's normal training images, then evaluate, save and register (see register_fitted)."""
+    det = create_detector(detector, **(params or {}))
+    det.fit(dataset.subset(split="train", label=0), progress or no_progress)
+    return register_fitted(store, dataset_id, dataset, det, progress, name)
 
-    The model folder is written first and the run row with all its scores in one transaction after it,
-    so an interrupted run leaves nothing registered (and its model folder is removed).
+
+def register_fitted(store: RunStore, dataset_id: int, dataset: ImageSet, det: Detector,
+                    progress: Progress | None = None, name: str | None = None) -> int:
+    """Evaluate a fitted detector on the dataset's test split, save it and register the run.
+
+    The model folder (with the test results: maps and masks, for views) is written first and the run row
+    with all its scores in one transaction after it, so an interrupted run leaves nothing registered (and
+    its model folder is removed).
     """
     progress = progress or no_progress
-    train = dataset.subset(split="train", label=0)
     test = dataset.subset(split="test")
-    det = create_detector(detector, **(params or {}))
-    det.fit(train, progress)
     evaluation = evaluate(det, test, progress) if len(test) else None
-    model_path = models_dir() / f"{detector}-{uuid.uuid4().hex[:12]}"
+    model_path = models_dir() / f"{det.name}-{uuid.uuid4().hex[:12]}"
     det.save(model_path)
     try:
+        if evaluation is not None:
+            save_results(model_path, test.samples, evaluation, det.preprocess)
         scores = [] if evaluation is None else [
             {"path": str(s.path), "split": s.split, "label": s.label, "defect": s.defect, "score": float(v)}
             for s, v in zip(test.samples, evaluation.scores)]
         timings = {"fit_seconds": det.fit_info_["fit_seconds"],
                    "score_ms_per_image": None if evaluation is None else 1000 * evaluation.seconds / len(test)}
-        return store.add_run(dataset_id=dataset_id, detector=detector, params=det.get_params(),
+        return store.add_run(dataset_id=dataset_id, detector=det.name, params=det.get_params(),
                              model_path=str(model_path), metrics={} if evaluation is None else evaluation.metrics,
                              timings=timings, model_card=det.model_card(), scores=scores,
                              thresholds=default_thresholds(evaluation), name=name)
     except BaseException:
         shutil.rmtree(model_path, ignore_errors=True)
         raise
+
+
+def run_results(store: RunStore, run_id: int, progress: Progress | None = None) -> RunResults | None:
+    """The run's saved test results; runs saved without them are evaluated once more and get them.
+
+    None when the run's dataset has no test images.
+    """
+    run = store.get_run(run_id)
+    found = load_results(run["model_path"])
+    if found is not None:
+        return found
+    test = load_dataset(store.get_dataset(run["dataset_id"])["source"]).subset(split="test")
+    if not len(test):
+        return None
+    det = load_detector(run["model_path"])
+    save_results(run["model_path"], test.samples, evaluate(det, test, progress), det.preprocess)
+    return load_results(run["model_path"])
 
 
 def load_run_detector(store: RunStore, run_id: int) -> Detector:

@@ -1,3 +1,4 @@
+"""Threshold presets and the precomputed score distribution, checked against core.metrics."""
 import time
 
 import numpy as np
