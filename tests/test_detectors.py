@@ -8,6 +8,7 @@ from core.detectors import NotFittedError, create_detector, list_detectors, load
 # Small settings so that each detector fits the demo set in seconds on two CPU cores.
 FAST_PARAMS = {
     "patchcore": {"coreset_ratio": 0.05},
+    "padim": {"n_features": 50},
 }
 
 

@@ -2,6 +2,7 @@
 from .base import (Detector, NotFittedError, Prediction, create_detector, get_detector_class,
                    list_detectors, load_detector, register_detector)
 from . import patchcore  # noqa: F401  (registers itself)
+from . import padim  # noqa: F401
 
 __all__ = ["Detector", "NotFittedError", "Prediction", "create_detector", "get_detector_class",
            "list_detectors", "load_detector", "register_detector"]

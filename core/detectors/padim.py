@@ -1,0 +1,150 @@
+"""PaDiM (Defard et al., "PaDiM: a Patch Distribution Modeling Framework", ICPR 2021).
+
+Every patch position of the (aligned) training images gets its own multivariate Gaussian over pretrained
+features; a test patch scores its Mahalanobis distance to the Gaussian at its position. Features come from
+several backbone stages, upsampled to the finest stage's grid and concatenated, then reduced to a fixed
+random subset of `n_features` channels (the paper's "Rd" reduction, drawn once with `seed`).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..backbones import DEFAULT_BACKBONE
+from .base import BackboneDetector, Progress, register_detector, resolve_device
+from .ops import upsample_blur
+
+
+def stage_embedding(features: list[torch.Tensor]) -> torch.Tensor:
+    """(N, C, h, w): the stages' maps upsampled (bilinear) to the first (finest) grid and concatenated."""
+    grid = features[0].shape[-2:]
+    return torch.cat([f if f.shape[-2:] == grid else F.interpolate(f, size=grid, mode="bilinear", align_corners=False)
+                      for f in features], dim=1)
+
+
+def mahalanobis(emb: torch.Tensor, mean: torch.Tensor, precision: torch.Tensor) -> torch.Tensor:
+    """(N, P) distances of embeddings (N, P, d) to per-position Gaussians mean (P, d), precision (P, d, d)."""
+    diff = (emb - mean[None]).transpose(0, 1)                        # (P, N, d)
+    sq = torch.einsum("pnc,pcd,pnd->pn", diff, precision, diff)      # bmm per position
+    return sq.clamp_min(0).sqrt().transpose(0, 1)
+
+
+@register_detector("padim", family="representation")
+class PaDiM(BackboneDetector):
+    """PaDiM anomaly detector: a Gaussian per patch position, Mahalanobis distance as the score.
+
+    Parameters
+    ----------
+    backbone, stages, weights : timm name, feature stages (timm out_indices) and optional weights file.
+        Default: EfficientNet-Lite0 stages 1, 2, 3 (strides 4, 8, 16; 24 + 40 + 112 = 176 channels).
+    resize, crop : input geometry (resize to `resize` square, centre crop `crop`; crop None = no crop).
+    n_features : size d of the random channel subset (the paper's Rd); None or >= all channels keeps all.
+    epsilon : ridge added to every covariance (paper: 0.01 I).
+    blur_sigma : Gaussian blur of the upsampled distance map (paper: 4).
+    seed : draws the channel subset.
+
+    Attributes
+    ----------
+    channel_idx_ : (d,) int64 indices of the kept channels.
+    mean_ : (P, d) float32 per-position means, P = h * w grid positions.
+    precision_ : (P, d, d) float32 inverses of the regularised covariances.
+    grid_ : (h, w) of the feature grid.
+    """
+
+    def __init__(self, backbone: str = DEFAULT_BACKBONE, stages: tuple = (1, 2, 3), weights: str | None = None,
+                 resize: int = 256, crop: int | None = 224, n_features: int | None = 100, epsilon: float = 0.01,
+                 blur_sigma: float = 4.0, seed: int = 0, device: str = "auto"):
+        self.backbone = backbone
+        self.stages = stages
+        self.weights = weights
+        self.resize = resize
+        self.crop = crop
+        self.n_features = n_features
+        self.epsilon = epsilon
+        self.blur_sigma = blur_sigma
+        self.seed = seed
+        self.device = device
+
+    def _validate(self) -> None:
+        if len(self.stages) < 1:
+            raise ValueError("stages must name at least one backbone stage")
+        if self.n_features is not None and self.n_features < 1:
+            raise ValueError(f"n_features must be None or >= 1, got {self.n_features}")
+        if self.epsilon <= 0:
+            raise ValueError(f"epsilon must be > 0 (it keeps covariances invertible), got {self.epsilon}")
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, d, h, w) reduced embeddings of a preprocessed batch, on the detector's device."""
+        emb = stage_embedding(self.backbone_features(x)).float()
+        return emb.index_select(1, self.channel_idx_.to(emb.device))
+
+    def _fit(self, images: Sequence[np.ndarray], progress: Progress, batch_size: int = 16) -> None:
+        self._validate()
+        if len(images) < 2:
+            raise ValueError("PaDiM needs at least 2 training images to estimate covariances")
+        total = sum(self.feature_extractor().channels)
+        d = total if self.n_features is None else min(int(self.n_features), total)
+        gen = torch.Generator().manual_seed(int(self.seed))
+        self.channel_idx_ = torch.randperm(total, generator=gen)[:d].sort().values
+        dev = resolve_device(self.device)
+        # Streaming sums in float64: memory stays O(P d^2) however many images there are.
+        s1 = s2 = None
+        for start in range(0, len(images), batch_size):
+            batch = [images[i] for i in range(start, min(start + batch_size, len(images)))]
+            with torch.no_grad():
+                emb = self.embed(self.preprocess.images_to_tensor(batch))
+            if s1 is None:
+                self.grid_ = tuple(emb.shape[-2:])
+            emb = emb.double().flatten(2).transpose(1, 2)                              # (B, P, d)
+            if s1 is None:
+                s1 = torch.zeros(emb.shape[1:], dtype=torch.float64, device=dev)
+                s2 = torch.zeros(emb.shape[1], d, d, dtype=torch.float64, device=dev)
+            s1 += emb.sum(0)
+            e = emb.transpose(0, 1)                                                    # (P, B, d)
+            s2 += e.transpose(1, 2) @ e
+            progress("features", start + len(batch), len(images))
+        n = len(images)
+        mean = s1 / n
+        cov = (s2 - n * mean[:, :, None] * mean[:, None, :]) / (n - 1)
+        cov += self.epsilon * torch.eye(d, dtype=torch.float64, device=dev)
+        # Contiguous, as saved: a batched inverse comes back column-major, and a different memory layout
+        # would change the summation order (and the last bits of the scores) after a save/load round trip.
+        self.mean_ = mean.float().cpu().contiguous()
+        self.precision_ = torch.linalg.inv(cov).float().cpu().contiguous()
+        progress("gaussians", 1, 1)
+        self._move()
+
+    def _move(self) -> None:
+        dev = resolve_device(self.device)
+        self._mean_dev, self._precision_dev = self.mean_.to(dev), self.precision_.to(dev)
+
+    def _score_batch(self, x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        emb = self.embed(x).flatten(2).transpose(1, 2)
+        dist = mahalanobis(emb, self._mean_dev, self._precision_dev).cpu()
+        maps = upsample_blur(dist.reshape(len(x), *self.grid_), x.shape[-1], self.blur_sigma)
+        return maps.flatten(1).max(1).values.numpy(), maps.numpy().astype(np.float32)
+
+    def _fitted_tensors(self) -> dict[str, torch.Tensor]:
+        return {"channel_idx": self.channel_idx_, "mean": self.mean_, "precision": self.precision_}
+
+    def _fitted_json(self) -> dict:
+        return {"grid": list(self.grid_)}
+
+    def _restore(self, tensors: dict[str, torch.Tensor], fitted: dict) -> None:
+        self.channel_idx_ = tensors["channel_idx"]
+        self.mean_ = tensors["mean"]
+        self.precision_ = tensors["precision"]
+        self.grid_ = tuple(fitted["grid"])
+        self._move()
+
+    def _card_extra(self) -> dict:
+        ex = self.feature_extractor()
+        return {"backbone": {"name": self.backbone, "stages": list(self.stages), "channels": list(ex.channels),
+                             "strides": list(ex.strides)},
+                "gaussians": {"grid": list(self.grid_), "positions": int(self.mean_.shape[0]),
+                              "dim": int(self.mean_.shape[1]), "of_channels": int(sum(ex.channels)),
+                              "channel_subset": "random, drawn with seed", "covariance_ridge": self.epsilon},
+                "score": "Mahalanobis distance per position, bilinear upsample + Gaussian blur; image = max of map"}
