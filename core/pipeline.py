@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from . import metrics
+from .compare import model_memory_mb
 from .data import ImageSet, load_dataset
 from .detectors import Detector, create_detector, load_detector
 from .detectors.base import Progress, no_progress
@@ -101,7 +102,8 @@ def register_fitted(store: RunStore, dataset_id: int, dataset: ImageSet, det: De
             {"path": str(s.path), "split": s.split, "label": s.label, "defect": s.defect, "score": float(v)}
             for s, v in zip(test.samples, evaluation.scores)]
         timings = {"fit_seconds": det.fit_info_["fit_seconds"],
-                   "score_ms_per_image": None if evaluation is None else 1000 * evaluation.seconds / len(test)}
+                   "score_ms_per_image": None if evaluation is None else 1000 * evaluation.seconds / len(test),
+                   "memory_mb": model_memory_mb(det, model_path)}
         return store.add_run(dataset_id=dataset_id, detector=det.name, params=det.get_params(),
                              model_path=str(model_path), metrics={} if evaluation is None else evaluation.metrics,
                              timings=timings, model_card=det.model_card(), scores=scores,

@@ -1,0 +1,150 @@
+"""Plotly figures shared by the dashboard and the HTML report, so both show the same pictures.
+
+Functions take precomputed data (a :class:`~core.thresholds.ScoreDistribution`, tables) and only draw;
+none computes a metric. Colours: normal green, anomalous red, the threshold orange, maps in
+:data:`core.viz.COLORSCALE`.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+
+from .thresholds import ScoreDistribution
+from .viz import COLORSCALE
+
+NORMAL, ANOMALOUS, THRESHOLD, NEUTRAL = "#2ca02c", "#d62728", "#ff7f0e", "#7f7f7f"
+_MARGIN = dict(l=10, r=10, t=40, b=10)
+
+
+def _layout(fig: go.Figure, title: str, height: int = 320, **kw) -> go.Figure:
+    kw.setdefault("margin", _MARGIN)
+    fig.update_layout(title=dict(text=title, x=0, font=dict(size=14)), height=height,
+                      legend=dict(orientation="h", yanchor="bottom", y=1.0, xanchor="right", x=1), **kw)
+    return fig
+
+
+def roc_figure(dist: ScoreDistribution, threshold: float, what: str = "images") -> go.Figure:
+    fpr, tpr = dist.roc()
+    at = dist.confusion(threshold)
+    fig = go.Figure([
+        go.Scatter(x=fpr, y=tpr, mode="lines", name=f"ROC (AUROC {dist.auroc():.3f})", line=dict(color=NEUTRAL)),
+        go.Scatter(x=[0, 1], y=[0, 1], mode="lines", line=dict(dash="dot", color="#cccccc"), showlegend=False,
+                   hoverinfo="skip"),
+        go.Scatter(x=[at["fpr"]], y=[at["recall"]], mode="markers", name="threshold",
+                   marker=dict(size=13, color=THRESHOLD, line=dict(width=1, color="black"))),
+    ])
+    return _layout(fig, f"ROC curve ({what})", xaxis=dict(title="false-positive rate", range=[-0.02, 1.02]),
+                   yaxis=dict(title="true-positive rate (recall)", range=[-0.02, 1.02]))
+
+
+def pr_figure(dist: ScoreDistribution, threshold: float, what: str = "images") -> go.Figure:
+    recall, precision = dist.precision_recall()
+    at = dist.confusion(threshold)
+    fig = go.Figure([
+        go.Scatter(x=recall, y=precision, mode="lines", name="precision-recall", line=dict(color=NEUTRAL)),
+        go.Scatter(x=[at["recall"]], y=[at["precision"]], mode="markers", name="threshold",
+                   marker=dict(size=13, color=THRESHOLD, line=dict(width=1, color="black"))),
+    ])
+    return _layout(fig, f"Precision-recall ({what})", xaxis=dict(title="recall", range=[-0.02, 1.02]),
+                   yaxis=dict(title="precision", range=[-0.02, 1.02]))
+
+
+def histogram_figure(dist: ScoreDistribution, threshold: float, what: str = "images",
+                     unit: str = "anomaly score") -> go.Figure:
+    edges = dist.hist_edges
+    centres, width = (edges[:-1] + edges[1:]) / 2, np.diff(edges)
+    fig = go.Figure()
+    for counts, name, colour in ((dist.hist_normal, f"normal {what}", NORMAL),
+                                 (dist.hist_anomalous, f"anomalous {what}", ANOMALOUS)):
+        if counts.sum():
+            fig.add_bar(x=centres, y=counts, width=width, name=name, marker_color=colour, opacity=0.6)
+    fig.add_vline(x=threshold, line=dict(color=THRESHOLD, width=3), annotation_text="threshold",
+                  annotation_position="top")
+    return _layout(fig, f"Score distribution ({what})", barmode="overlay",
+                   xaxis=dict(title=unit), yaxis=dict(title=f"{what}", type="log" if what == "pixels" else None))
+
+
+def confusion_figure(confusion: dict, what: str = "images") -> go.Figure:
+    """The 2x2 confusion matrix; rows are the truth, columns the prediction."""
+    counts = [[confusion["tn"], confusion["fp"]], [confusion["fn"], confusion["tp"]]]
+    names = [["true negatives", "false positives"], ["missed defects", "caught defects"]]
+    text = [[f"{counts[r][c]:,}<br>{names[r][c]}" for c in range(2)] for r in range(2)]
+    colours = [[0, 1], [1, 0]]   # wrong answers are the ones to look at
+    fig = go.Figure(go.Heatmap(z=colours, x=["predicted OK", "predicted NG"], y=["normal", "anomalous"],
+                               text=text, texttemplate="%{text}", textfont=dict(size=15), showscale=False,
+                               colorscale=[[0, "#e8f4e8"], [1, "#fbe3e3"]], hoverinfo="skip", xgap=3, ygap=3))
+    return _layout(fig, f"Confusion matrix ({what})", height=260, yaxis=dict(autorange="reversed"))
+
+
+def colourbar_figure(vmin: float, vmax: float, image_threshold: float | None = None,
+                     pixel_threshold: float | None = None) -> go.Figure:
+    """The run's colour scale as a horizontal bar, with the thresholds marked on it."""
+    values = np.linspace(vmin, vmax, 256)
+    fig = go.Figure(go.Heatmap(z=[values], x=values, y=[0], colorscale=COLORSCALE, zmin=vmin, zmax=vmax,
+                               showscale=False, hovertemplate="%{x:.3g}<extra></extra>"))
+    for value, label in ((pixel_threshold, "pixel threshold"), (image_threshold, "image threshold")):
+        if value is not None:
+            fig.add_vline(x=min(max(value, vmin), vmax), line=dict(color="white", width=3, dash="dash"))
+            fig.add_annotation(x=min(max(value, vmin), vmax), y=1.0, yref="paper", text=label, showarrow=False,
+                               yanchor="bottom", font=dict(size=11))
+    fig.update_yaxes(visible=False)
+    fig.update_xaxes(title="anomaly score (one scale for every image of this run)")
+    return _layout(fig, "", height=120, margin=dict(l=10, r=10, t=22, b=10))
+
+
+def coverage_figure(radii: np.ndarray) -> go.Figure:
+    fig = go.Figure(go.Scatter(x=np.arange(1, len(radii) + 1), y=radii, mode="lines", line=dict(color=ANOMALOUS),
+                               name="coverage radius"))
+    return _layout(fig, "Coreset coverage: the farthest training patch from the coreset",
+                   xaxis=dict(title="coreset size (patches picked)"),
+                   yaxis=dict(title="coverage radius (projected distance)", type="log"))
+
+
+def bank_figure(bank: pd.DataFrame) -> go.Figure:
+    fig = go.Figure()
+    for kind, colour, size in (("training patch", "#c7c7c7", 4), ("coreset", ANOMALOUS, 5)):
+        part = bank[bank["kind"] == kind]
+        fig.add_scattergl(x=part["x"], y=part["y"], mode="markers", name=f"{kind} ({len(part):,})",
+                          marker=dict(color=colour, size=size, opacity=0.7), hoverinfo="skip")
+    return _layout(fig, "Memory bank: training patches and the coreset kept (PCA)", height=420,
+                   xaxis=dict(title="PC 1"), yaxis=dict(title="PC 2"))
+
+
+def embedding_figure(table: pd.DataFrame, colour: str, title: str, hover: list[str]) -> go.Figure:
+    """Scatter of a view table coloured by a column (continuous for 'score', categories otherwise)."""
+    fig = go.Figure()
+    custom = np.arange(len(table))
+    template = "<br>".join(f"{c}: %{{customdata[{k + 1}]}}" for k, c in enumerate(hover)) + "<extra></extra>"
+    data = np.column_stack([custom, *[table[c].astype(str) if c != "score" else table[c].round(2) for c in hover]])
+    if colour == "score":
+        fig.add_scattergl(x=table["x"], y=table["y"], mode="markers", customdata=data, hovertemplate=template,
+                          marker=dict(color=table["score"], colorscale=COLORSCALE, size=7, showscale=True,
+                                      colorbar=dict(title="score")), name="")
+    else:
+        for value in sorted(table[colour].astype(str).unique()):
+            part = (table[colour].astype(str) == value).to_numpy()
+            colour_map = {"good": NORMAL, "train": "#1f77b4", "test": THRESHOLD, "True": ANOMALOUS, "False": NORMAL}
+            fig.add_scattergl(x=table["x"][part], y=table["y"][part], mode="markers", name=value,
+                              customdata=data[part], hovertemplate=template,
+                              marker=dict(size=7, color=colour_map.get(value)))
+    return _layout(fig, title, height=460, xaxis=dict(title="UMAP 1"), yaxis=dict(title="UMAP 2"))
+
+
+def compare_figure(table: pd.DataFrame, metrics: list[str]) -> go.Figure:
+    """Grouped bars of metrics per run (table rows are runs, labelled by its 'run' column)."""
+    fig = go.Figure()
+    for metric in metrics:
+        if metric in table and table[metric].notna().any():
+            fig.add_bar(x=table["run"], y=table[metric], name=metric)
+    return _layout(fig, "Metrics per run", barmode="group", yaxis=dict(range=[0, 1.05]))
+
+
+def latency_figure(table: pd.DataFrame) -> go.Figure:
+    """Speed against accuracy: each run a point, bubble size the model size."""
+    fig = go.Figure(go.Scatter(
+        x=table["ms per image"], y=table["image AUROC"], mode="markers+text", text=table["run"],
+        textposition="top center", marker=dict(size=12 + 3 * np.sqrt(table["model MB"].fillna(0)), color=NEUTRAL),
+        hovertemplate="%{text}<br>%{x:.1f} ms/image<br>image AUROC %{y:.3f}<extra></extra>"))
+    return _layout(fig, "Speed and accuracy (bubble size: model size)",
+                   xaxis=dict(title="ms per image (test set)"), yaxis=dict(title="image AUROC"))

@@ -1,0 +1,36 @@
+"""The live demo's one call: an image in, OK or NG with its score, map and timing out."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from .detectors import Detector
+
+
+@dataclass(frozen=True)
+class Verdict:
+    score: float
+    threshold: float
+    map: np.ndarray          # HxW at the image's own resolution, on the run's scale
+    seconds: float           # detector time for this image
+
+    @property
+    def anomalous(self) -> bool:
+        return self.score >= self.threshold   # the same rule as core.metrics
+
+    @property
+    def label(self) -> str:
+        return "NG" if self.anomalous else "OK"
+
+
+def inspect_image(detector: Detector, image: np.ndarray, threshold: float) -> Verdict:
+    start = time.perf_counter()
+    prediction = detector.predict([image])
+    return Verdict(float(prediction.scores[0]), float(threshold), prediction.maps[0], time.perf_counter() - start)
+
+
+def warm_up(detector: Detector, size: int = 256) -> None:
+    """Score one blank image so lazy initialisation is not paid by the first real one."""
+    detector.predict([np.full((size, size, 3), 128, dtype=np.uint8)])

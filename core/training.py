@@ -1,0 +1,192 @@
+"""Training as a background job a view can watch and cancel, and the parameter specs a form is built from.
+
+A :class:`TrainingJob` runs :func:`core.pipeline.train_run` (or registers a saved model) in a thread. Its
+progress callback records every stage's progress and raises :class:`core.Cancelled` once ``cancel()`` was
+called, so a cancelled run stops at its next progress report and, as the pipeline guarantees, registers
+nothing. Views poll :meth:`TrainingJob.snapshot`; they never share the thread's mutable state.
+"""
+from __future__ import annotations
+
+import importlib
+import inspect
+import re
+import threading
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import Cancelled
+from .cli import parse_overrides
+from .data import ImageSet
+from .detectors import get_detector_class, load_detector
+from .pipeline import register_fitted, train_run
+from .runs import RunStore
+
+# Stage names as detectors report them, worded for people.
+STAGE_LABELS = {"features": "Extracting features", "coreset": "Selecting the coreset",
+                "score": "Scoring the test set", "fit": "Fitting", "epoch": "Training epochs"}
+
+
+# Parameters most detectors share, for docstrings that leave them out.
+COMMON_HELP = {"seed": "random seed: the same seed and data give the same model",
+               "device": '"auto" uses a CUDA GPU when there is one, else the CPU; or name one: "cpu", "cuda:0"'}
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    """One constructor parameter of a detector: its default, its type (from the default) and help text."""
+    name: str
+    default: object
+    help: str
+
+    @property
+    def kind(self) -> str:
+        """'bool', 'int', 'float', 'str' or 'literal' (tuples and None: typed as Python literals)."""
+        if isinstance(self.default, bool):
+            return "bool"
+        for kind in (int, float, str):
+            if isinstance(self.default, kind):
+                return kind.__name__
+        return "literal"
+
+
+def param_specs(detector: str) -> list[ParamSpec]:
+    """The detector's parameters in signature order, with help from the Parameters sections of its docstrings."""
+    cls = get_detector_class(detector)
+    helps = {**COMMON_HELP, **_documented_params(cls)}
+    signature = inspect.signature(cls.__init__)
+    return [ParamSpec(name, p.default, helps.get(name, ""))
+            for name, p in signature.parameters.items() if name != "self"]
+
+
+def parse_value(spec: ParamSpec, text: str):
+    """A typed-in value for a 'literal' parameter: a Python literal ((2, 3), None, 0.1) or else the text."""
+    return parse_overrides([f"{spec.name}={text}"])[spec.name]
+
+
+def _documented_params(cls: type) -> dict[str, str]:
+    """Help texts of cls and its bases; an "Others : as :class:`.ae.AutoEncoder`" entry brings that class's."""
+    helps: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        own = _docstring_params(inspect.cleandoc(klass.__doc__ or ""))
+        referred = re.search(r":class:`\.?([\w.]+)`", own.pop("Others", ""))
+        if referred:
+            module, _, name = referred.group(1).rpartition(".")
+            package = klass.__module__.rpartition(".")[0]
+            helps.update(_documented_params(getattr(importlib.import_module(f"{package}.{module}"), name)))
+        helps.update(own)
+    return helps
+
+
+def _docstring_params(doc: str) -> dict[str, str]:
+    """numpydoc 'a, b : text' entries, with indented continuation lines, -> {name: text}."""
+    lines = doc.splitlines()
+    start = next((i + 2 for i in range(len(lines) - 1)
+                  if lines[i].strip() == "Parameters" and set(lines[i + 1].strip()) == {"-"}), None)
+    if start is None:
+        return {}
+    out: dict[str, str] = {}
+    names: list[str] = []
+    for line, following in zip(lines[start:], lines[start + 1:] + [""]):
+        if following.strip() and set(following.strip()) == {"-"}:
+            break                                   # `line` is the next section's title
+        entry = re.match(r"^(\w[\w, ]*?)\s*:\s*(.*)$", line)
+        if entry:
+            names = [n.strip() for n in entry.group(1).split(",")]
+            out.update({n: entry.group(2).strip() for n in names})
+        elif line[:1].isspace() and line.strip() and names:
+            out.update({n: f"{out[n]} {line.strip()}" for n in names})
+        else:
+            names = []
+    return out
+
+
+@dataclass
+class StageProgress:
+    stage: str
+    done: int
+    total: int
+
+    @property
+    def label(self) -> str:
+        return STAGE_LABELS.get(self.stage, self.stage.capitalize())
+
+    @property
+    def fraction(self) -> float:
+        return min(1.0, self.done / self.total) if self.total else 0.0
+
+
+@dataclass
+class JobSnapshot:
+    """A consistent copy of a job's state for a view to draw."""
+    status: str                      # "running", "done", "cancelled" or "failed"
+    stages: list[StageProgress]
+    run_id: int | None
+    error: str | None
+    seconds: float
+
+
+@dataclass
+class TrainingJob:
+    """Train (or register a saved model) in a background thread; see the module docstring."""
+    store: RunStore
+    dataset_id: int
+    dataset: ImageSet
+    detector: str | None = None          # train this detector with `params` ...
+    params: dict = field(default_factory=dict)
+    model_folder: str | Path | None = None   # ... or register this saved model instead
+    name: str | None = None
+
+    def __post_init__(self):
+        if (self.detector is None) == (self.model_folder is None):
+            raise ValueError("give either a detector to train or a saved model folder, not both")
+        self._lock = threading.Lock()
+        self._cancel = threading.Event()
+        self._stages: dict[str, StageProgress] = {}
+        self._status = "running"
+        self._run_id: int | None = None
+        self._error: str | None = None
+        self._start = time.perf_counter()
+        self._end: float | None = None
+        self._thread = threading.Thread(target=self._work, name=f"training-{self.detector or 'load'}", daemon=True)
+
+    def start(self) -> "TrainingJob":
+        self._thread.start()
+        return self
+
+    def cancel(self) -> None:
+        self._cancel.set()
+
+    def wait(self, timeout: float | None = None) -> JobSnapshot:
+        self._thread.join(timeout)
+        return self.snapshot()
+
+    def snapshot(self) -> JobSnapshot:
+        with self._lock:
+            end = self._end if self._end is not None else time.perf_counter()
+            return JobSnapshot(self._status, [StageProgress(s.stage, s.done, s.total) for s in self._stages.values()],
+                               self._run_id, self._error, end - self._start)
+
+    def _progress(self, stage: str, done: int, total: int) -> None:
+        with self._lock:
+            self._stages[stage] = StageProgress(stage, done, total)
+        if self._cancel.is_set():
+            raise Cancelled(f"cancelled during {stage}")
+
+    def _work(self) -> None:
+        try:
+            if self.model_folder is not None:
+                det = load_detector(self.model_folder)
+                run_id = register_fitted(self.store, self.dataset_id, self.dataset, det, self._progress, self.name)
+            else:
+                run_id = train_run(self.store, self.dataset_id, self.dataset, self.detector, self.params,
+                                   self._progress, self.name)
+            status, error = "done", None
+        except Cancelled:
+            run_id, status, error = None, "cancelled", None
+        except Exception as exc:  # noqa: BLE001 - shown to the user; the traceback goes to the server log
+            traceback.print_exc()
+            run_id, status, error = None, "failed", f"{type(exc).__name__}: {exc}"
+        with self._lock:
+            self._run_id, self._status, self._error, self._end = run_id, status, error, time.perf_counter()

@@ -1,0 +1,182 @@
+"""New datasets from what users upload or name: normal images (files or a zip), an optional labelled test set
+(a zip or folders in MVTec layout, masks optional), or a folder on the server.
+
+An upload is assembled into a new folder ``workspace/datasets/<name>/`` in MVTec layout, loaded with the
+usual checks, and only then registered. Any failure removes that folder again, so a bad upload leaves
+nothing half-made behind and never touches a dataset that already exists.
+"""
+from __future__ import annotations
+
+import io
+import re
+import shutil
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Sequence
+
+from .data import IMAGE_SUFFIXES, EmptyDatasetError, ImageSet, LoadReport, load_dataset, load_mvtec, load_zip
+from .pipeline import report_dict
+from .runs import RunStore
+from .workspace import workspace_dir
+
+# An upload as the browser hands it over: (file name, possibly with folders, and its bytes).
+UploadedFile = tuple[str, bytes]
+
+
+def datasets_dir() -> Path:
+    return workspace_dir() / "datasets"
+
+
+def folder_name(name: str) -> str:
+    """A safe folder name for a dataset name."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-.") or "dataset"
+
+
+def is_zip(upload: UploadedFile) -> bool:
+    return upload[0].lower().endswith(".zip") or zipfile.is_zipfile(io.BytesIO(upload[1]))
+
+
+def create_from_uploads(store: RunStore, name: str, normal: Sequence[UploadedFile],
+                        test: Sequence[UploadedFile] = ()) -> tuple[int, ImageSet]:
+    """Register a dataset made of uploaded files; returns (dataset id, loaded set).
+
+    ``normal``: image files and/or zips of normal images. A zip in MVTec layout also brings its test
+    split when no ``test`` upload is given. ``test``: one zip, or the files of an uploaded folder (names
+    with their relative paths), in MVTec layout: ``test/good/``, ``test/<defect>/`` and optionally
+    ``ground_truth/<defect>/<name>_mask.png``. What cannot be used is listed in the set's load report.
+    """
+    name = name.strip()
+    if not name:
+        raise ValueError("give the dataset a name")
+    if store.find_dataset(name) is not None:
+        raise ValueError(f"a dataset named {name!r} already exists: choose another name")
+    if not normal:
+        raise ValueError("upload at least one normal image (or a zip of them)")
+    root = datasets_dir() / folder_name(name)
+    root.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        root.mkdir()
+    except FileExistsError:
+        raise ValueError(f"the folder {root} already exists: choose another name") from None
+    try:
+        extraction = LoadReport(source=name)
+        with tempfile.TemporaryDirectory(dir=root.parent, prefix=".upload-") as scratch:
+            mvtec_from_zip = _place_normal(normal, root, Path(scratch), extraction)
+            if test:
+                _place_test(_one_zip(test), root, Path(scratch) / "test", extraction)
+            elif mvtec_from_zip is not None:
+                _copy_test_split(mvtec_from_zip, root)
+        dataset = load_mvtec(root)
+        dataset.report.skipped[:0] = extraction.skipped
+        dataset.report.warnings[:0] = extraction.warnings
+        if not len(dataset.subset(split="train")):
+            raise EmptyDatasetError(dataset.report)
+        dataset.name = name
+        dataset_id = store.add_dataset(name=name, source=str(root), kind="upload", summary=dataset.summary(),
+                                       report=report_dict(dataset))
+        return dataset_id, dataset
+    except BaseException:
+        shutil.rmtree(root, ignore_errors=True)
+        raise
+
+
+def register_folder(store: RunStore, path: str | Path, name: str | None = None) -> tuple[int, ImageSet]:
+    """Register a dataset folder on the server (MVTec layout, or a plain folder of normal images) in place."""
+    folder = Path(path).expanduser()
+    if not folder.is_dir():
+        raise FileNotFoundError(f"no folder at {folder}" if not folder.exists() else f"not a folder: {folder}")
+    dataset = load_dataset(folder)
+    name = (name or "").strip() or dataset.name
+    found = store.find_dataset(name)
+    if found is not None:
+        if Path(found["source"]).resolve() == folder.resolve():
+            return found["id"], dataset
+        raise ValueError(f"a dataset named {name!r} already exists (from {found['source']}): choose another name")
+    kind = "mvtec" if any(s.split == "test" for s in dataset.samples) else "folder"
+    return store.add_dataset(name=name, source=str(folder.resolve()), kind=kind, summary=dataset.summary(),
+                             report=report_dict(dataset)), dataset
+
+
+def open_dataset(record: dict) -> ImageSet:
+    """Load a registered dataset (a registry row) from where it lives."""
+    source = Path(record["source"])
+    if source.is_file() and zipfile.is_zipfile(source):   # registered from a zip by the CLI: use its copy
+        source = datasets_dir() / source.stem
+    if not source.is_dir():
+        raise FileNotFoundError(f"dataset {record['name']!r}: its files are gone from {record['source']}")
+    return load_dataset(source)
+
+
+def _one_zip(files: Sequence[UploadedFile]) -> UploadedFile:
+    """A zip upload as it is, or the files of an uploaded folder packed into one (to share its safe unpacking)."""
+    if len(files) == 1 and is_zip(files[0]):
+        return files[0]
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_STORED) as zf:
+        for file_name, data in files:
+            zf.writestr(file_name, data)
+    return "uploaded folder", buffer.getvalue()
+
+
+def _place_normal(normal: Sequence[UploadedFile], root: Path, scratch: Path, report: LoadReport) -> Path | None:
+    """Copy normal images into root/train/good; returns an uploaded MVTec set's root if one came as a zip."""
+    good = root / "train" / "good"
+    good.mkdir(parents=True)
+    mvtec_root = None
+    for k, upload in enumerate(normal):
+        if is_zip(upload):
+            try:
+                unpacked = load_zip(upload[1], scratch / f"normal-{k}", validate=False)
+            except (EmptyDatasetError, ValueError) as exc:   # ImageError is a ValueError
+                report.skipped.append((upload[0], str(exc)))
+                continue
+            report.skipped += [(f"{upload[0]}: {f}", why) for f, why in unpacked.report.skipped]
+            for sample in unpacked.subset(split="train", label=0).samples:
+                _copy_unique(sample.path, good)
+            if any(s.split == "test" for s in unpacked.samples):
+                mvtec_root = Path(unpacked.samples[0].path).parents[2]   # <root>/train/good/<file>
+        elif Path(upload[0]).suffix.lower() in IMAGE_SUFFIXES:
+            _write_unique(good, Path(upload[0]).name, upload[1])
+        else:
+            report.skipped.append((upload[0], f"not an image file (suffix {Path(upload[0]).suffix or 'none'!r})"))
+    return mvtec_root
+
+
+def _place_test(upload: UploadedFile, root: Path, scratch: Path, report: LoadReport) -> None:
+    """Unpack a test set and copy its test/ and ground_truth/ folders under root."""
+    try:
+        load_zip(upload[1], scratch, validate=False)
+    except EmptyDatasetError as exc:
+        raise ValueError(f"the test set {upload[0]!r} holds no images: {exc}") from None
+    except ValueError as exc:
+        raise ValueError(f"the test set {upload[0]!r} cannot be used: {exc}") from None
+    test_dir = next((p for p in sorted(scratch.rglob("test")) if p.is_dir()), None)
+    if test_dir is not None:
+        _copy_test_split(test_dir.parent, root)
+        return
+    good = next((p for p in sorted(scratch.rglob("good")) if p.is_dir() and p.parent.name != "train"), None)
+    if good is None:
+        raise ValueError("the test set must be in MVTec layout: test/good/ and test/<defect type>/ folders, "
+                         "masks optionally in ground_truth/<defect type>/")
+    shutil.copytree(good.parent, root / "test")
+    report.warnings.append((upload[0], "no test/ folder: the folder holding good/ was used as the test split"))
+
+
+def _copy_test_split(source_root: Path, root: Path) -> None:
+    for part in ("test", "ground_truth"):
+        if (source_root / part).is_dir():
+            shutil.copytree(source_root / part, root / part, dirs_exist_ok=True)
+
+
+def _copy_unique(path: Path, folder: Path) -> None:
+    _write_unique(folder, path.name, path.read_bytes())
+
+
+def _write_unique(folder: Path, file_name: str, data: bytes) -> None:
+    """Write under file_name, or file_name with a counter when an upload already used it."""
+    stem, suffix = Path(file_name).stem, Path(file_name).suffix
+    target, n = folder / file_name, 1
+    while target.exists():
+        target, n = folder / f"{stem}-{n}{suffix}", n + 1
+    target.write_bytes(data)

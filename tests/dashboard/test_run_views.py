@@ -1,0 +1,80 @@
+"""Core pieces behind the pages: training jobs, parameter specs, the report, the run table, live inspection."""
+import re
+import time
+
+import numpy as np
+import pytest
+
+from core.compare import run_table
+from core.data import load_mvtec, read_image
+from core.inspection import inspect_image, warm_up
+from core.pipeline import load_run_detector, models_dir, run_results
+from core.report import build_report
+from core.runs import RunStore
+from core.training import TrainingJob, param_specs, parse_value
+from core.workspace import DEMO_DIR
+
+DEMO = DEMO_DIR / "hazelnut_toy"
+
+
+def test_param_specs_carry_defaults_types_and_help():
+    specs = {s.name: s for s in param_specs("patchcore")}
+    assert specs["coreset_ratio"].default == 0.1 and specs["coreset_ratio"].kind == "float"
+    assert "memory bank" in specs["coreset_ratio"].help
+    assert specs["reweight"].kind == "bool" and specs["stages"].kind == "literal"
+    assert specs["seed"].help                                          # filled from the shared texts
+    assert parse_value(specs["stages"], "(1, 2)") == (1, 2) and parse_value(specs["weights"], "None") is None
+
+
+def test_a_cancelled_training_registers_nothing():
+    store = RunStore()
+    dataset = load_mvtec(DEMO)
+    dataset_id = store.add_dataset("demo", str(DEMO), "mvtec", {}, {})
+    job = TrainingJob(store, dataset_id, dataset, "patchcore", {"coreset_ratio": 0.05}).start()
+    while not job.snapshot().stages:          # cancel once it is really under way
+        time.sleep(0.05)
+    job.cancel()
+    snapshot = job.wait(120)
+    assert snapshot.status == "cancelled" and snapshot.run_id is None
+    assert store.list_runs() == []
+    assert not models_dir().exists() or not any(models_dir().iterdir())
+
+
+def test_a_saved_model_registers_as_a_new_run(workspace):
+    store, run_id = workspace["store"], workspace["run_id"]
+    dataset = load_mvtec(DEMO)
+    folder = store.get_run(run_id)["model_path"]
+    snapshot = TrainingJob(store, workspace["dataset_id"], dataset, model_folder=folder, name="reloaded").start().wait(120)
+    assert snapshot.status == "done", snapshot.error
+    assert snapshot.stages[-1].stage == "score" and snapshot.stages[-1].fraction == 1.0
+    new = store.get_run(snapshot.run_id)
+    assert new["name"] == "reloaded" and new["model_path"] != folder
+    assert new["metrics"]["image_auroc"] == pytest.approx(store.get_run(run_id)["metrics"]["image_auroc"])
+    table = run_table(store, workspace["dataset_id"])
+    assert list(table["id"]) == [snapshot.run_id, run_id]
+    assert (table["memory MB"] > 10).all() and (table["model MB"] > 0).all()   # backbone weights count
+
+
+def test_report_is_self_contained_with_metrics_curves_and_images(workspace):
+    store, run_id = workspace["store"], workspace["run_id"]
+    run, results = store.get_run(run_id), run_results(store, run_id)
+    threshold = run["thresholds"]["image"]
+    text = build_report(run, results, threshold, run["thresholds"]["pixel"], "f1_max")
+    assert f"{run['metrics']['image_auroc']:.3f}" in text and f"{threshold:.4g}" in text
+    assert "ROC curve (images)" in text and "Confusion matrix" in text and "F1-max on the test set" in text
+    assert len(re.findall(r"<img src='data:image/png;base64,", text)) >= 3 * 6
+    assert "<script src=" not in text and "plotly" in text                 # plotly.js inline, nothing fetched
+    assert "17 of 17</b> defective test images caught" in text
+
+
+def test_inspect_answers_within_a_second_with_a_map_at_input_size(workspace):
+    store, run_id = workspace["store"], workspace["run_id"]
+    detector = load_run_detector(store, run_id)
+    warm_up(detector)
+    threshold = store.get_run(run_id)["thresholds"]["image"]
+    good, bad = read_image(next((DEMO / "test" / "good").iterdir())), read_image(DEMO / "test" / "colour" / "00.jpg")
+    verdicts = [inspect_image(detector, image, threshold) for image in (good, bad)]
+    assert [v.label for v in verdicts] == ["OK", "NG"]
+    assert verdicts[0].map.shape == good.shape[:2]
+    # The best of a few answers: what the machine can do, not how busy its other tenants are.
+    assert min(inspect_image(detector, bad, threshold).seconds for _ in range(3)) < 1.0

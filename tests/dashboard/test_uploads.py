@@ -1,0 +1,78 @@
+"""Creating datasets from uploads and server folders: good uploads load, bad ones leave nothing behind."""
+import io
+import zipfile
+
+import pytest
+
+from core.data import EmptyDatasetError
+from core.runs import RunStore
+from core.uploads import create_from_uploads, datasets_dir, open_dataset, register_folder
+from core.workspace import DEMO_DIR
+
+DEMO = DEMO_DIR / "hazelnut_toy"
+
+
+def files(folder, pattern="*"):
+    return [(p.name, p.read_bytes()) for p in sorted(folder.glob(pattern)) if p.is_file()]
+
+
+def zipped(root, parts=("train", "test", "ground_truth"), prefix="hazelnut_toy/"):
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as zf:
+        for part in parts:
+            for p in sorted((root / part).rglob("*")):
+                if p.is_file():
+                    zf.write(p, prefix + p.relative_to(root).as_posix())
+    return buffer.getvalue()
+
+
+def test_normal_files_plus_a_test_zip_make_an_mvtec_dataset():
+    store = RunStore()
+    bad = [("notes.txt", b"hello"), ("broken.png", b"\x89PNG\r\n\x1a\n garbage")]
+    dataset_id, ds = create_from_uploads(store, "nuts", files(DEMO / "train" / "good") + bad,
+                                         [("test.zip", zipped(DEMO, ("test", "ground_truth")))])
+    assert ds.counts() == {"train": {"good": 28}, "test": {"good": 6, "colour": 17}}
+    assert sum(s.mask_path is not None for s in ds.samples) == 17
+    reasons = dict(ds.report.skipped)
+    assert "not an image file" in reasons["notes.txt"] and "broken.png" in " ".join(reasons)
+    assert store.get_dataset(dataset_id)["kind"] == "upload"
+    assert open_dataset(store.get_dataset(dataset_id)).counts() == ds.counts()
+
+
+def test_one_mvtec_zip_brings_its_test_split_and_folder_uploads_work():
+    store = RunStore()
+    _, ds = create_from_uploads(store, "from zip", [("hazelnut_toy.zip", zipped(DEMO))])
+    assert ds.counts()["test"] == {"good": 6, "colour": 17}
+    folder_upload = [(f"mytest/{p.relative_to(DEMO).as_posix()}", p.read_bytes())
+                     for p in sorted((DEMO / "test").rglob("*.jpg"))]
+    _, ds = create_from_uploads(store, "from folder", files(DEMO / "train" / "good"), folder_upload)
+    assert ds.counts()["test"] == {"good": 6, "colour": 17}
+    assert sum(s.mask_path is not None for s in ds.samples) == 0
+
+
+def test_bad_uploads_raise_and_keep_what_was_stored():
+    store = RunStore()
+    create_from_uploads(store, "nuts", files(DEMO / "train" / "good")[:3])
+    before = sorted(p.name for p in datasets_dir().iterdir())
+    with pytest.raises(ValueError, match="already exists"):
+        create_from_uploads(store, "nuts", files(DEMO / "train" / "good")[:3])
+    with pytest.raises(EmptyDatasetError):
+        create_from_uploads(store, "junk", [("a.png", b"not an image"), ("b.txt", b"")])
+    with pytest.raises(ValueError, match="MVTec layout"):
+        create_from_uploads(store, "bad test", files(DEMO / "train" / "good")[:3],
+                            [("t.zip", zipped(DEMO, ("train",), prefix=""))])
+    with pytest.raises(ValueError, match="not a zip|cannot be used"):
+        create_from_uploads(store, "bad zip", files(DEMO / "train" / "good")[:3], [("t.zip", b"PK\x03\x04 no")])
+    assert sorted(p.name for p in datasets_dir().iterdir()) == before
+    assert [d["name"] for d in store.list_datasets()] == ["nuts"]
+
+
+def test_server_folder_is_registered_in_place_once(tmp_path):
+    store = RunStore()
+    first, ds = register_folder(store, DEMO, "demo")
+    again, _ = register_folder(store, DEMO, "demo")
+    assert first == again and store.get_dataset(first)["kind"] == "mvtec" and len(ds) == 51
+    with pytest.raises(FileNotFoundError):
+        register_folder(store, tmp_path / "nowhere")
+    with pytest.raises(ValueError, match="already exists"):
+        register_folder(store, DEMO / "train", "demo")
