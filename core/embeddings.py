@@ -39,6 +39,7 @@ class FeatureViews:
     coverage_radii: np.ndarray | None   # coreset radius after each pick (PatchCore only)
     bank: pd.DataFrame | None       # x, y, kind ("training patch" or "coreset"), PatchCore only
     n_images_total: int             # images in the dataset (more than in `images` when sampled)
+    grid: tuple[int, int]           # the patch grid (rows, columns) over the model's input frame
 
 
 def compute_views(detector: Detector, dataset: ImageSet, progress: Progress | None = None,
@@ -89,7 +90,7 @@ def compute_views(detector: Detector, dataset: ImageSet, progress: Progress | No
     if hasattr(detector, "memory_bank_") and train_patches:
         radii = detector.coverage_radii_.numpy()
         bank = _bank_view(detector.memory_bank_.numpy(), np.concatenate(train_patches), rng)
-    return FeatureViews(image_table, patch_table, radii, bank, len(dataset))
+    return FeatureViews(image_table, patch_table, radii, bank, len(dataset), tuple(int(g) for g in grid))
 
 
 def save_views(views: FeatureViews, folder: str | Path) -> Path:
@@ -99,7 +100,7 @@ def save_views(views: FeatureViews, folder: str | Path) -> Path:
             arrays.update({f"{prefix}.{c}": table[c].to_numpy() for c in table.columns})
     if views.coverage_radii is not None:
         arrays["coverage_radii"] = views.coverage_radii
-    arrays["meta"] = np.array(json.dumps({"n_images_total": views.n_images_total}))
+    arrays["meta"] = np.array(json.dumps({"n_images_total": views.n_images_total, "grid": list(views.grid)}))
     path = Path(folder) / VIEWS_FILE
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "wb") as f:
@@ -118,7 +119,8 @@ def load_views(folder: str | Path) -> FeatureViews | None:
             return pd.DataFrame(columns) if columns else None
         radii = data["coverage_radii"] if "coverage_radii" in data.files else None
         meta = json.loads(str(data["meta"]))
-        return FeatureViews(table("images"), table("patches"), radii, table("bank"), meta["n_images_total"])
+        return FeatureViews(table("images"), table("patches"), radii, table("bank"), meta["n_images_total"],
+                            tuple(meta["grid"]))
 
 
 def run_views(detector: Detector, dataset: ImageSet, folder: str | Path,
@@ -201,3 +203,11 @@ def _bank_view(bank: np.ndarray, train_patches: np.ndarray, rng: np.random.Gener
     xy_bank = _pca(bank, basis=drawn)
     return pd.DataFrame({"x": np.r_[xy_train[:, 0], xy_bank[:, 0]], "y": np.r_[xy_train[:, 1], xy_bank[:, 1]],
                          "kind": ["training patch"] * len(drawn) + ["coreset"] * len(bank)})
+
+
+def patch_box(views: FeatureViews, row: int, col: int, size: int) -> np.ndarray:
+    """(size, size) bool mask of one patch's cell in the model frame, for outlining it."""
+    box = np.zeros((size, size), dtype=bool)
+    rows, cols = views.grid
+    box[row * size // rows:(row + 1) * size // rows, col * size // cols:(col + 1) * size // cols] = True
+    return box

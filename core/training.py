@@ -25,7 +25,9 @@ from .runs import RunStore
 
 # Stage names as detectors report them, worded for people.
 STAGE_LABELS = {"features": "Extracting features", "coreset": "Selecting the coreset",
-                "score": "Scoring the test set", "fit": "Fitting", "epoch": "Training epochs"}
+                "score": "Scoring the test set", "load": "Loading images", "train": "Training epochs",
+                "epoch": "Training epochs", "gaussians": "Fitting the Gaussians",
+                "layout": "Laying out the maps (UMAP)"}
 
 
 # Parameters most detectors share, for docstrings that leave them out.

@@ -1,0 +1,42 @@
+"""Compare: the runs of a dataset side by side (accuracy, latency, memory, size) and the run to deploy."""
+import streamlit as st
+
+from core import figures
+from core.compare import METRIC_COLUMNS, run_table
+from ui import state
+
+st.title("Compare")
+record = state.current_dataset()
+if record is None:
+    st.info("Create a dataset and train a few runs first.")
+    st.stop()
+table = run_table(state.store(), record["id"])
+if table.empty:
+    st.info(f"No runs on {record['name']} yet.")
+    st.page_link("pages/train.py", label="Train a model", icon=":material/model_training:")
+    st.stop()
+
+st.caption(f"Dataset **{record['name']}** · {len(table)} run{'s' if len(table) != 1 else ''} · metrics on its test set, "
+           "latency per test image on this machine, memory = fitted model plus backbone weights.")
+number = st.column_config.NumberColumn
+st.dataframe(table.drop(columns=["id"]), hide_index=True, column_config={
+    **{label: number(format="%.3f") for label in METRIC_COLUMNS.values()},
+    "image threshold": number(format="%.4g"), "fit s": number(format="%.1f"),
+    "ms per image": number(format="%.0f"), "memory MB": number(format="%.0f"), "model MB": number(format="%.1f"),
+    "deployed": st.column_config.CheckboxColumn()})
+
+charts = st.columns(2)
+charts[0].plotly_chart(figures.compare_figure(table, list(METRIC_COLUMNS.values())), key="compare_metrics")
+if table["ms per image"].notna().any():
+    charts[1].plotly_chart(figures.latency_figure(table), key="compare_latency")
+
+st.subheader("Deploy")
+deployed = table.loc[table["deployed"], "run"]
+st.markdown(f"Deployed now: **{deployed.iloc[0]}**" if len(deployed) else "No run is deployed on this dataset yet.")
+labels = dict(zip(table["id"], table["run"]))
+choice = st.selectbox("Run to deploy", list(labels), format_func=labels.get,
+                      index=list(labels).index(state.current_run()["id"]) if state.current_run() else 0)
+if st.button("Deploy this run", type="primary", icon=":material/rocket_launch:"):
+    state.store().set_deployed(record["id"], int(choice))
+    st.toast(f"{labels[choice]} is deployed: the Inspect page uses it.", icon=":material/check_circle:")
+    st.rerun()

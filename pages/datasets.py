@@ -1,0 +1,138 @@
+"""Datasets: create one from uploads or a server folder; see its images, counts and load report."""
+import pandas as pd
+import streamlit as st
+
+from core.data import IMAGE_SUFFIXES, EmptyDatasetError, read_image
+from core.render import thumbnail
+from core.uploads import create_from_uploads, register_folder
+from ui import state
+
+IMAGE_TYPES = sorted(s.lstrip(".") for s in IMAGE_SUFFIXES)
+THUMBNAILS_PER_GROUP = 12
+
+st.title("Datasets")
+
+
+def uploads(files) -> list[tuple[str, bytes]]:
+    return [(f.name, f.getvalue()) for f in files or []]
+
+
+def show_problem(exc: Exception) -> None:
+    """A bad upload: say what was wrong and that nothing was stored."""
+    message = str(exc)
+    if isinstance(exc, EmptyDatasetError):
+        st.error(f"No usable normal images, so nothing was stored. {message}")
+        if exc.report.skipped:
+            st.dataframe(pd.DataFrame(exc.report.skipped, columns=["file", "why it was skipped"]), hide_index=True)
+    else:
+        st.error(f"Nothing was stored: {message}")
+
+
+create_upload, create_folder = st.tabs(["Upload images", "Folder on the server"])
+with create_upload:
+    form = st.session_state.setdefault("upload_form", 0)   # a new number empties the uploaders after a success
+    name = st.text_input("Dataset name", placeholder="e.g. bottle caps, line 3", key=f"name_{form}")
+    normal = st.file_uploader("Normal images (good parts): many image files, or one zip",
+                              type=IMAGE_TYPES + ["zip"], accept_multiple_files=True, key=f"normal_{form}",
+                              help="A zip in MVTec layout (train/good/, test/<type>/, ground_truth/<type>/) "
+                                   "brings its test set along.")
+    test_kind = st.radio("Labelled test set (optional)", ["None", "A zip", "A folder"], horizontal=True,
+                         key=f"test_kind_{form}",
+                         help="MVTec layout: test/good/ and test/<defect type>/ folders; masks optional in "
+                              "ground_truth/<defect type>/<image name>_mask.png. Without one, thresholds "
+                              "are set from normal scores only.")
+    test = []
+    if test_kind == "A zip":
+        test_zip = st.file_uploader("Test set zip", type=["zip"], key=f"test_zip_{form}")
+        test = uploads([test_zip] if test_zip else [])
+    elif test_kind == "A folder":
+        test = uploads(st.file_uploader("Test set folder", accept_multiple_files="directory", key=f"test_dir_{form}"))
+    if st.button("Create dataset", type="primary", icon=":material/add:", key="create_dataset"):
+        try:
+            if test_kind != "None" and not test:
+                raise ValueError(f"you chose a test set as {test_kind.lower()} but uploaded none")
+            with st.spinner("Checking every image…"):
+                dataset_id, _ = create_from_uploads(state.store(), name, uploads(normal), test)
+        except (ValueError, OSError) as exc:   # EmptyDatasetError and ImageError are ValueErrors
+            show_problem(exc)
+        else:
+            state.select(dataset_id)
+            st.session_state["created_dataset"] = name
+            st.session_state["upload_form"] = form + 1
+            st.rerun()
+
+with create_folder, st.form("folder_form"):
+    path = st.text_input("Folder on the server", placeholder="/data/mvtec/bottle",
+                         help="MVTec layout, or a plain folder of normal images. The images stay where they are.")
+    folder_name = st.text_input("Dataset name (optional)", placeholder="the folder's name")
+    if st.form_submit_button("Add folder", type="primary", icon=":material/create_new_folder:"):
+        try:
+            with st.spinner("Checking every image…"):
+                dataset_id, _ = register_folder(state.store(), path.strip(), folder_name)
+        except (ValueError, OSError) as exc:
+            show_problem(exc)
+        else:
+            state.select(dataset_id)
+            st.session_state["created_dataset"] = folder_name or path
+            st.rerun()
+
+created = st.session_state.pop("created_dataset", None)
+if created:
+    st.success(f"Dataset {created!r} is ready. Next: train a model on it.", icon=":material/check_circle:")
+    st.page_link("pages/train.py", label="Train a model", icon=":material/model_training:")
+
+record = state.current_dataset()
+if record is None:
+    st.info("No dataset yet: upload images above, or run the demo on the Home page.")
+    st.stop()
+
+st.header(record["name"])
+try:
+    dataset = state.dataset_images(record)
+except (OSError, ValueError) as exc:
+    st.error(f"This dataset cannot be opened any more: {exc}")
+    st.stop()
+st.caption(f"{record['kind']} · {record['source']} · {dataset.report.summary()}")
+
+counts = dataset.counts()
+table = pd.DataFrame([{"split": split, "type": defect, "images": n,
+                       "masks": sum(1 for s in dataset.samples if s.split == split and s.defect == defect
+                                    and s.mask_path is not None)}
+                      for split, per in counts.items() for defect, n in per.items()])
+left, right = st.columns([1, 2])
+with left:
+    st.subheader("Counts")
+    st.dataframe(table, hide_index=True)
+    n_train = sum(counts.get("train", {}).values())
+    n_test = sum(counts.get("test", {}).values())
+    n_bad = sum(s.label for s in dataset.samples)
+    st.metric("Training images (good)", n_train)
+    st.metric("Test images", n_test, help="Good and defective images used to measure a model and set its threshold")
+    if n_test and not n_bad:
+        st.caption("The test set has no defective images: thresholds will come from normal scores.")
+with right:
+    st.subheader("Load report")
+    report = dataset.report
+    if not report.skipped and not report.warnings:
+        st.success("Every file loaded cleanly.", icon=":material/check_circle:")
+    if report.skipped:
+        st.markdown(f"**{len(report.skipped)} skipped**")
+        st.dataframe(pd.DataFrame(report.skipped, columns=["file", "why it was skipped"]), hide_index=True)
+    if report.warnings:
+        st.markdown(f"**{len(report.warnings)} warnings**")
+        st.dataframe(pd.DataFrame(report.warnings, columns=["file", "warning"]), hide_index=True)
+
+
+@st.cache_data(max_entries=64, show_spinner=False)
+def thumbnails(paths: tuple[str, ...]) -> list:
+    return [thumbnail(read_image(p), 160) for p in paths]
+
+
+st.subheader("Images")
+for split, per in counts.items():
+    for defect in per:
+        group = dataset.subset(split=split, defect=defect)
+        shown = [str(p) for p in group.paths[:THUMBNAILS_PER_GROUP]]
+        st.markdown(f"**{split} / {defect}** · {len(group)} image{'s' if len(group) != 1 else ''}"
+                    + (f" (first {len(shown)} shown)" if len(group) > len(shown) else ""))
+        st.image(thumbnails(tuple(shown)), width=110, caption=[p.rsplit("/", 1)[-1] for p in shown])

@@ -1,0 +1,65 @@
+"""Home: what AnomalyScope does, what the registry holds, and a one-click demo."""
+import pandas as pd
+import streamlit as st
+
+from core.training import TrainingJob
+from core.uploads import register_folder
+from core.workspace import DEMO_DIR
+from ui import state, widgets
+
+DEMO_SET = DEMO_DIR / "hazelnut_toy"
+DEMO_PARAMS = {"coreset_ratio": 0.05}   # a few seconds on a laptop CPU, AUROC 1.0 on this set
+
+st.title("AnomalyScope")
+st.markdown("Find defects without ever labelling one: train on images of good parts, and AnomalyScope "
+            "flags what looks different and shows where.  \nTune the OK / NG threshold with your "
+            "stakeholders, browse the heatmaps, compare models and demo it live, all in the browser.")
+
+entry = widgets.running_job()
+if entry is not None and entry["then"] == "demo":
+    snapshot = entry["job"].snapshot()
+    if snapshot.status == "running":
+        widgets.job_progress()
+        st.stop()
+    widgets.finish_job()
+    if snapshot.status == "done":
+        state.select(entry["job"].dataset_id, snapshot.run_id)
+        st.switch_page("pages/heatmaps.py")
+    elif snapshot.status == "failed":
+        st.error(f"The demo training failed: {snapshot.error}")
+    else:
+        st.info("Demo training cancelled: nothing was registered.")
+
+with st.container(border=True):
+    left, right = st.columns([3, 1], vertical_alignment="center")
+    left.markdown("**Try it in one click.** Trains PatchCore on the bundled hazelnut set (28 good images; "
+                  "23 test images, 17 with colour defects) and opens its heatmaps. About half a minute.")
+    if right.button("Run the demo", type="primary", icon=":material/play_arrow:", width="stretch",
+                    disabled=widgets.running_job() is not None):
+        dataset_id, dataset = register_folder(state.store(), DEMO_SET, "hazelnut_toy (demo)")
+        widgets.start_job(TrainingJob(state.store(), dataset_id, dataset, "patchcore", DEMO_PARAMS,
+                                      name="demo"), then="demo")
+        st.rerun()
+
+datasets = state.store().list_datasets()
+runs = state.store().list_runs()
+st.subheader("Datasets")
+if datasets:
+    st.dataframe(pd.DataFrame([{
+        "name": d["name"], "kind": d["kind"], "images": d["summary"].get("n_images"),
+        "anomalous": d["summary"].get("n_anomalous"), "runs": sum(r["dataset_id"] == d["id"] for r in runs),
+        "created": d["created"][:16].replace("T", " ")} for d in datasets]), hide_index=True)
+else:
+    st.caption("None yet. Add one on the Datasets page, or run the demo above.")
+st.subheader("Runs")
+if runs:
+    st.dataframe(pd.DataFrame([{
+        "run": f"#{r['id']} {r['name'] or ''}".strip(), "dataset": r["dataset_name"], "detector": r["detector"],
+        "image AUROC": (r["metrics"] or {}).get("image_auroc"), "pixel AUROC": (r["metrics"] or {}).get("pixel_auroc"),
+        "image threshold": r["thresholds"]["image"], "deployed": r["deployed"],
+        "created": r["created"][:16].replace("T", " ")} for r in runs]), hide_index=True,
+        column_config={"image AUROC": st.column_config.NumberColumn(format="%.3f"),
+                       "pixel AUROC": st.column_config.NumberColumn(format="%.3f"),
+                       "image threshold": st.column_config.NumberColumn(format="%.4g")})
+else:
+    st.caption("None yet. Train one on the Train page.")

@@ -1,0 +1,61 @@
+"""Inspect, the customer demo: an uploaded or camera image in, OK / NG with its heatmap and score out."""
+import streamlit as st
+
+from core.data import IMAGE_SUFFIXES, ImageError, read_image
+from core.inspection import inspect_image
+from core.render import heatmap_panel, region_panel
+from ui import state, widgets
+
+st.title("Inspect")
+record = state.current_dataset()
+run = state.store().deployed_run(record["id"]) if record else None
+source = "deployed"
+if run is None:
+    run, source = state.current_run(), "selected"
+if run is None:
+    st.info("Train a run first (or run the demo on the Home page): inspection needs a model.")
+    st.stop()
+image_threshold = run["thresholds"]["image"]
+if image_threshold is None:
+    st.warning("This run has no saved threshold yet: set one on the Thresholds page first.")
+    st.page_link("pages/thresholds.py", label="Set the threshold", icon=":material/tune:")
+    st.stop()
+pixel_threshold = run["thresholds"]["pixel"] or image_threshold
+st.caption(f"Using the {source} run **{state.run_caption(run)}** with its saved threshold {image_threshold:.4g}"
+           + ("" if source == "deployed" else " (deploy a run on the Compare page to fix the choice)") + ".")
+
+detector = state.detector(run)
+found = state.results(run["id"])
+scale = state.distributions(run["id"])[2] if found is not None else (0.0, 2 * image_threshold)
+
+upload, camera = st.tabs(["Upload an image", "Take a photo"])
+with upload:
+    uploaded = st.file_uploader("Image of a part", type=sorted(s.lstrip(".") for s in IMAGE_SUFFIXES),
+                                key="inspect_upload")
+with camera:
+    photo = st.camera_input("Point the camera at the part", key="inspect_camera")
+image_file = uploaded or photo
+if image_file is None:
+    st.info("Upload an image or take a photo to get a verdict.")
+    st.stop()
+try:
+    image = read_image(image_file.getvalue())
+except ImageError as exc:
+    st.error(f"That file cannot be inspected: {exc.reason}. Try a PNG, JPEG, BMP, TIFF or WebP image.")
+    st.stop()
+
+verdict = inspect_image(detector, image, image_threshold)
+colour = "red" if verdict.anomalous else "green"
+left, right = st.columns([1, 2], vertical_alignment="center")
+with left:
+    st.markdown(f"<div style='font-size:5rem;font-weight:800;color:{colour};line-height:1'>{verdict.label}</div>",
+                unsafe_allow_html=True)
+    st.metric("Anomaly score", f"{verdict.score:.4g}", delta=f"{verdict.score - image_threshold:+.3g} vs threshold",
+              delta_color="inverse")
+    st.caption(f"Threshold {image_threshold:.4g} · answered in {1000 * verdict.seconds:.0f} ms")
+with right:
+    panels = st.columns(2)
+    panels[0].image(heatmap_panel(image, verdict.map, scale, 0.5), caption="Heatmap", width="stretch")
+    panels[1].image(region_panel(image, verdict.map, pixel_threshold), width="stretch",
+                    caption=f"Region at or above the pixel threshold {pixel_threshold:.4g}")
+widgets.colour_legend(scale, image_threshold, pixel_threshold)

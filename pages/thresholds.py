@@ -1,0 +1,105 @@
+"""Thresholds: live ROC and precision-recall curves, score histograms and the confusion matrix at the
+threshold, presets, and saving the choice with the run; image level and pixel level.
+
+The panel is a fragment over distributions computed once per run (ui.state.distributions), so a slider
+move reruns only the panel and costs one binary search plus redrawing the markers.
+"""
+import streamlit as st
+
+from core import figures
+from core.thresholds import PRESET_LABELS, ScoreDistribution
+from ui import state
+
+LEVEL_WORDS = {"image": "images", "pixel": "pixels"}
+
+st.title("Thresholds")
+run = state.require_run()
+results = state.require_results(run)
+image_dist, pixel_dist, _ = state.distributions(run["id"])
+st.caption(f"Run **{state.run_caption(run)}** · {image_dist.n_normal} normal and {image_dist.n_anomalous} "
+           f"anomalous test images. A test image is NG when its score is at or above the threshold.")
+
+
+def apply_preset(run_id: int, level: str, dist: ScoreDistribution, name_key: str, value_key: str) -> None:
+    name = st.session_state[name_key]
+    value = st.session_state.get(value_key)
+    if name == "normal_quantile" and value is not None:
+        value = value / 100
+    if name == "target_fpr" and value is not None:
+        value = value / 100
+    state.set_threshold(run_id, level, dist.preset(name, value), name)
+
+
+def moved(run_id: int, level: str, slider_key: str) -> None:
+    state.set_threshold(run_id, level, st.session_state[slider_key], "manual")
+
+
+@st.fragment
+def threshold_panel(run: dict, level: str, dist: ScoreDistribution) -> None:
+    what = LEVEL_WORDS[level]
+    run_id = run["id"]
+    current = state.threshold(run, level)
+    slider_key = f"slider_{level}_{run_id}"
+    st.session_state[slider_key] = min(max(current, dist.lowest), dist.highest)
+
+    presets = dist.available_presets()
+    name_key, value_key = f"preset_{level}_{run_id}", f"preset_value_{level}_{run_id}"
+    left, middle, right = st.columns([2, 1, 1], vertical_alignment="bottom")
+    preset = left.selectbox("Preset", presets, format_func=PRESET_LABELS.get, key=name_key,
+                            help="F1-max balances misses and false alarms on the test set; a target false-positive "
+                                 "rate caps false alarms; zero missed defects catches every defect in the test "
+                                 "set; a quantile of normal scores works before any defect has been seen.")
+    if preset == "target_fpr":
+        middle.number_input("False-positive rate, %", 0.0, 100.0, 1.0, step=0.5, key=value_key)
+    elif preset == "normal_quantile":
+        middle.number_input("Quantile of normal scores, %", 50.0, 100.0, 99.0, step=0.1, key=value_key)
+    right.button("Apply preset", key=f"apply_{level}_{run_id}", on_click=apply_preset,
+                 args=(run_id, level, dist, name_key, value_key))
+
+    span = dist.highest - dist.lowest
+    t = st.slider(f"{level.capitalize()} threshold", dist.lowest, dist.highest, step=span / 1000 if span else 1.0,
+                  format="%.4g", key=slider_key, on_change=moved, args=(run_id, level, slider_key))
+    at = dist.confusion(t)
+
+    cols = st.columns(6)
+    cols[0].metric("Threshold", f"{t:.4g}", help=f"preset: {state.threshold_preset(run, level) or 'none'}")
+    cols[1].metric("Precision", f"{at['precision']:.3f}", help=f"Of the {what} flagged NG, the share truly anomalous")
+    cols[2].metric("Recall", f"{at['recall']:.3f}", help=f"Of the anomalous {what}, the share flagged NG")
+    cols[3].metric("False-positive rate", f"{at['fpr']:.3f}", help=f"Of the normal {what}, the share flagged NG")
+    cols[4].metric("Missed defects" if level == "image" else "Missed pixels", f"{at['fn']:,}")
+    cols[5].metric("False alarms", f"{at['fp']:,}")
+
+    plots = st.columns(2)
+    if dist.has_both_classes:
+        plots[0].plotly_chart(figures.roc_figure(dist, t, what), key=f"roc_{level}")
+        plots[1].plotly_chart(figures.pr_figure(dist, t, what), key=f"pr_{level}")
+    else:
+        st.info(f"The test set has no anomalous {what}: ROC and precision-recall curves need both kinds. "
+                "Use the quantile of normal scores until defects have been collected.")
+    plots = st.columns(2)
+    plots[0].plotly_chart(figures.histogram_figure(dist, t, what), key=f"hist_{level}")
+    plots[1].plotly_chart(figures.confusion_figure(at, what), key=f"confusion_{level}")
+
+    saved = run["thresholds"][level]
+    unsaved = saved is None or abs(saved - t) > 1e-12
+    label = f"Save {level} threshold {t:.4g} with run #{run_id}"
+    if st.button(label, type="primary" if unsaved else "secondary", disabled=not unsaved, key=f"save_{level}",
+                 icon=":material/save:"):
+        preset_used = state.threshold_preset(run, level) or "manual"
+        state.store().set_threshold(run_id, **{level: t}, preset=preset_used)
+        state.forget_thresholds(run_id)
+        st.toast(f"Saved the {level} threshold {t:.4g}.", icon=":material/check_circle:")
+        st.rerun(scope="app")
+    if not unsaved:
+        st.caption(f"Saved with the run ({run['thresholds']['preset'] or 'manual'}, {run['thresholds']['updated'] or ''}).")
+
+
+image_tab, pixel_tab = st.tabs(["Image threshold (OK / NG)", "Pixel threshold (defect region)"])
+with image_tab:
+    threshold_panel(run, "image", image_dist)
+with pixel_tab:
+    if pixel_dist is None or not pixel_dist.has_both_classes:
+        st.info("Pixel thresholds need ground-truth masks of defective test images; this test set has none. "
+                "The heatmaps outline the region at or above the image threshold until then.")
+    else:
+        threshold_panel(run, "pixel", pixel_dist)

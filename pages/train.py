@@ -1,0 +1,112 @@
+"""Train: choose a detector and its parameters (or a saved model), watch each stage, cancel if need be."""
+from pathlib import Path
+
+import streamlit as st
+
+from core.backbones import OFFLINE_WEIGHTS
+from core.detectors import list_detectors
+from core.training import TrainingJob, param_specs, parse_value
+from ui import state, widgets
+
+# Parameters with widgets of their own (the backbone is chosen above the others).
+DEVICE_CHOICES = ["auto", "cpu", "cuda"]
+OTHER_BACKBONE = "another timm model…"
+
+st.title("Train")
+
+entry = widgets.running_job()
+if entry is not None:
+    snapshot = entry["job"].snapshot()
+    if snapshot.status == "running":
+        st.caption(f"Dataset: {entry['job'].dataset.name} · "
+                   f"{entry['job'].detector or 'saved model'}")
+        widgets.job_progress()
+        st.stop()
+    widgets.finish_job()
+    if snapshot.status == "done":
+        state.select(entry["job"].dataset_id, snapshot.run_id)
+        st.session_state["trained_run"] = (snapshot.run_id, snapshot.seconds)
+        st.rerun()
+    elif snapshot.status == "cancelled":
+        st.warning("Training cancelled: nothing was registered.", icon=":material/cancel:")
+    else:
+        st.error(f"Training failed, nothing was registered: {snapshot.error}")
+
+trained = st.session_state.pop("trained_run", None)
+if trained:
+    run = state.store().get_run(trained[0])
+    metrics = run["metrics"] or {}
+    st.success(f"Run #{run['id']} is ready ({trained[1]:.0f} s)"
+               + (f": image AUROC {metrics['image_auroc']:.3f}" if "image_auroc" in metrics else "") + ".",
+               icon=":material/check_circle:")
+    st.markdown("**Next:**")
+    cols = st.columns(4)
+    cols[0].page_link("pages/thresholds.py", label="Set the threshold", icon=":material/tune:")
+    cols[1].page_link("pages/heatmaps.py", label="Browse heatmaps", icon=":material/local_fire_department:")
+    cols[2].page_link("pages/compare.py", label="Compare runs", icon=":material/leaderboard:")
+    cols[3].page_link("pages/inspect_live.py", label="Try it live", icon=":material/verified:")
+
+record = state.current_dataset()
+if record is None:
+    st.info("Create a dataset first (Datasets page), or run the demo on the Home page.")
+    st.stop()
+dataset = state.dataset_images(record)
+n_train = len(dataset.subset(split="train", label=0))
+st.caption(f"Dataset **{record['name']}**: {n_train} normal training images, "
+           f"{len(dataset.subset(split='test'))} test images. Change it in the sidebar.")
+
+new_model, saved_model = st.tabs(["Train a new model", "Load a saved model"])
+with new_model:
+    detectors = list_detectors()
+    detector = st.selectbox("Detector", detectors, index=detectors.index("patchcore") if "patchcore" in detectors else 0,
+                            help="PatchCore is the strongest here and trains in seconds; the others are for comparison.")
+    specs = param_specs(detector)
+    params = {}
+    by_name = {s.name: s for s in specs}
+    if "backbone" in by_name:
+        choices = list(OFFLINE_WEIGHTS) + [OTHER_BACKBONE]
+        default = by_name["backbone"].default
+        backbone = st.selectbox("Backbone", choices, index=choices.index(default) if default in choices else 0,
+                                help="Pretrained feature extractor. EfficientNet-Lite weights ship with "
+                                     "AnomalyScope and work offline; other timm models need their weights file.")
+        if backbone == OTHER_BACKBONE:
+            backbone = st.text_input("timm model name", placeholder="wide_resnet50_2")
+            params["weights"] = st.text_input("Weights file on the server", placeholder="/models/wrn50.pth") or None
+        params["backbone"] = backbone
+    with st.expander("Parameters", expanded=False):
+        cols = st.columns(3)
+        for k, spec in enumerate(s for s in specs if s.name not in params and s.name != "backbone"):
+            key = f"param_{detector}_{spec.name}"
+            with cols[k % 3]:
+                if spec.kind == "bool":
+                    params[spec.name] = st.checkbox(spec.name, spec.default, help=spec.help, key=key)
+                elif spec.name == "device":
+                    params[spec.name] = st.selectbox(spec.name, DEVICE_CHOICES, help=spec.help, key=key)
+                elif spec.kind == "int":
+                    params[spec.name] = int(st.number_input(spec.name, value=spec.default, step=1, help=spec.help,
+                                                            key=key))
+                elif spec.kind == "float":
+                    params[spec.name] = st.number_input(spec.name, value=spec.default, format="%g", help=spec.help,
+                                                        key=key)
+                elif spec.kind == "str":
+                    params[spec.name] = st.text_input(spec.name, spec.default, help=spec.help, key=key)
+                else:
+                    params[spec.name] = parse_value(spec, st.text_input(spec.name, repr(spec.default),
+                                                                        help=spec.help, key=key))
+    run_name = st.text_input("Run name (optional)", placeholder=f"{detector} baseline")
+    if st.button("Train", type="primary", icon=":material/play_arrow:", disabled=n_train == 0):
+        widgets.start_job(TrainingJob(state.store(), record["id"], dataset, detector, params, name=run_name or None))
+        st.rerun()
+
+with saved_model:
+    st.markdown("Register a model saved earlier (a folder with `config.json` and `fitted.safetensors`, e.g. "
+                "from `python -m core train`). It is scored on this dataset's test set and added as a new run.")
+    folder = st.text_input("Model folder on the server", placeholder="/models/patchcore-3f2a9c")
+    loaded_name = st.text_input("Run name (optional)", key="loaded_name")
+    if st.button("Evaluate and register", icon=":material/upload_file:"):
+        if not (Path(folder.strip()) / "config.json").is_file():
+            st.error(f"No saved model at {folder!r}: the folder needs config.json and fitted.safetensors.")
+        else:
+            widgets.start_job(TrainingJob(state.store(), record["id"], dataset, model_folder=folder.strip(),
+                                          name=loaded_name or None))
+            st.rerun()

@@ -1,0 +1,178 @@
+"""End to end in a real browser: the app served by `streamlit run`, driven by headless Chromium.
+
+Uploads the demo set as a zip, trains, opens the heatmaps, moves the threshold and checks the numbers
+change, deploys and inspects an image; a screenshot of every page lands in tests/artifacts/. Skipped when
+/usr/bin/chromium is absent (.ci/run installs it).
+"""
+import io
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from core.workspace import DEMO_DIR, REPO_ROOT
+
+CHROMIUM = Path("/usr/bin/chromium")
+ARTIFACTS = REPO_ROOT / "tests" / "artifacts"
+DEMO = DEMO_DIR / "hazelnut_toy"
+
+pytestmark = [pytest.mark.browser,
+              pytest.mark.skipif(not CHROMIUM.exists(), reason="needs /usr/bin/chromium (apt-get install chromium)")]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def app_url(tmp_path):
+    port = free_port()
+    env = {**os.environ, "ANOMALYSCOPE_HOME": str(tmp_path / "workspace")}
+    log = open(tmp_path / "server.log", "w")
+    server = subprocess.Popen(
+        [sys.executable, "-m", "streamlit", "run", str(REPO_ROOT / "app.py"), "--server.headless", "true",
+         "--server.port", str(port), "--server.address", "127.0.0.1", "--browser.gatherUsageStats", "false"],
+        cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 60
+        while True:
+            try:
+                if urllib.request.urlopen(f"{url}/_stcore/health", timeout=2).read() == b"ok":
+                    break
+            except OSError:
+                pass
+            if time.time() > deadline or server.poll() is not None:
+                pytest.fail("the app did not come up:\n" + (tmp_path / "server.log").read_text()[-3000:])
+            time.sleep(0.3)
+        yield url
+    finally:
+        server.terminate()
+        try:
+            server.wait(10)
+        except subprocess.TimeoutExpired:
+            server.kill()
+        log.close()
+
+
+@pytest.fixture
+def page(app_url):
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=[
+            "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+            "--disable-component-update", "--no-first-run", "--disable-sync"])
+        tab = browser.new_page(viewport={"width": 1440, "height": 1800})
+        tab.set_default_timeout(60_000)
+        tab.goto(app_url)
+        yield tab
+        browser.close()
+
+
+def demo_zip() -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as zf:
+        for p in sorted(DEMO.rglob("*")):
+            if p.is_file() and p.suffix != ".md":
+                zf.write(p, "hazelnut_toy/" + p.relative_to(DEMO).as_posix())
+    return buffer.getvalue()
+
+
+def settle(page) -> None:
+    """Wait until the script run is over and the page is drawn."""
+    page.wait_for_timeout(300)
+    page.wait_for_selector("[data-testid='stApp'][data-test-script-state='notRunning']", timeout=120_000)
+    page.wait_for_timeout(300)
+
+
+def go(page, title: str) -> None:
+    page.get_by_test_id("stSidebarNav").get_by_text(title, exact=True).click()
+    page.get_by_role("heading", name=title, exact=True).wait_for()
+    settle(page)
+
+
+def shot(page, name: str) -> None:
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
+
+
+def metric(page, label: str) -> str:
+    box = page.get_by_test_id("stMetric").filter(has_text=label).first
+    return box.get_by_test_id("stMetricValue").inner_text()
+
+
+def test_upload_train_tune_and_inspect_in_a_browser(page):
+    page.get_by_role("heading", name="AnomalyScope").wait_for()
+    settle(page)
+    shot(page, "1_home")
+
+    go(page, "Datasets")
+    page.get_by_label("Dataset name", exact=True).fill("hazelnut upload")
+    page.locator("[data-testid='stFileUploader'] input[type=file]").first.set_input_files(
+        files=[{"name": "hazelnut_toy.zip", "mimeType": "application/zip", "buffer": demo_zip()}])
+    page.get_by_text("hazelnut_toy.zip").wait_for()
+    settle(page)
+    start = time.perf_counter()
+    page.get_by_role("button", name="Create dataset").click()
+    page.get_by_text("is ready").wait_for()
+    settle(page)
+    shot(page, "2_datasets")
+
+    page.get_by_role("link", name="Train a model").click()
+    page.get_by_role("heading", name="Train", exact=True).wait_for()
+    settle(page)
+    page.get_by_role("button", name="Train", exact=True).click()
+    page.get_by_text("Extracting features").wait_for()
+    shot(page, "3_train_progress")
+    page.get_by_text(re.compile(r"Run #\d+ is ready")).wait_for(timeout=180_000)
+    settle(page)
+    shot(page, "3_train_done")
+
+    page.get_by_role("link", name="Browse heatmaps").click()
+    page.get_by_role("heading", name="Heatmaps", exact=True).wait_for()
+    page.get_by_test_id("stImage").nth(24).wait_for()    # the gallery, then the detail panels
+    first_heatmap = time.perf_counter() - start
+    settle(page)
+    shot(page, "4_heatmaps")
+    print(f"\nupload (Create dataset clicked) to first heatmap: {first_heatmap:.1f} s")
+
+    go(page, "Thresholds")
+    before = {k: metric(page, k) for k in ("Threshold", "Recall", "False alarms")}
+    page.get_by_role("slider").first.focus()
+    page.keyboard.press("Home")            # the lowest threshold: every good image becomes a false alarm
+    settle(page)
+    page.wait_for_function("b => document.body.innerText.indexOf(b) === -1",
+                           arg=f"Threshold\n\n{before['Threshold']}")
+    after = {k: metric(page, k) for k in ("Threshold", "Recall", "False alarms")}
+    assert after["Threshold"] != before["Threshold"]
+    assert int(after["False alarms"]) > int(before["False alarms"])
+    shot(page, "5_thresholds")
+    page.get_by_role("button", name=re.compile("Save image threshold")).click()
+    page.get_by_text("Saved with the run").wait_for()
+
+    go(page, "Features")
+    shot(page, "6_features")
+
+    go(page, "Compare")
+    page.get_by_role("button", name="Deploy this run").click()
+    page.get_by_text(re.compile("Deployed now")).wait_for()
+    settle(page)
+    shot(page, "7_compare")
+
+    go(page, "Inspect")
+    bad = DEMO / "test" / "colour" / "00.jpg"
+    page.locator("[data-testid='stFileUploader'] input[type=file]").first.set_input_files(str(bad))
+    page.get_by_text(re.compile(r"answered in \d+ ms")).wait_for()
+    settle(page)
+    assert page.get_by_text("NG", exact=True).is_visible()
+    shot(page, "8_inspect")

@@ -1,0 +1,211 @@
+"""What every page shares: the registry, the sidebar's dataset and run, per-run cached results, thresholds.
+
+Caching follows Streamlit's rule: ``cache_resource`` for objects shared by every session, which are
+never mutated (the registry handle, loaded detectors, :class:`~core.results.RunResults` with read-only
+arrays), ``cache_data`` for data each caller gets its own copy of. Keys include the registry path, so two
+workspaces (or test runs) never see each other's entries. Per-tab state (the selection, unsaved
+thresholds, a running training job) lives in ``st.session_state``.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import streamlit as st
+
+from core.detectors import Detector, load_detector
+from core.embeddings import VIEWS_FILE, FeatureViews, load_views
+from core.inspection import warm_up
+from core.pipeline import run_results
+from core.results import RunResults
+from core.runs import REGISTRY_FILENAME, RunStore
+from core.thresholds import ScoreDistribution
+from core.uploads import open_dataset
+from core.workspace import workspace_dir
+
+DATASET_KEY, RUN_KEY = "dataset_id", "run_id"
+_PENDING = "pending_selection"
+_THRESHOLDS = "thresholds"
+
+
+# -- the registry and cached loads ----------------------------------------------------------------------
+@st.cache_resource
+def _store(path: str) -> RunStore:
+    return RunStore(path)
+
+
+def store() -> RunStore:
+    return _store(str(workspace_dir() / REGISTRY_FILENAME))
+
+
+def _registry() -> str:
+    return str(store().path)
+
+
+@st.cache_data(max_entries=16, show_spinner="Loading the dataset…")
+def _dataset(registry: str, dataset_id: int, source: str):
+    return open_dataset(store().get_dataset(dataset_id))
+
+
+def dataset_images(record: dict):
+    """The ImageSet of a registered dataset (a private copy: callers may filter it freely)."""
+    return _dataset(_registry(), record["id"], record["source"])
+
+
+@st.cache_resource(max_entries=16, show_spinner="Loading the run's test results…")
+def _results(registry: str, run_id: int) -> RunResults | None:
+    return run_results(store(), run_id)
+
+
+def results(run_id: int) -> RunResults | None:
+    return _results(_registry(), run_id)
+
+
+@st.cache_resource(max_entries=16, show_spinner=False)
+def _views(registry: str, run_id: int) -> tuple[ScoreDistribution, ScoreDistribution | None, tuple[float, float]]:
+    found = _results(registry, run_id)
+    return found.image_distribution(), found.pixel_distribution(), found.colour_scale()
+
+
+def distributions(run_id: int) -> tuple[ScoreDistribution, ScoreDistribution | None, tuple[float, float]]:
+    """Image and pixel score distributions and the colour scale of a run with results."""
+    return _views(_registry(), run_id)
+
+
+@st.cache_resource(max_entries=4, show_spinner="Loading the model…")
+def _detector(registry: str, run_id: int, model_path: str) -> Detector:
+    detector = load_detector(model_path)
+    warm_up(detector)
+    return detector
+
+
+def detector(run: dict) -> Detector:
+    """The run's model, loaded once and shared by every session: only ever call its scoring methods."""
+    return _detector(_registry(), run["id"], run["model_path"])
+
+
+# -- the selection in the sidebar ------------------------------------------------------------------------
+def select(dataset_id: int | None = None, run_id: int | None = None) -> None:
+    """Ask the sidebar to show this dataset and run from the next rerun on (call before rerun/switch_page)."""
+    st.session_state[_PENDING] = (dataset_id, run_id)
+
+
+def sidebar() -> None:
+    """The dataset and run selectors, drawn by the frame on every page so their choice survives page switches."""
+    pending = st.session_state.pop(_PENDING, None)
+    datasets = store().list_datasets()
+    with st.sidebar:
+        if not datasets:
+            st.caption("No datasets yet: create one on the Datasets page or try the demo on Home.")
+            st.session_state.pop(DATASET_KEY, None)
+            st.session_state.pop(RUN_KEY, None)
+            return
+        names = {d["id"]: d["name"] for d in datasets}
+        if pending and pending[0] is not None:
+            st.session_state[DATASET_KEY] = pending[0]
+        if st.session_state.get(DATASET_KEY) not in names:
+            st.session_state[DATASET_KEY] = datasets[0]["id"]
+        dataset_id = st.selectbox("Dataset", list(names), format_func=names.get, key=DATASET_KEY)
+        runs = store().list_runs(dataset_id)
+        if not runs:
+            st.caption("No runs on this dataset yet: train one on the Train page.")
+            st.session_state.pop(RUN_KEY, None)
+            return
+        labels = {r["id"]: run_caption(r) for r in runs}
+        if pending and pending[1] is not None:
+            st.session_state[RUN_KEY] = pending[1]
+        if st.session_state.get(RUN_KEY) not in labels:
+            deployed = next((r["id"] for r in runs if r["deployed"]), None)
+            st.session_state[RUN_KEY] = deployed or runs[0]["id"]
+        st.selectbox("Run", list(labels), format_func=labels.get, key=RUN_KEY)
+
+
+def run_caption(run: dict) -> str:
+    auroc = (run["metrics"] or {}).get("image_auroc")
+    parts = [f"#{run['id']} {run['name'] or run['detector']}"]
+    if auroc is not None:
+        parts.append(f"AUROC {auroc:.3f}")
+    if run["deployed"]:
+        parts.append("deployed")
+    return " · ".join(parts)
+
+
+def current_dataset() -> dict | None:
+    dataset_id = st.session_state.get(DATASET_KEY)
+    try:
+        return None if dataset_id is None else store().get_dataset(dataset_id)
+    except KeyError:
+        return None
+
+
+def current_run() -> dict | None:
+    run_id = st.session_state.get(RUN_KEY)
+    if run_id is None:
+        return None
+    try:
+        return store().get_run(run_id)
+    except KeyError:
+        return None
+
+
+def require_run() -> dict:
+    """The selected run, or a message that says what to do first (and the page stops)."""
+    run = current_run()
+    if run is None:
+        st.info("Select a run in the sidebar, or train one first.")
+        st.page_link("pages/train.py", label="Train a model", icon=":material/model_training:")
+        st.stop()
+    return run
+
+
+def require_results(run: dict) -> RunResults:
+    found = results(run["id"])
+    if found is None:
+        st.warning("This run's dataset has no test images, so there is nothing to score against. "
+                   "Add a test set (good and defective images) on the Datasets page and train again.")
+        st.stop()
+    return found
+
+
+# -- thresholds: saved with the run, or being tuned in this tab -------------------------------------------
+def threshold(run: dict, level: str) -> float:
+    """The threshold this tab is working with: moved but unsaved, else the run's saved one.
+
+    A run without a saved threshold (its test set had no defects to choose by) starts at the 99th
+    percentile of its normal image scores; the pixel level falls back to the image threshold.
+    """
+    moved = st.session_state.get(_THRESHOLDS, {}).get((run["id"], level))
+    if moved is not None:
+        return moved
+    if run["thresholds"][level] is not None:
+        return run["thresholds"][level]
+    if level == "pixel":
+        return threshold(run, "image")
+    return distributions(run["id"])[0].normal_quantile(0.99)
+
+
+def set_threshold(run_id: int, level: str, value: float, preset: str) -> None:
+    st.session_state.setdefault(_THRESHOLDS, {})[(run_id, level)] = float(value)
+    st.session_state.setdefault("threshold_presets", {})[(run_id, level)] = preset
+
+
+def threshold_preset(run: dict, level: str) -> str | None:
+    return st.session_state.get("threshold_presets", {}).get((run["id"], level), run["thresholds"]["preset"])
+
+
+def forget_thresholds(run_id: int) -> None:
+    """After a save the run's stored values are the truth again."""
+    for key in (_THRESHOLDS, "threshold_presets"):
+        for level in ("image", "pixel"):
+            st.session_state.get(key, {}).pop((run_id, level), None)
+
+
+# -- feature views: computed on request, then read from the model folder -----------------------------------
+@st.cache_resource(max_entries=8, show_spinner="Loading feature views…")
+def _views_file(path: str, modified: float) -> FeatureViews:
+    return load_views(Path(path).parent)
+
+
+def feature_views(run: dict) -> FeatureViews | None:
+    """The run's saved feature views (shared: read only), or None until they are computed."""
+    path = Path(run["model_path"]) / VIEWS_FILE
+    return _views_file(str(path), path.stat().st_mtime) if path.is_file() else None
