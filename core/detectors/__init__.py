@@ -2,6 +2,10 @@
 from .base import (Detector, NotFittedError, Prediction, create_detector, get_detector_class,
                    list_detectors, load_detector, register_detector)
 from . import patchcore  # noqa: F401  (registers itself)
+from . import ae  # noqa: F401
+from . import dae  # noqa: F401
+from . import vae  # noqa: F401
+from . import ganomaly  # noqa: F401
 from . import padim  # noqa: F401
 
 __all__ = ["Detector", "NotFittedError", "Prediction", "create_detector", "get_detector_class",
