@@ -46,13 +46,23 @@ def evaluate(detector: Detector, test_set: ImageSet, progress: Progress | None =
     return Evaluation(scores, maps, masks, labels, result, seconds)
 
 
-def default_thresholds(evaluation: Evaluation | None) -> dict:
-    """F1-max on the labelled test set when it has both classes; otherwise none is chosen yet."""
+def default_thresholds(evaluation: Evaluation | None, max_pixels: int = 2_000_000) -> dict:
+    """F1-max thresholds on the labelled test set: image-level on scores, pixel-level on maps.
+
+    The pixel threshold is F1-max over the pixels of every image with a mask (subsampled evenly to at most
+    `max_pixels`); without labels of both kinds nothing is chosen yet.
+    """
     if evaluation is None or "f1_threshold" not in evaluation.metrics:
         return {"image": None, "pixel": None, "preset": None}
-    t = evaluation.metrics["f1_threshold"]
-    # Image scores are (reweighted) maxima of the same patch distances the maps show: one scale.
-    return {"image": t, "pixel": t, "preset": "f1_max"}
+    with_mask = [i for i, m in enumerate(evaluation.masks) if m is not None]
+    pixel = None
+    if with_mask:
+        truth = np.stack([evaluation.masks[i] for i in with_mask]).ravel()
+        values = evaluation.maps[with_mask].ravel()
+        stride = max(1, truth.size // max_pixels)
+        if truth[::stride].any() and not truth[::stride].all():
+            pixel = metrics.f1_max(truth[::stride].astype(int), values[::stride])[1]
+    return {"image": evaluation.metrics["f1_threshold"], "pixel": pixel, "preset": "f1_max"}
 
 
 def models_dir() -> Path:

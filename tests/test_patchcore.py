@@ -1,0 +1,70 @@
+"""PatchCore's parts against slow, obviously correct references, and its numbers on real data."""
+import numpy as np
+import pytest
+import scipy.ndimage as ndi
+import torch
+import torch.nn.functional as F
+
+from core import metrics
+from core.coreset import greedy_coreset, project
+from core.detectors import create_detector
+from core.detectors.ops import upsample_blur
+from core.pipeline import evaluate
+
+from conftest import shared_category
+
+
+def naive_greedy(z: np.ndarray, k: int, start: int) -> list[int]:
+    """Textbook farthest-point selection with a full distance update every step."""
+    selected, min_dist = [start], np.linalg.norm(z - z[start], axis=1)
+    for _ in range(k - 1):
+        selected.append(int(np.argmax(min_dist)))
+        min_dist = np.minimum(min_dist, np.linalg.norm(z - z[selected[-1]], axis=1))
+    return selected
+
+
+def test_pruned_greedy_coreset_selects_like_the_textbook_algorithm(rng):
+    # Clustered points, like real patch features: the pruning then skips most of them.
+    centres = rng.normal(size=(20, 16)) * 10
+    points = torch.from_numpy((centres[rng.integers(20, size=3000)] + rng.normal(size=(3000, 16))).astype(np.float32))
+    selected, radii = greedy_coreset(points, 150, projection_dim=8, seed=3)
+    z = project(points, 8, seed=3)
+    assert selected.tolist() == naive_greedy(z.astype(np.float64), 150, int(selected[0]))
+    assert np.all(np.diff(radii) <= 1e-6), "coverage radius never rises"
+    nearest = np.min(np.linalg.norm(z[:, None] - z[selected][None], axis=2), axis=1)
+    assert radii[-1] == pytest.approx(nearest.max(), rel=1e-5)
+
+
+def test_coreset_of_everything_covers_everything(rng):
+    points = torch.from_numpy(rng.normal(size=(50, 4)).astype(np.float32))
+    selected, radii = greedy_coreset(points, 50, projection_dim=None)
+    assert sorted(selected.tolist()) == list(range(50)) and radii[-1] == 0
+
+
+def test_upsample_blur_equals_bilinear_then_gaussian(rng):
+    grid = torch.from_numpy(rng.random((3, 28, 28)).astype(np.float32))
+    reference = F.interpolate(grid[:, None], size=(224, 224), mode="bilinear", align_corners=False)[:, 0].double()
+    reference = np.stack([ndi.gaussian_filter(m, 4, mode="mirror", truncate=4.0) for m in reference.numpy()])
+    np.testing.assert_allclose(upsample_blur(grid, 224, 4.0).numpy(), reference, atol=1e-5)
+
+
+def test_eq7_reweighting_only_shrinks_scores(demo):
+    train, test = demo.subset(split="train"), demo.subset(split="test")
+    plain = create_detector("patchcore", coreset_ratio=0.05, reweight=False).fit(train)
+    weighted = create_detector("patchcore", coreset_ratio=0.05, reweight=True).fit(train)
+    s_plain, m_plain = plain.score_maps(test)
+    s_weighted, m_weighted = weighted.score_maps(test)
+    np.testing.assert_array_equal(m_plain, m_weighted)         # the map is never reweighted
+    assert np.all(s_weighted <= s_plain) and np.all(s_weighted > 0)
+    # Upsampling and blurring average patch scores, so the map never exceeds the worst patch's score.
+    assert np.all(m_plain.reshape(len(test), -1).max(1) <= s_plain + 1e-4)
+
+
+def test_patchcore_meets_the_paper_bar_on_bottle():
+    from core.data import load_mvtec
+    bottle = load_mvtec(shared_category("bottle"))
+    det = create_detector("patchcore").fit(bottle.subset(split="train"))
+    result = evaluate(det, bottle.subset(split="test")).metrics
+    assert result["image_auroc"] >= 0.995
+    assert result["pixel_auroc"] >= 0.975
+    assert result["aupro"] >= 0.90

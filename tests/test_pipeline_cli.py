@@ -1,0 +1,99 @@
+"""The path dataset -> run registry, through the library and through `python -m core`."""
+import csv
+import io
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from core import Cancelled
+from core.cli import main
+from core.pipeline import models_dir, register_dataset, train_run
+from core.runs import RunStore
+
+from conftest import DEMO
+
+FAST = ["--set", "coreset_ratio=0.05"]
+
+
+def test_train_run_registers_model_scores_and_thresholds(demo):
+    store = RunStore()
+    dataset_id = register_dataset(store, demo, "mvtec")
+    stages = set()
+    run_id = train_run(store, dataset_id, demo, "patchcore", {"coreset_ratio": 0.05},
+                       progress=lambda stage, done, total: stages.add(stage))
+    run = store.get_run(run_id)
+    assert stages == {"features", "coreset", "score"}
+    assert run["metrics"]["image_auroc"] > 0.9
+    scores = store.run_scores(run_id)
+    assert len(scores) == 23 and scores["label"].sum() == 17
+    t = run["thresholds"]
+    assert t["preset"] == "f1_max" and t["image"] is not None and t["pixel"] is not None
+    # The image threshold is the F1-max one: recomputing F1 at it from the stored scores gives f1_max.
+    predicted = scores["score"].to_numpy() >= t["image"]
+    truth = scores["label"].to_numpy().astype(bool)
+    f1 = 2 * (predicted & truth).sum() / (predicted.sum() + truth.sum())
+    assert f1 == pytest.approx(run["metrics"]["f1_max"])
+
+
+def test_cancelled_training_registers_nothing_and_leaves_no_model(demo):
+    store = RunStore()
+    dataset_id = register_dataset(store, demo, "mvtec")
+
+    def cancel_during_coreset(stage, done, total):
+        if stage == "coreset" and done > 1:
+            raise Cancelled()
+    with pytest.raises(Cancelled):
+        train_run(store, dataset_id, demo, "patchcore", {"coreset_ratio": 0.05}, progress=cancel_during_coreset)
+    assert store.list_runs() == []
+    assert not models_dir().exists() or not any(models_dir().iterdir())
+
+
+def test_cli_train_list_predict_evaluate(tmp_path, capsys):
+    assert main(["train", "--data", str(DEMO), *FAST]) == 0
+    trained = json.loads(capsys.readouterr().out)
+    assert trained["metrics"]["image_auroc"] > 0.9
+
+    assert main(["list"]) == 0
+    listing = capsys.readouterr().out
+    assert "patchcore" in listing and f"run {trained['run_id']}:" in listing
+
+    # One good image, one defective, one corrupt file: the corrupt one is reported, the others scored.
+    (tmp_path / "broken.png").write_bytes(b"not an image")
+    good, bad = DEMO / "test" / "good" / "04.jpg", DEMO / "test" / "colour" / "00.jpg"
+    out = tmp_path / "heat"
+    code = main(["predict", "--run", str(trained["run_id"]), str(good), str(bad), str(tmp_path / "broken.png"),
+                 "--out", str(out)])
+    captured = capsys.readouterr()
+    assert code == 1 and "broken.png" in captured.err
+    rows = list(csv.DictReader(io.StringIO(captured.out)))
+    assert [r["verdict"] for r in rows] == ["OK", "NG"]
+    assert float(rows[1]["score"]) > float(rows[0]["score"])
+    heat = Image.open(out / "00_heatmap.png")
+    assert heat.size == Image.open(bad).size
+
+    assert main(["evaluate", "--run", str(trained["run_id"]), "--data", str(DEMO)]) == 0
+    evaluated = json.loads(capsys.readouterr().out)
+    assert evaluated["image_auroc"] == pytest.approx(trained["metrics"]["image_auroc"])
+
+
+def test_cli_bench_writes_measured_numbers(tmp_path, capsys):
+    target = tmp_path / "bench.json"
+    assert main(["bench", "--data", str(DEMO), *FAST, "--json", str(target)]) == 0
+    table = capsys.readouterr().out
+    [result] = json.loads(target.read_text())
+    assert "hazelnut_toy" in table and "predict_over_backbone" in table
+    assert 0.5 < result["image_auroc"] <= 1 and result["fit_seconds"] > 0
+    assert result["predict_ms"] > 0 and result["backbone_ms"] > 0 and result["end_to_end_ms"] > 0
+    assert result["model_mb"] > 0 and result["peak_rss_mb"] > 100
+    assert np.isclose(result["predict_over_backbone"], result["predict_ms"] / result["backbone_ms"])
+
+
+def test_cli_reports_bad_input_clearly(tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["train", "--data", str(empty)]) == 2
+    assert "no usable images" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["train", "--data", str(DEMO), "--detector", "nonsense"])
