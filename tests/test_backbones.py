@@ -1,0 +1,48 @@
+"""Offline ImageNet weights really load, and missing weights fail loudly."""
+import numpy as np
+import pytest
+import torch
+from skimage import data as skdata
+
+from core.backbones import FeatureExtractor, WeightsUnavailable, create_classifier
+from core.data import Preprocess
+
+CATS = {281, 282, 283, 284, 285}   # ImageNet: tabby, tiger cat, Persian, Siamese, Egyptian cat
+ESPRESSO = 967
+
+
+def test_efficientnet_lite0_recognises_imagenet_classes():
+    model = create_classifier("tf_efficientnet_lite0")
+    prep = Preprocess(resize=224, crop=None, mean=(0.5,) * 3, std=(0.5,) * 3)
+    with torch.no_grad():
+        top = model(prep.images_to_tensor([skdata.chelsea(), skdata.coffee()])).argmax(1).tolist()
+    assert top[0] in CATS and top[1] == ESPRESSO
+
+
+@pytest.mark.parametrize("name", ["tf_efficientnet_lite1", "tf_efficientnet_lite2"])
+def test_other_lite_weights_load_strictly(name):
+    assert create_classifier(name) is not None   # strict load: a renamed key that misses raises
+
+
+def test_feature_extractor_reports_real_shapes():
+    extractor = FeatureExtractor("tf_efficientnet_lite0", (1, 2, 3))
+    maps = extractor(torch.zeros(2, 3, 224, 224))
+    assert [m.shape[1] for m in maps] == list(extractor.channels) == [24, 40, 112]
+    assert [224 // m.shape[-1] for m in maps] == list(extractor.strides) == [4, 8, 16]
+    assert extractor.mean == (0.5, 0.5, 0.5)
+    extractor.train()
+    assert not extractor.model.training, "a frozen backbone never switches batch norm to training"
+
+
+def test_feature_extractor_matches_the_classifier_weights():
+    features = FeatureExtractor("tf_efficientnet_lite0", (0,))
+    classifier = create_classifier("tf_efficientnet_lite0")
+    np.testing.assert_array_equal(features.model.conv_stem.weight.numpy(), classifier.conv_stem.weight.detach().numpy())
+
+
+def test_missing_weights_are_an_error_that_says_what_to_do(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(WeightsUnavailable, match="weights"):
+        FeatureExtractor("resnet18", (2, 3))
+    with pytest.raises(WeightsUnavailable, match="does not exist"):
+        FeatureExtractor("resnet18", (2, 3), weights=tmp_path / "nowhere.pth")
