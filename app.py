@@ -1,6 +1,6 @@
 """AnomalyScope dashboard: the frame around the pages (navigation and the shared sidebar selectors).
 
-Run with `make run` or `streamlit run app.py`.
+Run with `make run` or `streamlit run app.py`. The pages are in app_pages/ (see ui/__init__.py for why not pages/).
 """
 import streamlit as st
 
@@ -9,14 +9,14 @@ from ui import state
 st.set_page_config(page_title="AnomalyScope", page_icon=":material/troubleshoot:", layout="wide")
 
 PAGES = {
-    "": [st.Page("pages/home.py", title="Home", icon=":material/home:", default=True)],
-    "Build": [st.Page("pages/datasets.py", title="Datasets", icon=":material/photo_library:"),
-              st.Page("pages/train.py", title="Train", icon=":material/model_training:")],
-    "Analyse": [st.Page("pages/thresholds.py", title="Thresholds", icon=":material/tune:"),
-                st.Page("pages/heatmaps.py", title="Heatmaps", icon=":material/local_fire_department:"),
-                st.Page("pages/features.py", title="Features", icon=":material/scatter_plot:"),
-                st.Page("pages/compare.py", title="Compare", icon=":material/leaderboard:")],
-    "Demo": [st.Page("pages/inspect_live.py", title="Inspect", icon=":material/verified:", url_path="inspect")],
+    "": [st.Page("app_pages/home.py", title="Home", icon=":material/home:", default=True)],
+    "Build": [st.Page("app_pages/datasets.py", title="Datasets", icon=":material/photo_library:"),
+              st.Page("app_pages/train.py", title="Train", icon=":material/model_training:")],
+    "Analyse": [st.Page("app_pages/thresholds.py", title="Thresholds", icon=":material/tune:"),
+                st.Page("app_pages/heatmaps.py", title="Heatmaps", icon=":material/local_fire_department:"),
+                st.Page("app_pages/features.py", title="Features", icon=":material/scatter_plot:"),
+                st.Page("app_pages/compare.py", title="Compare", icon=":material/leaderboard:")],
+    "Demo": [st.Page("app_pages/inspect_live.py", title="Inspect", icon=":material/verified:", url_path="inspect")],
 }
 
 page = st.navigation(PAGES)

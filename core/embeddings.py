@@ -97,7 +97,9 @@ def save_views(views: FeatureViews, folder: str | Path) -> Path:
     arrays = {}
     for prefix, table in (("images", views.images), ("patches", views.patches), ("bank", views.bank)):
         if table is not None:
-            arrays.update({f"{prefix}.{c}": table[c].to_numpy() for c in table.columns})
+            # Text columns as fixed-width unicode: object arrays would need pickle to load.
+            arrays.update({f"{prefix}.{c}": table[c].to_numpy(dtype=None if table[c].dtype.kind in "biuf" else str)
+                           for c in table.columns})
     if views.coverage_radii is not None:
         arrays["coverage_radii"] = views.coverage_radii
     arrays["meta"] = np.array(json.dumps({"n_images_total": views.n_images_total, "grid": list(views.grid)}))
@@ -188,11 +190,13 @@ def _layout(vectors: np.ndarray, seed: int) -> np.ndarray:
 
 def _pca(vectors: np.ndarray, basis: np.ndarray | None = None) -> np.ndarray:
     """2-D PCA of vectors, with axes fitted on `basis` (default: the vectors themselves)."""
-    basis = vectors if basis is None else basis
+    basis = np.asarray(vectors if basis is None else basis, dtype=np.float64)
     mean = basis.mean(axis=0)
-    _, _, vt = np.linalg.svd(basis - mean, full_matrices=False)
-    axes = vt[:2].T
-    out = (vectors - mean) @ axes
+    centred = basis - mean
+    # Eigenvectors of the small D x D covariance: an SVD of the N x D data is far slower for N >> D.
+    _, eigenvectors = np.linalg.eigh(centred.T @ centred)
+    axes = eigenvectors[:, ::-1][:, :2]
+    out = (np.asarray(vectors, dtype=np.float64) - mean) @ axes
     return np.pad(out, ((0, 0), (0, 2 - out.shape[1]))) if out.shape[1] < 2 else out
 
 

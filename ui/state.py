@@ -152,7 +152,7 @@ def require_run() -> dict:
     run = current_run()
     if run is None:
         st.info("Select a run in the sidebar, or train one first.")
-        st.page_link("pages/train.py", label="Train a model", icon=":material/model_training:")
+        st.page_link("app_pages/train.py", label="Train a model", icon=":material/model_training:")
         st.stop()
     return run
 

@@ -18,7 +18,7 @@ if run is None:
 image_threshold = run["thresholds"]["image"]
 if image_threshold is None:
     st.warning("This run has no saved threshold yet: set one on the Thresholds page first.")
-    st.page_link("pages/thresholds.py", label="Set the threshold", icon=":material/tune:")
+    st.page_link("app_pages/thresholds.py", label="Set the threshold", icon=":material/tune:")
     st.stop()
 pixel_threshold = run["thresholds"]["pixel"] or image_threshold
 st.caption(f"Using the {source} run **{state.run_caption(run)}** with its saved threshold {image_threshold:.4g}"

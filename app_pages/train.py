@@ -41,10 +41,10 @@ if trained:
                icon=":material/check_circle:")
     st.markdown("**Next:**")
     cols = st.columns(4)
-    cols[0].page_link("pages/thresholds.py", label="Set the threshold", icon=":material/tune:")
-    cols[1].page_link("pages/heatmaps.py", label="Browse heatmaps", icon=":material/local_fire_department:")
-    cols[2].page_link("pages/compare.py", label="Compare runs", icon=":material/leaderboard:")
-    cols[3].page_link("pages/inspect_live.py", label="Try it live", icon=":material/verified:")
+    cols[0].page_link("app_pages/thresholds.py", label="Set the threshold", icon=":material/tune:")
+    cols[1].page_link("app_pages/heatmaps.py", label="Browse heatmaps", icon=":material/local_fire_department:")
+    cols[2].page_link("app_pages/compare.py", label="Compare runs", icon=":material/leaderboard:")
+    cols[3].page_link("app_pages/inspect_live.py", label="Try it live", icon=":material/verified:")
 
 record = state.current_dataset()
 if record is None:

@@ -13,7 +13,7 @@ if record is None:
 table = run_table(state.store(), record["id"])
 if table.empty:
     st.info(f"No runs on {record['name']} yet.")
-    st.page_link("pages/train.py", label="Train a model", icon=":material/model_training:")
+    st.page_link("app_pages/train.py", label="Train a model", icon=":material/model_training:")
     st.stop()
 
 st.caption(f"Dataset **{record['name']}** · {len(table)} run{'s' if len(table) != 1 else ''} · metrics on its test set, "

@@ -24,7 +24,7 @@ if entry is not None and entry["then"] == "demo":
     widgets.finish_job()
     if snapshot.status == "done":
         state.select(entry["job"].dataset_id, snapshot.run_id)
-        st.switch_page("pages/heatmaps.py")
+        st.switch_page("app_pages/heatmaps.py")
     elif snapshot.status == "failed":
         st.error(f"The demo training failed: {snapshot.error}")
     else:

@@ -79,7 +79,7 @@ with create_folder, st.form("folder_form"):
 created = st.session_state.pop("created_dataset", None)
 if created:
     st.success(f"Dataset {created!r} is ready. Next: train a model on it.", icon=":material/check_circle:")
-    st.page_link("pages/train.py", label="Train a model", icon=":material/model_training:")
+    st.page_link("app_pages/train.py", label="Train a model", icon=":material/model_training:")
 
 record = state.current_dataset()
 if record is None:

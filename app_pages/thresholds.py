@@ -7,6 +7,7 @@ move reruns only the panel and costs one binary search plus redrawing the marker
 import streamlit as st
 
 from core import figures
+from core.report import build_report, report_file_name
 from core.thresholds import PRESET_LABELS, ScoreDistribution
 from ui import state
 
@@ -91,7 +92,16 @@ def threshold_panel(run: dict, level: str, dist: ScoreDistribution) -> None:
         st.toast(f"Saved the {level} threshold {t:.4g}.", icon=":material/check_circle:")
         st.rerun(scope="app")
     if not unsaved:
-        st.caption(f"Saved with the run ({run['thresholds']['preset'] or 'manual'}, {run['thresholds']['updated'] or ''}).")
+        st.caption(f"Saved with the run ({run['thresholds']['preset'] or 'manual'}, "
+                   f"{(run['thresholds']['updated'] or '')[:16].replace('T', ' ')}).")
+    if level == "image":
+        pixel = state.threshold(run, "pixel")
+        preset_now = state.threshold_preset(run, "image")
+        st.download_button(
+            "Download the report for stakeholders (HTML)", icon=":material/download:", mime="text/html",
+            data=lambda: build_report(run, results, t, pixel, preset_now), file_name=report_file_name(run),
+            help="One self-contained file: metrics, curves, this threshold and the worst images' heatmaps. "
+                 "Opens offline in any browser.", key="report")
 
 
 image_tab, pixel_tab = st.tabs(["Image threshold (OK / NG)", "Pixel threshold (defect region)"])

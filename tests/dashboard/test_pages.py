@@ -1,0 +1,261 @@
+"""Every page through streamlit.testing's AppTest: drive its main controls, assert on what it renders."""
+import io
+import shutil
+import time
+import zipfile
+
+import numpy as np
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from core import embeddings
+from core.data import Preprocess, Sample
+from core.pipeline import Evaluation
+from core.results import save_results
+from core.runs import RunStore
+from core.workspace import DEMO_DIR, REPO_ROOT
+
+DEMO = DEMO_DIR / "hazelnut_toy"
+APP = str(REPO_ROOT / "app.py")
+
+
+def open_page(page: str | None = None) -> AppTest:
+    at = AppTest.from_file(APP, default_timeout=120)
+    at.run()
+    if page:
+        at.switch_page(f"app_pages/{page}.py").run()
+    assert not at.exception, at.exception
+    return at
+
+
+def texts(at: AppTest) -> str:
+    """Everything the page wrote, for substring checks."""
+    parts = [e.value for kind in ("markdown", "caption", "title", "header", "subheader", "success", "info",
+                                  "warning", "error") for e in getattr(at, kind)]
+    return "\n".join(str(p) for p in parts)
+
+
+def metric(at: AppTest, label: str) -> str:
+    return next(m.value for m in at.metric if m.label == label)
+
+
+def wait_for_job(at: AppTest, seconds: float = 240) -> None:
+    """Rerun the page as the browser's polling would, until the training job has ended."""
+    deadline = time.time() + seconds
+    while "training_job" in at.session_state:
+        assert time.time() < deadline, "training did not finish"
+        time.sleep(0.5)
+        at.run()
+    assert not at.exception, at.exception
+
+
+def test_home_explains_and_lists_the_registry(workspace):
+    at = open_page()
+    assert at.title[0].value == "AnomalyScope"
+    assert "without ever labelling" in texts(at)
+    tables = [df.value for df in at.dataframe]
+    assert tables[0]["name"].tolist() == ["hazelnut_toy"] and tables[1]["detector"].tolist() == ["patchcore"]
+    assert at.sidebar.selectbox(key="run_id").value == workspace["run_id"]
+
+
+def test_demo_in_one_click_trains_and_opens_the_heatmaps():
+    at = open_page()
+    assert "None yet" in texts(at)
+    next(b for b in at.button if b.label == "Run the demo").click().run()
+    wait_for_job(at)
+    at.run()
+    assert at.title[0].value == "Heatmaps"
+    assert len(at.image) >= 23                        # the gallery, then the chosen image's panels
+    assert RunStore().list_runs()[0]["name"] == "demo"
+
+
+def test_datasets_upload_shows_counts_report_and_thumbnails():
+    at = open_page("datasets")
+    assert "No dataset yet" in texts(at)
+    good = sorted((DEMO / "train" / "good").iterdir())[:6]
+    at.text_input(key="name_0").set_value("six nuts")
+    at.file_uploader(key="normal_0").set_value([(p.name, p.read_bytes(), "image/jpeg") for p in good]
+                                               + [("scratched.jpg", b"\xff\xd8 not really a jpeg", "image/jpeg")])
+    at.radio(key="test_kind_0").set_value("A zip").run()
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as zf:
+        for p in sorted((DEMO / "test").rglob("*.jpg")) + sorted((DEMO / "ground_truth").rglob("*.png")):
+            zf.write(p, p.relative_to(DEMO).as_posix())
+    at.file_uploader(key="test_zip_0").set_value(("test.zip", buffer.getvalue(), "application/zip"))
+    next(b for b in at.button if b.label == "Create dataset").click().run()
+    assert not at.exception, at.exception
+    assert "Dataset 'six nuts' is ready" in texts(at)
+    counts = at.dataframe[0].value
+    assert dict(zip(counts["type"] + "/" + counts["split"], counts["images"])) == {
+        "good/train": 6, "good/test": 6, "colour/test": 17}
+    skipped = at.dataframe[1].value
+    assert skipped["file"].tolist() == ["train/good/scratched.jpg"]
+    assert len(at.image) >= 3                         # one thumbnail strip per split and type
+
+
+def test_datasets_bad_upload_says_why_and_stores_nothing():
+    at = open_page("datasets")
+    at.text_input(key="name_0").set_value("junk")
+    at.file_uploader(key="normal_0").set_value([("broken.png", b"\x89PNG broken", "image/png")])
+    next(b for b in at.button if b.label == "Create dataset").click().run()
+    assert "No usable normal images, so nothing was stored" in at.error[0].value
+    assert RunStore().list_datasets() == []
+
+
+def test_train_page_builds_the_form_and_cancel_registers_nothing(workspace):
+    at = open_page("train")
+    assert next(s for s in at.selectbox if s.label == "Detector").value == "patchcore"
+    labels = {w.label for w in [*at.number_input, *at.checkbox, *at.text_input]}
+    assert {"coreset_ratio", "reweight", "stages", "blur_sigma"} <= labels
+    assert next(n for n in at.number_input if n.label == "coreset_ratio").help
+    before = len(workspace["store"].list_runs())
+    next(b for b in at.button if b.label == "Train").click().run()
+    assert "training_job" in at.session_state
+    while not at.session_state["training_job"]["job"].snapshot().stages:
+        time.sleep(0.1)
+    at.run()
+    next(b for b in at.button if b.label == "Cancel training").click().run()
+    wait_for_job(at)
+    assert "Training cancelled: nothing was registered." in texts(at)
+    assert len(workspace["store"].list_runs()) == before
+
+
+def test_train_page_registers_a_saved_model(workspace):
+    at = open_page("train")
+    folder = workspace["store"].get_run(workspace["run_id"])["model_path"]
+    next(t for t in at.text_input if t.label == "Model folder on the server").set_value(folder)
+    next(b for b in at.button if b.label == "Evaluate and register").click().run()
+    wait_for_job(at)
+    assert any("is ready" in s.value and "image AUROC 1.000" in s.value for s in at.success)
+    assert {link.label for link in at.get("page_link")} >= {"Set the threshold", "Browse heatmaps"}
+    assert len(workspace["store"].list_runs()) == 2
+
+
+def test_thresholds_move_presets_and_save(workspace):
+    store, run_id = workspace["store"], workspace["run_id"]
+    at = open_page("thresholds")
+    saved = store.get_run(run_id)["thresholds"]["image"]
+    assert float(metric(at, "Threshold")) == pytest.approx(saved, rel=1e-3)
+    assert metric(at, "Recall") == "1.000" and metric(at, "False alarms") == "0"
+    specs = " ".join(c.proto.spec for c in at.get("plotly_chart"))
+    assert "ROC curve (images)" in specs and "Precision-recall (images)" in specs and "Confusion matrix" in specs
+
+    low = at.slider(key=f"slider_image_{run_id}").min
+    at.slider(key=f"slider_image_{run_id}").set_value(low).run()
+    assert float(metric(at, "Threshold")) == pytest.approx(low, rel=1e-3)
+    assert metric(at, "False alarms") == "6" and metric(at, "Precision") == f"{17 / 23:.3f}"
+
+    at.selectbox(key=f"preset_image_{run_id}").set_value("zero_miss")
+    next(b for b in at.button if b.label == "Apply preset").click().run()
+    assert metric(at, "Missed defects") == "0" and metric(at, "False alarms") == "0"
+    at.selectbox(key=f"preset_image_{run_id}").set_value("normal_quantile").run()
+    at.number_input(key=f"preset_value_image_{run_id}").set_value(50.0)
+    next(b for b in at.button if b.label == "Apply preset").click().run()
+    assert metric(at, "False alarms") == "3"            # half of the 6 good test images
+    median = float(metric(at, "Threshold"))
+    next(b for b in at.button if b.label.startswith("Save image threshold")).click().run()
+    stored = store.get_run(run_id)["thresholds"]
+    assert stored["image"] == pytest.approx(median, rel=1e-3) and stored["preset"] == "normal_quantile"
+    assert "Saved with the run (normal_quantile" in texts(at)
+    assert at.get("download_button")                   # the stakeholder report
+
+    pixel = at.tabs[1]
+    assert any(s.label == "Pixel threshold" for s in pixel.slider)
+
+
+def synthetic_run(store: RunStore, tmp_path, n: int = 1000) -> int:
+    """A run with n scored test images (small maps): what the slider timing is about."""
+    rng = np.random.default_rng(0)
+    labels = (rng.random(n) < 0.3).astype(np.int64)
+    scores = np.where(labels, rng.normal(2, 0.5, n), rng.normal(1, 0.3, n)).astype(np.float32)
+    maps = (rng.random((n, 32, 32)) * scores[:, None, None]).astype(np.float16)
+    masks = np.zeros((n, 32, 32), bool)
+    masks[labels == 1, 8:16, 8:16] = True
+    folder = tmp_path / "synthetic-model"
+    folder.mkdir()
+    image = next((DEMO / "test" / "good").iterdir())
+    samples = [Sample(image, "test", int(y), "dent" if y else "good", None) for y in labels]
+    save_results(folder, samples, Evaluation(scores, maps, list(masks), labels), Preprocess(resize=32, crop=None))
+    dataset_id = store.add_dataset("synthetic", str(tmp_path), "folder", {}, {})
+    return store.add_run(dataset_id=dataset_id, detector="patchcore", params={}, model_path=str(folder),
+                         metrics={}, timings={}, model_card={}, scores=[], thresholds={"image": 1.5, "pixel": 1.5})
+
+
+def test_threshold_move_for_1000_images_is_fast(workspace, tmp_path):
+    run_id = synthetic_run(workspace["store"], tmp_path)
+    at = AppTest.from_file(APP, default_timeout=60)
+    at.session_state["pending_selection"] = (workspace["store"].get_run(run_id)["dataset_id"], run_id)
+    at.run()
+    at.switch_page("app_pages/thresholds.py").run()
+    assert "1000 test images" in texts(at).replace(" normal and ", "+") or "anomalous test images" in texts(at)
+    slider = at.slider(key=f"slider_image_{run_id}")
+    timings, shown = [], []
+    for value in np.linspace(0.9, 1.8, 8):
+        start = time.perf_counter()
+        at.slider(key=f"slider_image_{run_id}").set_value(float(value)).run()
+        timings.append(time.perf_counter() - start)
+        shown.append((metric(at, "Threshold"), metric(at, "False alarms"), metric(at, "Recall")))
+    assert len(set(shown)) == 8                        # every move changed the numbers
+    print(f"\nwhole Thresholds page rerun after a slider move, 1,000 images: median "
+          f"{1000 * np.median(timings):.0f} ms")
+    assert slider.max > slider.min
+
+
+def test_heatmaps_gallery_filters_and_detail(workspace):
+    at = open_page("heatmaps")
+    assert "17 caught defects" in texts(at) and "showing 23" in texts(at)
+    buttons = [b for b in at.button if b.key and b.key.startswith("open_")]
+    assert len(buttons) == 23 and buttons[0].label.endswith("TP") and buttons[-1].label.endswith("TN")
+    top = at.subheader[0].value
+    buttons[-1].click().run()
+    assert at.subheader[0].value != top and metric(at, "Verdict") == "OK" and metric(at, "Truth") == "good"
+    at.slider(key="heatmap_alpha").set_value(0.9).run()
+    assert not at.exception
+    at.multiselect[0].set_value(["false alarm"]).run()
+    assert "No test image matches these filters." in texts(at)
+
+
+def test_features_shows_coreset_and_embedding_maps(workspace, tmp_path, monkeypatch):
+    store, run_id = workspace["store"], workspace["run_id"]
+    folder = tmp_path / "model"
+    shutil.copytree(store.get_run(run_id)["model_path"], folder)
+    with store._write() as conn:
+        conn.execute("UPDATE runs SET model_path = ? WHERE id = ?", (str(folder), run_id))
+    at = open_page("features")
+    assert metric(at, "Coreset size").endswith("patches")
+    assert any(b.label == "Compute embedding maps" for b in at.button)
+    # UMAP's first call compiles for half a minute; its layout is checked in test_embeddings.py.
+    monkeypatch.setattr(embeddings, "_layout", lambda vectors, seed: embeddings._pca(vectors))
+    next(b for b in at.button if b.label == "Compute embedding maps").click().run()
+    assert not at.exception, at.exception
+    assert (folder / embeddings.VIEWS_FILE).is_file()
+    assert [s.value for s in at.subheader][-2:] == ["Images", "Patches"]
+    assert len(at.get("plotly_chart")) == 4            # coverage, memory bank, images, patches
+    at.radio(key="colour_images").set_value("score").run()
+    assert not at.exception
+
+
+def test_compare_lists_runs_and_deploys(workspace):
+    at = open_page("compare")
+    table = at.dataframe[0].value
+    assert table["run"].tolist() == ["#1 patchcore"] and table["image AUROC"].iloc[0] == 1.0
+    assert table["memory MB"].iloc[0] > 0 and table["ms per image"].iloc[0] > 0
+    assert "No run is deployed" in texts(at)
+    next(b for b in at.button if b.label == "Deploy this run").click().run()
+    assert workspace["store"].deployed_run(workspace["dataset_id"])["id"] == workspace["run_id"]
+    assert "Deployed now: **#1 patchcore**" in texts(at)
+
+
+def test_inspect_gives_a_verdict_for_an_upload_and_rejects_junk(workspace):
+    at = open_page("inspect_live")
+    assert "Upload an image or take a photo" in texts(at)
+    bad = DEMO / "test" / "colour" / "00.jpg"
+    at.file_uploader(key="inspect_upload").set_value((bad.name, bad.read_bytes(), "image/jpeg")).run()
+    assert not at.exception, at.exception
+    assert ">NG<" in texts(at) and "answered in" in texts(at)
+    assert len(at.image) == 2
+    good = next((DEMO / "test" / "good").iterdir())
+    at.file_uploader(key="inspect_upload").set_value((good.name, good.read_bytes(), "image/jpeg")).run()
+    assert ">OK<" in texts(at)
+    at.file_uploader(key="inspect_upload").set_value(("x.png", b"not a png", "image/png")).run()
+    assert "cannot be inspected" in at.error[0].value
