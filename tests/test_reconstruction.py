@@ -137,13 +137,18 @@ def test_vae_scores_are_deterministic(images):
     np.testing.assert_array_equal(det.score_maps(images)[0], det.score_maps(images)[0])
 
 
-def test_ganomaly_score_is_the_latent_distance_and_map_is_scaled(images):
-    det = create_detector("ganomaly", **TINY).fit(images)
+@pytest.mark.parametrize("latent_score", ["paper", "standardized"])
+def test_ganomaly_score_is_the_latent_distance_and_map_is_scaled(images, latent_score):
+    det = create_detector("ganomaly", **TINY, latent_score=latent_score).fit(images)
     x = det.preprocess.images_to_tensor(images)
     scores, maps = det.score_tensor(x)
     with torch.no_grad():
         _, z, z2 = det.net_.generator(x)
-    np.testing.assert_allclose(scores, (z - z2).pow(2).flatten(1).mean(1).numpy(), rtol=1e-5)
+    diff = (z - z2).flatten(1)
+    if latent_score == "standardized":  # centred and scaled per dimension by the training differences
+        diff = (diff - diff.mean(0)) / diff.std(0)
+        np.testing.assert_allclose(scores.mean(), (len(images) - 1) / len(images), rtol=1e-4)  # unbiased std
+    np.testing.assert_allclose(scores, diff.pow(2).mean(1).numpy(), rtol=1e-4)
     assert maps.shape == (len(images), 16, 16) and np.isfinite(maps).all()
     # One fitted constant puts the training maps' mean peak on the training scores' mean.
     assert maps.reshape(len(images), -1).max(1).mean() == pytest.approx(scores.mean(), rel=1e-4)

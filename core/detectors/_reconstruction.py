@@ -37,7 +37,8 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Callable, Sequence
+from contextlib import contextmanager
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -186,21 +187,12 @@ def recalibrate_batchnorm(forward: Callable[[torch.Tensor], object], modules: nn
 
 # ------------------------------------------------------------------------------------------------ training
 
-class seeded:
-    """Context manager: all torch randomness inside runs from `seed`; the caller's RNG state is restored."""
-
-    def __init__(self, seed: int, device: torch.device):
-        devices = [device.index or 0] if device.type == "cuda" else []
-        self._fork = torch.random.fork_rng(devices=devices)
-        self.seed = seed
-
-    def __enter__(self):
-        self._fork.__enter__()
-        torch.manual_seed(self.seed)
-        return self
-
-    def __exit__(self, *exc):
-        return self._fork.__exit__(*exc)
+@contextmanager
+def seeded(seed: int, device: torch.device) -> Iterator[None]:
+    """All torch randomness inside runs from `seed`; the caller's RNG state is restored afterwards."""
+    with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        yield
 
 
 def train_epochs(step: Callable[[torch.Tensor], dict], data: torch.Tensor, epochs: int, batch_size: int,

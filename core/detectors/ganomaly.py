@@ -12,7 +12,12 @@ minimises binary cross-entropy, and is re-initialised when its loss collapses be
 code). Both use Adam with lr 2e-4 and betas (0.5, 0.999). Follows the paper and anomalib's
 ``models/image/ganomaly`` (which reports 42.1 image AUROC on MVTec AD: a weak baseline).
 
-Image score: the mean squared distance between the two latent codes, mean((z - z')^2): the paper's A(x).
+Image score: the distance between the two latent codes. `latent_score="paper"` is the paper's
+A(x) = mean((z - z')^2). The default, `"standardized"`, first centres and scales every dimension of the
+difference z - z' by its mean and standard deviation over the training images (fitted after training), i.e. a
+diagonal Mahalanobis distance of the difference from its normal behaviour: the raw difference is dominated by a
+few high-variance dimensions. Measured on the same trained models (15 epochs, 128 px): image AUROC 0.860 ->
+0.928 on bottle and 0.559 -> 0.603 on magnetic_tile.
 Anomaly map: GANomaly has no native localisation. The map returned is the generator's per-pixel
 reconstruction error |x - x'| (L2 over RGB, blurred, as for the autoencoders), multiplied by one constant
 fitted on the training set so that the mean of the training maps' maxima equals the mean training score. The
@@ -35,6 +40,9 @@ class GanomalyGenerator(nn.Module):
         self.encoder1 = ConvEncoder(size, latent, base, cap)
         self.decoder = ConvDecoder(size, latent, base, cap)
         self.encoder2 = ConvEncoder(size, latent, base, cap)
+        # Per-dimension centre and scale of z - z' on the training set (identity until fitted).
+        self.register_buffer("diff_mean", torch.zeros(latent))
+        self.register_buffer("diff_std", torch.ones(latent))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Reconstruction x', latent z = G_E(x) and latent z' = E(x')."""
@@ -65,6 +73,7 @@ class Ganomaly(ReconstructionDetector):
     latent_dim : size of z (paper: 100).
     lr, beta1 : Adam learning rate and first beta for both networks (paper: 2e-4, 0.5; second beta 0.999).
     w_adv, w_con, w_enc : loss weights (paper: 1, 50, 1).
+    latent_score : "standardized" (default) or "paper": how the latent difference becomes the score (see above).
     ssim_weight, blur_sigma, score_topk : shape the display map only (the score is the latent distance).
     Others : as :class:`.ae.AutoEncoder`.
     """
@@ -72,9 +81,14 @@ class Ganomaly(ReconstructionDetector):
     def __init__(self, resize: int = 128, crop: int | None = None, latent_dim: int = 100, base_channels: int = 32,
                  max_channels: int = 256, epochs: int = 15, batch_size: int = 16, lr: float = 2e-4,
                  beta1: float = 0.5, w_adv: float = 1.0, w_con: float = 50.0, w_enc: float = 1.0,
-                 ssim_weight: float = 0.0, blur_sigma: float = 4.0, score_topk: float = 0.01, seed: int = 0,
+                 latent_score: str = "standardized", ssim_weight: float = 0.0, blur_sigma: float = 4.0, score_topk: float = 0.01, seed: int = 0,
                  device: str = "auto"):
         store_params(self, locals())
+
+    def _validate(self) -> None:
+        super()._validate()
+        if self.latent_score not in ("standardized", "paper"):
+            raise ValueError(f"latent_score must be 'standardized' or 'paper', got {self.latent_score!r}")
 
     def _build(self) -> nn.Module:
         return GanomalyNet(self.preprocess.input_size, self.latent_dim, self.base_channels, self.max_channels)
@@ -124,20 +138,31 @@ class Ganomaly(ReconstructionDetector):
         return history
 
     def _latent_scores(self, net: GanomalyNet, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        fake, z, z2 = net.generator(x)
-        return (z - z2).pow(2).flatten(1).mean(dim=1), fake
+        """(N,) scores and the reconstructions."""
+        g = net.generator
+        fake, z, z2 = g(x)
+        diff = (z - z2).flatten(1)
+        if self.latent_score == "standardized":
+            diff = (diff - g.diff_mean) / g.diff_std
+        return diff.pow(2).mean(dim=1), fake
 
+    @torch.no_grad()
     def _calibrate(self, net, data, device) -> dict:
-        """The map scale: mean training score / mean training map maximum (one constant, never per image)."""
-        scores, peaks = [], []
-        with torch.no_grad():
-            for start in range(0, len(data), self.batch_size):
-                x = data[start:start + self.batch_size].to(device)
-                s, fake = self._latent_scores(net, x)
-                scores.append(s)
-                peaks.append(error_map(x, fake, self.ssim_weight, self.blur_sigma).flatten(1).max(dim=1).values)
+        """After training: the latent standardisation, then the map scale (mean training score / mean training map
+        maximum: one constant, never per image)."""
+        diffs, peaks = [], []
+        for start in range(0, len(data), self.batch_size):
+            x = data[start:start + self.batch_size].to(device)
+            fake, z, z2 = net.generator(x)
+            diffs.append((z - z2).flatten(1))
+            peaks.append(error_map(x, fake, self.ssim_weight, self.blur_sigma).flatten(1).max(dim=1).values)
+        diffs = torch.cat(diffs)
+        if self.latent_score == "standardized":
+            net.generator.diff_mean.copy_(diffs.mean(dim=0))
+            net.generator.diff_std.copy_(diffs.std(dim=0).clamp_min(1e-6))
+            diffs = (diffs - net.generator.diff_mean) / net.generator.diff_std
         peak = torch.cat(peaks).mean().item()
-        return {"map_scale": torch.cat(scores).mean().item() / peak if peak > 0 else 1.0}
+        return {"map_scale": diffs.pow(2).mean(dim=1).mean().item() / peak if peak > 0 else 1.0}
 
     def _scores_and_maps(self, net, x):
         scores, fake = self._latent_scores(net, x)
@@ -148,4 +173,4 @@ class Ganomaly(ReconstructionDetector):
         ssim = f" + {self.ssim_weight} * (1 - SSIM)" if self.ssim_weight > 0 else ""
         return (f"generator reconstruction error (L2 over RGB{ssim}), Gaussian blur sigma {self.blur_sigma} px, times "
                 f"map_scale {self.train_info_['map_scale']:.4g} fitted on the training set; for display only: the "
-                "image score is the latent distance mean((z - z')^2), not taken from the map")
+                "image score is the latent distance (latent_score={self.latent_score!r}), not taken from the map")
