@@ -30,8 +30,25 @@ Anomaly maps and scores
     :func:`error_map`: per-pixel L2 norm of the reconstruction error over the RGB channels, plus
     ``ssim_weight * (1 - SSIM)`` (local structural dissimilarity, Bergmann et al. 2019) when ``ssim_weight > 0``,
     then Gaussian-blurred with ``blur_sigma`` (pixels of the model input). :func:`score_from_map`: the image score
-    is the mean of the ``score_topk`` fraction of highest map values (0 = the maximum); the default 0.01 was
-    chosen by measurement on bottle and magnetic_tile (see the detectors' docs).
+    is the mean of the ``score_topk`` fraction of highest map values (0 = the maximum).
+
+    The defaults were picked by measurement: one ``ae`` (128 px, 40 epochs, seed 0) per category, image AUROC
+    of each aggregation of the same maps (top-k = mean of the top k fraction; "mean" = whole map):
+
+    ====================  =====  ========  ======  ======  =====  ===========
+    map                   max    top 0.1%  top 1%  top 5%  mean   pixel AUROC
+    ====================  =====  ========  ======  ======  =====  ===========
+    bottle, L2, blur 0    0.904  0.925     0.966   0.945   0.838  0.853
+    bottle, L2, blur 4    0.971  0.973     0.975   0.958   0.838  0.939
+    bottle, L2+SSIM, b 4  0.967  0.968     0.971   0.963   0.853  0.954
+    magnetic, L2, blur 0  0.584  0.616     0.654   0.675   0.633  0.539
+    magnetic, L2, blur 4  0.676  0.679     0.703   0.720   0.629  0.574
+    magnetic, L2+SSIM, 4  0.647  0.649     0.665   0.669   0.601  0.636
+    ====================  =====  ========  ======  ======  =====  ===========
+
+    Hence blur 4 and the top-1% mean (best on bottle, close to best on magnetic_tile; the maximum alone is
+    noisier). The SSIM term (here only in the map, with an L2-trained model) helps pixel AUROC but not image
+    AUROC, so ``ssim_weight`` defaults to 0; set it to 1 for sharper localisation.
 """
 from __future__ import annotations
 
@@ -350,10 +367,10 @@ class ReconstructionDetector(Detector):
         scoring = self._scoring_modules(net)
         recalibrate_batchnorm(lambda b: self._reconstruct(net, b), scoring, data, self.batch_size, device)
         net.eval()
-        self.net_ = net
-        self.train_info_ = {"epochs": int(self.epochs), "final_loss": history[-1], "loss_history": history,
-                            "train_seconds": time.perf_counter() - start, "device": str(device)}
-        self.train_info_.update(self._calibrate(net, data, device))
+        info = {"epochs": int(self.epochs), "final_loss": history[-1], "loss_history": history,
+                "train_seconds": time.perf_counter() - start, "device": str(device)}
+        info.update(self._calibrate(net, data, device))
+        self.net_, self.train_info_ = net, info
 
     def _score_batch(self, x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         device = next(self.net_.parameters()).device
