@@ -9,6 +9,7 @@ from core.detectors import NotFittedError, create_detector, list_detectors, load
 FAST_PARAMS = {
     "patchcore": {"coreset_ratio": 0.05},
     "padim": {"n_features": 50},
+    "fastflow": {"epochs": 2, "resize": 128, "crop": 112},
     "ae": {"resize": 64, "epochs": 3, "batch_size": 14, "base_channels": 16},
     "dae": {"resize": 64, "epochs": 3, "batch_size": 14, "base_channels": 16},
     "vae": {"resize": 64, "epochs": 3, "batch_size": 14, "base_channels": 16},

@@ -1,0 +1,289 @@
+"""FastFlow (Yu et al., "FastFlow: Unsupervised Anomaly Detection and Localization via 2D Normalizing
+Flows", 2021; gathierry/FastFlow is the reference code this follows).
+
+A frozen backbone gives feature maps at three strides; each goes through a trainable LayerNorm over
+[C, H, W] and a 2D normalizing flow of affine coupling steps, trained to map normal features to a standard
+normal. Positions whose latent z is unlikely are anomalous. The coupling steps are written here in plain
+torch, mirroring FrEIA's AllInOneBlock as the reference uses it (soft-clamped affine coupling, a learned
+per-channel global scale and offset, then a fixed random channel permutation).
+"""
+from __future__ import annotations
+
+import copy
+import math
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..backbones import DEFAULT_BACKBONE
+from .base import BackboneDetector, Progress, register_detector, resolve_device
+from .ops import upsample_blur
+
+
+class AffineCouplingStep(nn.Module):
+    """One flow step on (N, C, H, W): affine coupling, global affine, fixed channel permutation.
+
+    The first C // 2 channels pass unchanged and condition a conv-ReLU-conv subnet ('same' padding) that
+    gives a log-scale s and a shift t for the other channels: y2 = x2 * exp(s) + t with
+    s = clamp * tanh(0.1 * a) (FrEIA's soft clamp). Then every channel is scaled by a learned positive
+    factor (0.1 * softplus with beta 0.5, initialised to 1), shifted, and the channels are permuted.
+    `forward` returns (y, log|det J|) per sample; `inverse` undoes it exactly.
+    """
+
+    def __init__(self, channels: int, hidden: int, kernel: int, clamp: float, generator: torch.Generator):
+        super().__init__()
+        self.split = channels // 2
+        self.clamp = clamp
+        rest = channels - self.split
+        self.subnet = nn.Sequential(nn.Conv2d(self.split, hidden, kernel, padding=kernel // 2), nn.ReLU(),
+                                    nn.Conv2d(hidden, 2 * rest, kernel, padding=kernel // 2))
+        # softplus_{beta=0.5}(p) * 0.1 == 1 at p = 2 log(exp(5) - 1).
+        self.global_scale = nn.Parameter(torch.full((1, channels, 1, 1), 2.0 * math.log(math.exp(5.0) - 1.0)))
+        self.global_offset = nn.Parameter(torch.zeros(1, channels, 1, 1))
+        self.register_buffer("perm", torch.randperm(channels, generator=generator))
+        self.register_buffer("inv_perm", torch.argsort(self.perm))
+
+    def _scale(self) -> torch.Tensor:
+        return 0.1 * F.softplus(self.global_scale, beta=0.5)
+
+    def _coupling(self, x1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        a = 0.1 * self.subnet(x1)
+        rest = a.shape[1] // 2
+        return self.clamp * torch.tanh(a[:, :rest]), a[:, rest:]
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x1, x2 = x[:, :self.split], x[:, self.split:]
+        s, t = self._coupling(x1)
+        y = torch.cat([x1, x2 * torch.exp(s) + t], dim=1)
+        scale = self._scale()
+        y = (y * scale + self.global_offset)[:, self.perm]
+        log_det = s.sum(dim=(1, 2, 3)) + torch.log(scale).sum() * x.shape[2] * x.shape[3]
+        return y, log_det
+
+    def inverse(self, y: torch.Tensor) -> torch.Tensor:
+        y = (y[:, self.inv_perm] - self.global_offset) / self._scale()
+        y1, y2 = y[:, :self.split], y[:, self.split:]
+        s, t = self._coupling(y1)
+        return torch.cat([y1, (y2 - t) * torch.exp(-s)], dim=1)
+
+
+class Flow2d(nn.Module):
+    """A stack of coupling steps; 3x3 subnets only, or alternating 3x3 and 1x1 (`conv3x3_only=False`)."""
+
+    def __init__(self, channels: int, steps: int, hidden_ratio: float, clamp: float, conv3x3_only: bool,
+                 generator: torch.Generator):
+        super().__init__()
+        hidden = max(1, int(round(channels * hidden_ratio)))
+        self.steps = nn.ModuleList(
+            AffineCouplingStep(channels, hidden, 3 if conv3x3_only or i % 2 == 0 else 1, clamp, generator)
+            for i in range(steps))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        log_det = x.new_zeros(x.shape[0])
+        for step in self.steps:
+            x, ld = step(x)
+            log_det = log_det + ld
+        return x, log_det
+
+    def inverse(self, z: torch.Tensor) -> torch.Tensor:
+        for step in reversed(self.steps):
+            z = step.inverse(z)
+        return z
+
+
+class FastFlowHead(nn.Module):
+    """Per stage: LayerNorm over [C, H, W], then a 2D flow. Pure torch: no optimiser, no threshold."""
+
+    def __init__(self, channels: Sequence[int], grids: Sequence[tuple[int, int]], steps: int, hidden_ratio: float,
+                 clamp: float, conv3x3_only: bool, seed: int):
+        super().__init__()
+        gen = torch.Generator().manual_seed(int(seed))
+        self.norms = nn.ModuleList(nn.LayerNorm([c, *g], elementwise_affine=True) for c, g in zip(channels, grids))
+        self.flows = nn.ModuleList(Flow2d(c, steps, hidden_ratio, clamp, conv3x3_only, gen) for c in channels)
+
+    def forward(self, features: Sequence[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per stage (z, log|det J|); z has the feature map's shape, log-det one value per sample."""
+        return [flow(norm(f)) for f, norm, flow in zip(features, self.norms, self.flows)]
+
+
+def flow_nll(outputs: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """(N,) per-sample loss, summed over stages: 0.5 * sum(z^2) - log|det J| (the reference's loss)."""
+    return sum(0.5 * z.pow(2).sum(dim=(1, 2, 3)) - log_det for z, log_det in outputs)
+
+
+def split_validation(n: int, fraction: float, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train, validation) index tensors; validation holds round(fraction * n) images, at least 1 if n >= 2."""
+    n_val = min(n - 1, max(1 if n >= 2 and fraction > 0 else 0, int(round(fraction * n))))
+    order = torch.randperm(n, generator=generator)
+    return order[n_val:].sort().values, order[:n_val].sort().values
+
+
+@register_detector("fastflow", family="representation")
+class FastFlow(BackboneDetector):
+    """FastFlow anomaly detector: 2D normalizing flows over frozen backbone features.
+
+    Parameters
+    ----------
+    backbone, stages, weights : timm name, feature stages (timm out_indices) and optional weights file.
+        Default: EfficientNet-Lite0 stages 1, 2, 3 (strides 4, 8, 16; 24, 40, 112 channels).
+    resize, crop : input geometry (resize to `resize` square, centre crop `crop`; crop None = no crop).
+    flow_steps : affine coupling steps per stage (paper: 8).
+    hidden_ratio : subnet hidden channels as a multiple of the stage's channels (reference, ResNet18: 1.0).
+    clamp : soft clamp of the coupling log-scales (paper: 2.0).
+    conv3x3_only : 3x3 subnets in every step (reference for ResNet18); False alternates 3x3 and 1x1.
+    epochs : passes over the training images; the best epoch on the validation split is kept.
+    batch_size : images per optimiser step.
+    lr, weight_decay : Adam (paper: 1e-3 and 1e-5).
+    val_fraction : share of the normal training images held out to pick the best epoch by their NLL.
+    blur_sigma : Gaussian blur of the final map (0 = none; the reference uses none).
+    seed : initialisation, permutations, validation split and batch order.
+
+    Attributes
+    ----------
+    head_ : FastFlowHead, the trained LayerNorms and flows (best validation epoch).
+    grids_ : feature grid (h, w) per stage.
+    history_ : per epoch, mean training and validation NLL per image.
+    best_epoch_ : 1-based epoch whose weights were kept.
+
+    Notes
+    -----
+    The map is 1 - mean over stages of upsample(exp(-0.5 * mean_c z^2)): the reference's
+    -exp(...) shifted by +1 so that maps lie in [0, 1) with 0 = perfectly normal. The image score is the
+    maximum of the map, so image scores and pixel maps share one scale.
+    """
+
+    def __init__(self, backbone: str = DEFAULT_BACKBONE, stages: tuple = (1, 2, 3), weights: str | None = None,
+                 resize: int = 256, crop: int | None = 224, flow_steps: int = 8, hidden_ratio: float = 1.0,
+                 clamp: float = 2.0, conv3x3_only: bool = True, epochs: int = 20, batch_size: int = 8,
+                 lr: float = 1e-3, weight_decay: float = 1e-5, val_fraction: float = 0.1, blur_sigma: float = 4.0,
+                 seed: int = 0, device: str = "auto"):
+        self.backbone = backbone
+        self.stages = stages
+        self.weights = weights
+        self.resize = resize
+        self.crop = crop
+        self.flow_steps = flow_steps
+        self.hidden_ratio = hidden_ratio
+        self.clamp = clamp
+        self.conv3x3_only = conv3x3_only
+        self.epochs = epochs
+        self.batch_size = batch_size
+        self.lr = lr
+        self.weight_decay = weight_decay
+        self.val_fraction = val_fraction
+        self.blur_sigma = blur_sigma
+        self.seed = seed
+        self.device = device
+
+    def _validate(self) -> None:
+        if len(self.stages) < 1:
+            raise ValueError("stages must name at least one backbone stage")
+        for name in ("flow_steps", "epochs", "batch_size"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.hidden_ratio <= 0 or self.clamp <= 0 or self.lr <= 0 or self.weight_decay < 0:
+            raise ValueError("hidden_ratio, clamp and lr must be > 0 and weight_decay >= 0")
+        if not 0 <= self.val_fraction < 1:
+            raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
+
+    def _make_head(self, grids: Sequence[tuple[int, int]]) -> FastFlowHead:
+        return FastFlowHead(self.feature_extractor().channels, grids, int(self.flow_steps), float(self.hidden_ratio),
+                            float(self.clamp), bool(self.conv3x3_only), int(self.seed))
+
+    def _features(self, images: Sequence[np.ndarray], progress: Progress, batch_size: int = 16) -> list[torch.Tensor]:
+        """Per stage, the frozen features of all images (N, C, h, w), on the detector's device."""
+        parts: list[list[torch.Tensor]] = []
+        for start in range(0, len(images), batch_size):
+            batch = [images[i] for i in range(start, min(start + batch_size, len(images)))]
+            feats = self.backbone_features(self.preprocess.images_to_tensor(batch))
+            parts.append([f.float() for f in feats])
+            progress("features", start + len(batch), len(images))
+        return [torch.cat(stage) for stage in zip(*parts)]
+
+    def _fit(self, images: Sequence[np.ndarray], progress: Progress) -> None:
+        self._validate()
+        dev = resolve_device(self.device)
+        torch.manual_seed(int(self.seed))
+        gen = torch.Generator().manual_seed(int(self.seed))
+        feats = self._features(images, progress)
+        self.grids_ = [tuple(f.shape[-2:]) for f in feats]
+        head = self._make_head(self.grids_).to(dev)
+        train_idx, val_idx = split_validation(len(images), float(self.val_fraction), gen)
+        opt = torch.optim.Adam(head.parameters(), lr=float(self.lr), weight_decay=float(self.weight_decay))
+        bs = int(self.batch_size)
+        best, best_state, history = math.inf, None, []
+        for epoch in range(int(self.epochs)):
+            head.train()
+            order = train_idx[torch.randperm(len(train_idx), generator=gen)]
+            total = 0.0
+            for start in range(0, len(order), bs):
+                idx = order[start:start + bs].to(dev)
+                loss = flow_nll(head([f[idx] for f in feats])).mean()
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                total += float(loss.detach()) * len(idx)
+            record = {"epoch": epoch + 1, "train_nll": total / len(order)}
+            if len(val_idx):
+                record["val_nll"] = self._mean_nll(head, [f[val_idx.to(dev)] for f in feats])
+            history.append(record)
+            # The best epoch by validation NLL (by training NLL when nothing is held out).
+            criterion = record.get("val_nll", record["train_nll"])
+            if criterion < best:
+                best, best_state, self.best_epoch_ = criterion, copy.deepcopy(head.state_dict()), epoch + 1
+            progress("epoch", epoch + 1, int(self.epochs))
+        head.load_state_dict(best_state)
+        self.head_ = head.eval()
+        self.history_ = history
+
+    @staticmethod
+    @torch.no_grad()
+    def _mean_nll(head: FastFlowHead, feats: list[torch.Tensor], batch_size: int = 16) -> float:
+        head.eval()
+        n = feats[0].shape[0]
+        total = sum(float(flow_nll(head([f[s:s + batch_size] for f in feats])).sum()) for s in range(0, n, batch_size))
+        return total / n
+
+    def _score_batch(self, x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        feats = [f.float() for f in self.backbone_features(x)]
+        size = x.shape[-1]
+        prob = 0
+        for z, _ in self.head_(feats):
+            p = torch.exp(-0.5 * z.pow(2).mean(dim=1, keepdim=True))
+            prob = prob + F.interpolate(p, size=(size, size), mode="bilinear", align_corners=False)[:, 0]
+        maps = 1.0 - prob.cpu() / len(feats)
+        if self.blur_sigma > 0:
+            maps = upsample_blur(maps, size, float(self.blur_sigma))
+        return maps.flatten(1).max(1).values.numpy(), maps.numpy().astype(np.float32)
+
+    def _fitted_tensors(self) -> dict[str, torch.Tensor]:
+        return {f"head.{k}": v for k, v in self.head_.state_dict().items()}
+
+    def _fitted_json(self) -> dict:
+        return {"grids": [list(g) for g in self.grids_], "history": self.history_, "best_epoch": self.best_epoch_}
+
+    def _restore(self, tensors: dict[str, torch.Tensor], fitted: dict) -> None:
+        self.grids_ = [tuple(g) for g in fitted["grids"]]
+        self.history_ = fitted["history"]
+        self.best_epoch_ = fitted["best_epoch"]
+        head = self._make_head(self.grids_)
+        head.load_state_dict({k[len("head."):]: v for k, v in tensors.items() if k.startswith("head.")})
+        self.head_ = head.to(resolve_device(self.device)).eval()
+
+    def _card_extra(self) -> dict:
+        ex = self.feature_extractor()
+        n_params = sum(p.numel() for p in self.head_.parameters())
+        return {"backbone": {"name": self.backbone, "stages": list(self.stages), "channels": list(ex.channels),
+                             "strides": list(ex.strides), "frozen": True},
+                "flows": {"steps_per_stage": int(self.flow_steps), "grids": [list(g) for g in self.grids_],
+                          "subnet": "conv3x3-ReLU-conv3x3" if self.conv3x3_only else "alternating 3x3 / 1x1",
+                          "trainable_parameters": int(n_params)},
+                "training": {"epochs": int(self.epochs), "best_epoch": self.best_epoch_,
+                             "selected_by": "validation NLL" if any("val_nll" in h for h in self.history_)
+                             else "training NLL (no validation split)",
+                             "history": self.history_},
+                "score": "map = 1 - mean over stages of upsampled exp(-0.5 mean_c z^2) (the reference's -exp(.) "
+                         "shifted by +1), Gaussian blur; image = max of map"}
