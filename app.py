@@ -2,9 +2,15 @@
 
 Run with `make run` or `streamlit run app.py`. The pages are in app_pages/ (see ui/__init__.py for why not pages/).
 """
-import streamlit as st
+import os
 
-from ui import state
+# Before torch loads OpenMP: idle worker threads sleep instead of spinning. On a busy or shared CPU, spinning
+# workers stall each other (one image took 4 s instead of 25 ms on the 2-core CI machine under load).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import streamlit as st  # noqa: E402
+
+from ui import state  # noqa: E402
 
 st.set_page_config(page_title="AnomalyScope", page_icon=":material/troubleshoot:", layout="wide")
 

@@ -19,7 +19,7 @@ if table.empty:
 st.caption(f"Dataset **{record['name']}** · {len(table)} run{'s' if len(table) != 1 else ''} · metrics on its test set, "
            "latency per test image on this machine, memory = fitted model plus backbone weights.")
 number = st.column_config.NumberColumn
-st.dataframe(table.drop(columns=["id"]), hide_index=True, column_config={
+st.dataframe(table.drop(columns=["id", "created"]), hide_index=True, column_config={
     **{label: number(format="%.3f") for label in METRIC_COLUMNS.values()},
     "image threshold": number(format="%.4g"), "fit s": number(format="%.1f"),
     "ms per image": number(format="%.0f"), "memory MB": number(format="%.0f"), "model MB": number(format="%.1f"),

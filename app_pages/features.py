@@ -9,6 +9,11 @@ from core.training import STAGE_LABELS
 from core.viz import draw_outline
 from ui import state
 
+CHART_TITLES = {"images": "UMAP of image embeddings (each image's mean patch feature)",
+                "patches": "UMAP of patch embeddings (a sample of each image's patches, its highest-scoring included)"}
+COLOUR_NAMES = {"defect_patch": "inside a defect?"}
+
+
 st.title("Features")
 run = state.require_run()
 record = state.store().get_dataset(run["dataset_id"])
@@ -55,11 +60,13 @@ if len(views.images) < views.n_images_total:
 
 def embedding_section(table, title: str, colours: list[str], hover: list[str], key: str, patches: bool) -> None:
     st.subheader(title)
-    colour = st.radio("Colour by", colours, horizontal=True, key=f"colour_{key}")
+    colour = st.radio("Colour by", colours, horizontal=True, key=f"colour_{key}",
+                      format_func=lambda c: COLOUR_NAMES.get(c, c))
     chart, detail = st.columns([3, 1])
     with chart:
-        event = st.plotly_chart(figures.embedding_figure(table, colour, title, hover), key=f"chart_{key}",
-                                on_select="rerun", selection_mode="points")
+        # theme=None keeps the run's colour scale for scores (Streamlit's theme would replace it).
+        event = st.plotly_chart(figures.embedding_figure(table, colour, CHART_TITLES[key], hover), key=f"chart_{key}",
+                                theme=None, on_select="rerun", selection_mode="points")
     with detail:
         points = event.selection.points if event and event.selection else []
         if not points:

@@ -39,9 +39,12 @@ def moved(run_id: int, level: str, slider_key: str) -> None:
 def threshold_panel(run: dict, level: str, dist: ScoreDistribution) -> None:
     what = LEVEL_WORDS[level]
     run_id = run["id"]
+    # One step of room past both ends: the ends then flag every image, and none.
+    step = (dist.highest - dist.lowest) / 1000 or 1.0
+    low, high = dist.lowest - step, dist.highest + step
     current = state.threshold(run, level)
     slider_key = f"slider_{level}_{run_id}"
-    st.session_state[slider_key] = min(max(current, dist.lowest), dist.highest)
+    st.session_state[slider_key] = min(max(current, low), high)
 
     presets = dist.available_presets()
     name_key, value_key = f"preset_{level}_{run_id}", f"preset_value_{level}_{run_id}"
@@ -57,9 +60,8 @@ def threshold_panel(run: dict, level: str, dist: ScoreDistribution) -> None:
     right.button("Apply preset", key=f"apply_{level}_{run_id}", on_click=apply_preset,
                  args=(run_id, level, dist, name_key, value_key))
 
-    span = dist.highest - dist.lowest
-    t = st.slider(f"{level.capitalize()} threshold", dist.lowest, dist.highest, step=span / 1000 if span else 1.0,
-                  format="%.4g", key=slider_key, on_change=moved, args=(run_id, level, slider_key))
+    t = st.slider(f"{level.capitalize()} threshold", low, high, step=step, format="%.4g", key=slider_key,
+                  on_change=moved, args=(run_id, level, slider_key))
     at = dist.confusion(t)
 
     cols = st.columns(6)

@@ -11,7 +11,7 @@ import pandas as pd
 import plotly.graph_objects as go
 
 from .thresholds import ScoreDistribution
-from .viz import COLORSCALE
+from .viz import COLORSCALE, colourise
 
 NORMAL, ANOMALOUS, THRESHOLD, NEUTRAL = "#2ca02c", "#d62728", "#ff7f0e", "#7f7f7f"
 _MARGIN = dict(l=10, r=10, t=40, b=10)
@@ -19,8 +19,10 @@ _MARGIN = dict(l=10, r=10, t=40, b=10)
 
 def _layout(fig: go.Figure, title: str, height: int = 320, **kw) -> go.Figure:
     kw.setdefault("margin", _MARGIN)
-    fig.update_layout(title=dict(text=title, x=0, font=dict(size=14)), height=height,
+    fig.update_layout(title=dict(text=title, x=0, font=dict(size=14)), height=height, template="plotly_white",
                       legend=dict(orientation="h", yanchor="bottom", y=1.0, xanchor="right", x=1), **kw)
+    fig.update_xaxes(automargin=True)
+    fig.update_yaxes(automargin=True)
     return fig
 
 
@@ -79,18 +81,25 @@ def confusion_figure(confusion: dict, what: str = "images") -> go.Figure:
 
 def colourbar_figure(vmin: float, vmax: float, image_threshold: float | None = None,
                      pixel_threshold: float | None = None) -> go.Figure:
-    """The run's colour scale as a horizontal bar, with the thresholds marked on it."""
-    values = np.linspace(vmin, vmax, 256)
-    fig = go.Figure(go.Heatmap(z=[values], x=values, y=[0], colorscale=COLORSCALE, zmin=vmin, zmax=vmax,
-                               showscale=False, hovertemplate="%{x:.3g}<extra></extra>"))
-    for value, label in ((pixel_threshold, "pixel threshold"), (image_threshold, "image threshold")):
+    """The run's colour scale as a horizontal bar, with the thresholds marked on it.
+
+    The bar is drawn from :func:`core.viz.colourise`, the very lookup table the heatmaps use, so the legend
+    cannot drift from the images.
+    """
+    step = (vmax - vmin) / 256
+    strip = colourise(np.linspace(vmin, vmax, 256)[None, :].repeat(2, axis=0), vmin, vmax)
+    fig = go.Figure(go.Image(z=strip, x0=vmin + step / 2, dx=step, y0=0.25, dy=0.5,
+                             hovertemplate="%{x:.3g}<extra></extra>"))
+    # Two label rows above the bar, so nearby thresholds do not print over each other.
+    for value, label, shift in ((pixel_threshold, "pixel threshold", 0), (image_threshold, "image threshold", 14)):
         if value is not None:
-            fig.add_vline(x=min(max(value, vmin), vmax), line=dict(color="white", width=3, dash="dash"))
-            fig.add_annotation(x=min(max(value, vmin), vmax), y=1.0, yref="paper", text=label, showarrow=False,
-                               yanchor="bottom", font=dict(size=11))
-    fig.update_yaxes(visible=False)
-    fig.update_xaxes(title="anomaly score (one scale for every image of this run)")
-    return _layout(fig, "", height=120, margin=dict(l=10, r=10, t=22, b=10))
+            x = min(max(value, vmin), vmax)
+            fig.add_vline(x=x, line=dict(color="white", width=3, dash="dash"))
+            fig.add_annotation(x=x, y=1.0, yref="paper", yshift=shift, text=label, showarrow=False,
+                               font=dict(size=11), yanchor="bottom")
+    fig.update_yaxes(visible=False, scaleanchor=False, range=[-0.2, 1.2])
+    fig.update_xaxes(title="anomaly score (one scale for every image of this run)", range=[vmin, vmax])
+    return _layout(fig, "", height=160, margin=dict(l=10, r=10, t=36, b=10))
 
 
 def coverage_figure(radii: np.ndarray) -> go.Figure:
@@ -122,10 +131,11 @@ def embedding_figure(table: pd.DataFrame, colour: str, title: str, hover: list[s
                           marker=dict(color=table["score"], colorscale=COLORSCALE, size=7, showscale=True,
                                       colorbar=dict(title="score")), name="")
     else:
+        colour_map = {"good": NORMAL, "train": "#1f77b4", "test": THRESHOLD, "True": ANOMALOUS, "False": NORMAL}
+        names = {"True": "inside a defect", "False": "outside defects"}   # boolean columns, in words
         for value in sorted(table[colour].astype(str).unique()):
             part = (table[colour].astype(str) == value).to_numpy()
-            colour_map = {"good": NORMAL, "train": "#1f77b4", "test": THRESHOLD, "True": ANOMALOUS, "False": NORMAL}
-            fig.add_scattergl(x=table["x"][part], y=table["y"][part], mode="markers", name=value,
+            fig.add_scattergl(x=table["x"][part], y=table["y"][part], mode="markers", name=names.get(value, value),
                               customdata=data[part], hovertemplate=template,
                               marker=dict(size=7, color=colour_map.get(value)))
     return _layout(fig, title, height=460, xaxis=dict(title="UMAP 1"), yaxis=dict(title="UMAP 2"))

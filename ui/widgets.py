@@ -43,5 +43,6 @@ def job_progress() -> None:
 
 def colour_legend(scale: tuple[float, float], image_threshold: float | None = None,
                   pixel_threshold: float | None = None, key: str = "colour_legend") -> None:
+    # theme=None: Streamlit's theme would swap in its own colour scale, and the legend must match the images.
     st.plotly_chart(figures.colourbar_figure(*scale, image_threshold, pixel_threshold),
-                    config={"displayModeBar": False}, key=key)
+                    config={"displayModeBar": False}, key=key, theme=None)
