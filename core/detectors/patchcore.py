@@ -42,14 +42,16 @@ class PatchCore(BackboneDetector):
     ----------
     backbone, stages, weights : timm name, feature stages (timm out_indices) and optional weights file.
     resize, crop : input geometry (resize to `resize` square, centre crop `crop`; crop None = no crop).
-    coreset_ratio : fraction of training patches kept in the memory bank (paper: 0.01 to 0.1).
+    coreset_ratio : fraction of training patches kept in the memory bank (paper: 0.01 to 0.1). The default
+        1% keeps fitting within seconds and nearest-neighbour search cheaper than the backbone; the paper
+        reports PatchCore-1% within 0.1 image AUROC points of 10% on MVTec.
     projection_dim : random projection width used only for coreset selection.
     reweight : apply the paper's Eq. 7 to the image score, using `n_reweight` bank neighbours.
     blur_sigma : Gaussian blur of the upsampled anomaly map (paper: 4).
     """
 
     def __init__(self, backbone: str = DEFAULT_BACKBONE, stages: tuple = (2, 3), weights: str | None = None,
-                 resize: int = 256, crop: int | None = 224, coreset_ratio: float = 0.1,
+                 resize: int = 256, crop: int | None = 224, coreset_ratio: float = 0.01,
                  projection_dim: int = 128, reweight: bool = True, n_reweight: int = 9,
                  blur_sigma: float = 4.0, seed: int = 0, device: str = "auto"):
         self.backbone = backbone
