@@ -52,21 +52,7 @@ if not shown:
 if st.session_state.get("heatmap_image") not in shown:
     st.session_state["heatmap_image"] = shown[0]
 
-pages = max(1, -(-len(shown) // PAGE_SIZE))
-page = st.number_input("Page", 1, pages, 1, key="heatmap_page") if pages > 1 else 1
-grid = st.columns(6)
-for k, i in enumerate(shown[(page - 1) * PAGE_SIZE: page * PAGE_SIZE]):
-    with grid[k % 6]:
-        st.image(gallery_tile(str(state.store().path), run["id"], int(i), scale))
-        label = f"{results.scores[i]:.3g} · {outcome[i]}"
-        if st.button(label, key=f"open_{i}", width="stretch",
-                     type="primary" if i == st.session_state["heatmap_image"] else "secondary",
-                     help=results.name(i)):
-            st.session_state["heatmap_image"] = int(i)
-            st.rerun()
-
 i = st.session_state["heatmap_image"]
-st.divider()
 frame, amap, mask = results.frame(i), results.map(i), results.mask(i)
 score = float(results.scores[i])
 verdict = "NG" if score >= image_threshold else "OK"
@@ -87,3 +73,18 @@ panels[1].image(heatmap_panel(frame, amap, scale, alpha, truth), width="stretch"
 panels[2].image(region_panel(frame, amap, pixel_threshold, truth), width="stretch",
                 caption=f"Predicted region at pixel threshold {pixel_threshold:.4g} (cyan)")
 widgets.colour_legend(scale, image_threshold, pixel_threshold)
+st.divider()
+st.subheader("All test images, by score")
+pages = max(1, -(-len(shown) // PAGE_SIZE))
+page = st.number_input("Page", 1, pages, 1, key="heatmap_page") if pages > 1 else 1
+grid = st.columns(6)
+for k, i in enumerate(shown[(page - 1) * PAGE_SIZE: page * PAGE_SIZE]):
+    with grid[k % 6]:
+        st.image(gallery_tile(str(state.store().path), run["id"], int(i), scale))
+        label = f"{results.scores[i]:.3g} · {outcome[i]}"
+        if st.button(label, key=f"open_{i}", width="stretch",
+                     type="primary" if i == st.session_state["heatmap_image"] else "secondary",
+                     help=results.name(i)):
+            st.session_state["heatmap_image"] = int(i)
+            st.rerun()
+

@@ -1,12 +1,13 @@
 """Thresholds: live ROC and precision-recall curves, score histograms and the confusion matrix at the
 threshold, presets, and saving the choice with the run; image level and pixel level.
 
-The panel is a fragment over distributions computed once per run (ui.state.distributions), so a slider
-move reruns only the panel and costs one binary search plus redrawing the markers.
+The panel is a fragment over distributions computed once per run (ui.state.distributions) and plots built
+once per tab (core.figures.ThresholdFigures), so a slider move reruns only the panel and costs one binary
+search plus moving the markers.
 """
 import streamlit as st
 
-from core import figures
+from core.figures import ThresholdFigures
 from core.report import build_report, report_file_name
 from core.thresholds import PRESET_LABELS, ScoreDistribution
 from ui import state
@@ -33,6 +34,14 @@ def apply_preset(run_id: int, level: str, dist: ScoreDistribution, name_key: str
 
 def moved(run_id: int, level: str, slider_key: str) -> None:
     state.set_threshold(run_id, level, st.session_state[slider_key], "manual")
+
+
+def session_figures(run_id: int, level: str, dist: ScoreDistribution) -> ThresholdFigures:
+    """This tab's own plots of the run (moving their marks mutates them, so they are never shared)."""
+    built = st.session_state.setdefault("threshold_figures", {})
+    if (run_id, level) not in built:
+        built[(run_id, level)] = ThresholdFigures(dist, LEVEL_WORDS[level])
+    return built[(run_id, level)]
 
 
 @st.fragment
@@ -62,7 +71,8 @@ def threshold_panel(run: dict, level: str, dist: ScoreDistribution) -> None:
 
     t = st.slider(f"{level.capitalize()} threshold", low, high, step=step, format="%.4g", key=slider_key,
                   on_change=moved, args=(run_id, level, slider_key))
-    at = dist.confusion(t)
+    plots = session_figures(run_id, level, dist)
+    at = plots.at(t)
 
     cols = st.columns(6)
     cols[0].metric("Threshold", f"{t:.4g}", help=f"preset: {state.threshold_preset(run, level) or 'none'}")
@@ -72,16 +82,16 @@ def threshold_panel(run: dict, level: str, dist: ScoreDistribution) -> None:
     cols[4].metric("Missed defects" if level == "image" else "Missed pixels", f"{at['fn']:,}")
     cols[5].metric("False alarms", f"{at['fp']:,}")
 
-    plots = st.columns(2)
-    if dist.has_both_classes:
-        plots[0].plotly_chart(figures.roc_figure(dist, t, what), key=f"roc_{level}")
-        plots[1].plotly_chart(figures.pr_figure(dist, t, what), key=f"pr_{level}")
+    columns = st.columns(2)
+    if plots.roc is not None:
+        columns[0].plotly_chart(plots.roc, key=f"roc_{level}")
+        columns[1].plotly_chart(plots.pr, key=f"pr_{level}")
     else:
         st.info(f"The test set has no anomalous {what}: ROC and precision-recall curves need both kinds. "
                 "Use the quantile of normal scores until defects have been collected.")
-    plots = st.columns(2)
-    plots[0].plotly_chart(figures.histogram_figure(dist, t, what), key=f"hist_{level}")
-    plots[1].plotly_chart(figures.confusion_figure(at, what), key=f"confusion_{level}")
+    columns = st.columns(2)
+    columns[0].plotly_chart(plots.histogram, key=f"hist_{level}")
+    columns[1].plotly_chart(plots.confusion, key=f"confusion_{level}")
 
     saved = run["thresholds"][level]
     unsaved = saved is None or abs(saved - t) > 1e-12

@@ -67,16 +67,49 @@ def histogram_figure(dist: ScoreDistribution, threshold: float, what: str = "ima
                    xaxis=dict(title=unit), yaxis=dict(title=f"{what}", type="log" if what == "pixels" else None))
 
 
-def confusion_figure(confusion: dict, what: str = "images") -> go.Figure:
-    """The 2x2 confusion matrix; rows are the truth, columns the prediction."""
+def _confusion_text(confusion: dict) -> list[list[str]]:
     counts = [[confusion["tn"], confusion["fp"]], [confusion["fn"], confusion["tp"]]]
     names = [["true negatives", "false positives"], ["missed defects", "caught defects"]]
-    text = [[f"{counts[r][c]:,}<br>{names[r][c]}" for c in range(2)] for r in range(2)]
+    return [[f"{counts[r][c]:,}<br>{names[r][c]}" for c in range(2)] for r in range(2)]
+
+
+def confusion_figure(confusion: dict, what: str = "images") -> go.Figure:
+    """The 2x2 confusion matrix; rows are the truth, columns the prediction."""
     colours = [[0, 1], [1, 0]]   # wrong answers are the ones to look at
     fig = go.Figure(go.Heatmap(z=colours, x=["predicted OK", "predicted NG"], y=["normal", "anomalous"],
-                               text=text, texttemplate="%{text}", textfont=dict(size=15), showscale=False,
+                               text=_confusion_text(confusion), texttemplate="%{text}", textfont=dict(size=15),
+                               showscale=False,
                                colorscale=[[0, "#e8f4e8"], [1, "#fbe3e3"]], hoverinfo="skip", xgap=3, ygap=3))
     return _layout(fig, f"Confusion matrix ({what})", height=260, yaxis=dict(autorange="reversed"))
+
+
+class ThresholdFigures:
+    """The threshold plots of one distribution, built once; :meth:`at` only moves the threshold marks.
+
+    Building a plotly figure costs tens of milliseconds, moving a marker a fraction of one, so a slider
+    redraws in time however many images there are. The figures are mutated in place: keep one instance
+    per user session, never share one between sessions.
+    """
+
+    def __init__(self, dist: ScoreDistribution, what: str = "images"):
+        self.dist = dist
+        start = dist.lowest
+        at = dist.confusion(start)
+        self.roc = roc_figure(dist, start, what) if dist.has_both_classes else None
+        self.pr = pr_figure(dist, start, what) if dist.has_both_classes else None
+        self.histogram = histogram_figure(dist, start, what)
+        self.confusion = confusion_figure(at, what)
+
+    def at(self, threshold: float) -> dict:
+        """The confusion counts at `threshold`, with every figure's marks moved there."""
+        at = self.dist.confusion(threshold)
+        if self.roc is not None:
+            self.roc.data[-1].update(x=[at["fpr"]], y=[at["recall"]])        # the marker is the last trace
+            self.pr.data[-1].update(x=[at["recall"]], y=[at["precision"]])
+        self.histogram.layout.shapes[0].update(x0=threshold, x1=threshold)   # the vline and its label
+        self.histogram.layout.annotations[0].update(x=threshold)
+        self.confusion.data[0].update(text=_confusion_text(at))
+        return at
 
 
 def colourbar_figure(vmin: float, vmax: float, image_threshold: float | None = None,
