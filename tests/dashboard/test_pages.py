@@ -259,3 +259,15 @@ def test_inspect_gives_a_verdict_for_an_upload_and_rejects_junk(workspace):
     assert ">OK<" in texts(at)
     at.file_uploader(key="inspect_upload").set_value(("x.png", b"not a png", "image/png")).run()
     assert "cannot be inspected" in at.error[0].value
+
+
+def test_two_sessions_tune_thresholds_without_touching_each_other(workspace):
+    run_id = workspace["run_id"]
+    saved = workspace["store"].get_run(run_id)["thresholds"]["image"]
+    first, second = open_page("thresholds"), open_page("thresholds")
+    low = first.slider(key=f"slider_image_{run_id}").min
+    first.slider(key=f"slider_image_{run_id}").set_value(low).run()
+    second.run()
+    assert metric(first, "False alarms") == "6" and metric(second, "False alarms") == "0"
+    assert float(metric(second, "Threshold")) == pytest.approx(saved, rel=1e-3)
+    assert workspace["store"].get_run(run_id)["thresholds"]["image"] == saved    # nothing saved by moving
