@@ -1,4 +1,5 @@
 """Core pieces behind the pages: training jobs, parameter specs, the report, the run table, live inspection."""
+import inspect
 import re
 import time
 
@@ -7,6 +8,7 @@ import pytest
 
 from core.compare import run_table
 from core.data import load_mvtec, read_image
+from core.detectors import get_detector_class
 from core.inspection import inspect_image, warm_up
 from core.pipeline import load_run_detector, models_dir, run_results
 from core.report import build_report
@@ -19,7 +21,8 @@ DEMO = DEMO_DIR / "hazelnut_toy"
 
 def test_param_specs_carry_defaults_types_and_help():
     specs = {s.name: s for s in param_specs("patchcore")}
-    assert specs["coreset_ratio"].default == 0.1 and specs["coreset_ratio"].kind == "float"
+    defaults = inspect.signature(get_detector_class("patchcore")).parameters
+    assert specs["coreset_ratio"].default == defaults["coreset_ratio"].default and specs["coreset_ratio"].kind == "float"
     assert "memory bank" in specs["coreset_ratio"].help
     assert specs["reweight"].kind == "bool" and specs["stages"].kind == "literal"
     assert specs["seed"].help                                          # filled from the shared texts
