@@ -171,8 +171,11 @@ def test_upload_train_tune_and_inspect_in_a_browser(page):
 
     go(page, "Inspect")
     bad = DEMO / "test" / "colour" / "00.jpg"
+    start = time.perf_counter()
     page.locator("[data-testid='stFileUploader'] input[type=file]").first.set_input_files(str(bad))
     page.get_by_text(re.compile(r"answered in \d+ ms")).wait_for()
+    print(f"inspect: image chosen to verdict on screen {time.perf_counter() - start:.2f} s "
+          f"({page.get_by_text(re.compile(r'answered in')).inner_text()})")
     settle(page)
     assert page.get_by_text("NG", exact=True).is_visible()
     shot(page, "8_inspect")

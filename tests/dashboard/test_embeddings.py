@@ -3,7 +3,7 @@ import numpy as np
 
 from core import embeddings
 from core.data import load_mvtec
-from core.embeddings import compute_views, load_views, patch_box, run_views
+from core.embeddings import load_views, patch_box, run_views
 from core.pipeline import load_run_detector
 from core.workspace import DEMO_DIR
 

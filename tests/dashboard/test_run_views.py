@@ -3,7 +3,6 @@ import inspect
 import re
 import time
 
-import numpy as np
 import pytest
 
 from core.compare import run_table
