@@ -2,15 +2,9 @@
 
 Run with `make run` or `streamlit run app.py`. The pages are in app_pages/ (see ui/__init__.py for why not pages/).
 """
-import os
+import streamlit as st
 
-# Before torch loads OpenMP: idle worker threads sleep instead of spinning. On a busy or shared CPU, spinning
-# workers stall each other (one image took 4 s instead of 25 ms on the 2-core CI machine under load).
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-import streamlit as st  # noqa: E402
-
-from ui import state  # noqa: E402
+from ui import state
 
 st.set_page_config(page_title="AnomalyScope", page_icon=":material/troubleshoot:", layout="wide")
 

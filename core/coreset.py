@@ -87,6 +87,7 @@ def _greedy(z: np.ndarray, n_select: int, rng: np.random.Generator, progress) ->
         claimed = candidates[closer]
         min_dist[claimed] = dist[closer]
         nearest[claimed] = i
+        min_dist[current] = 0  # exactly, whatever the float error of the expanded distance
         current = int(np.argmax(min_dist))
         radii[i] = min_dist[current]
         if progress is not None and (i % step == 0 or i == n_select - 1):

@@ -4,6 +4,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import core  # noqa: F401  (sets OMP_WAIT_POLICY before any test module loads torch)
+
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "data" / "demo" / "hazelnut_toy"
 SHARED_DATASETS = Path(os.environ.get("ANOMALYSCOPE_DATASETS", REPO.parent / "shared" / "datasets"))

@@ -3,14 +3,10 @@
 Each test gets its own copy of the registry (thresholds and deployments it saves stay its own); the model
 folders are shared, so tests must not change them.
 """
-import os
 import sqlite3
 from pathlib import Path
 
 import pytest
-
-# As app.py does, and for the same reason: set before torch first loads OpenMP (see app.py).
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 DEMO_PARAMS = {"coreset_ratio": 0.05}
 
