@@ -10,6 +10,7 @@ FAST_PARAMS = {
     "patchcore": {"coreset_ratio": 0.05},
     "padim": {"n_features": 50},
     "fastflow": {"epochs": 2, "resize": 128, "crop": 112},
+    "efficientad": {"steps": 40, "resize": 128, "student_width": 0.125, "ae_width": 32, "penalty_size": 64},
     "ae": {"resize": 64, "epochs": 3, "batch_size": 14, "base_channels": 16},
     "dae": {"resize": 64, "epochs": 3, "batch_size": 14, "base_channels": 16},
     "vae": {"resize": 64, "epochs": 3, "batch_size": 14, "base_channels": 16},
