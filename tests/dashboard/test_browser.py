@@ -158,7 +158,7 @@ def test_upload_train_tune_and_inspect_in_a_browser(page):
     assert int(after["False alarms"]) == 6 and int(before["False alarms"]) == 0   # all 6 good images now NG
     shot(page, "5_thresholds")
     page.get_by_role("button", name=re.compile("Save image threshold")).click()
-    page.get_by_text("Saved with the run (manual").wait_for()
+    page.get_by_text("Saved with the run (manual").first.wait_for()   # shown in the image and pixel tabs
 
     go(page, "Features")
     shot(page, "6_features")
