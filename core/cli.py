@@ -10,6 +10,7 @@ import csv
 import json
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -50,7 +51,8 @@ def _load_any(path: str, dest_dir: Path | None = None):
     from .workspace import workspace_dir
     p = Path(path)
     kind = "zip" if p.suffix.lower() == ".zip" else ("mvtec" if (p / "train").is_dir() else "folder")
-    dest = dest_dir or workspace_dir() / "datasets" / p.stem
+    # Each load of an archive extracts into its own folder: load_zip refuses a non-empty destination.
+    dest = dest_dir or workspace_dir() / "datasets" / f"{p.stem}-{uuid.uuid4().hex[:8]}"
     dataset = load_dataset(p, dest_dir=dest) if kind == "zip" else load_dataset(p)
     if dataset.report.skipped or dataset.report.warnings:
         print(f"load report: {dataset.report.summary()}", file=sys.stderr)

@@ -97,3 +97,13 @@ def test_cli_reports_bad_input_clearly(tmp_path, capsys):
     assert "no usable images" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["train", "--data", str(DEMO), "--detector", "nonsense"])
+
+
+def test_cli_trains_twice_from_the_same_zip(tmp_path, capsys):
+    import shutil
+    archive = shutil.make_archive(str(tmp_path / "demo"), "zip", root_dir=DEMO.parent, base_dir=DEMO.name)
+    run_ids = []
+    for _ in range(2):
+        assert main(["train", "--data", archive, *FAST]) == 0
+        run_ids.append(json.loads(capsys.readouterr().out)["run_id"])
+    assert run_ids == [1, 2]
