@@ -10,6 +10,7 @@ from core.detectors.efficientad import (AutoEncoder, _quantile, colour_jitter, h
 def test_pdn_and_autoencoder_output_the_teacher_grid():
     x = torch.zeros(1, 3, 256, 256)
     assert pdn_small(10, width=0.0625)(x).shape == (1, 10, 64, 64)       # the paper's padded PDN: stride 4
+    assert pdn_small(10, width=0.0625, stride=8)(x).shape == (1, 10, 32, 32)
     assert AutoEncoder(6, grid=64, width=16)(x).shape == (1, 6, 64, 64)
     assert AutoEncoder(6, grid=32, width=16)(torch.zeros(2, 3, 128, 128)).shape == (2, 6, 32, 32)
 

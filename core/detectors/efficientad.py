@@ -38,15 +38,19 @@ PENALTY_IMAGES = ("astronaut", "chelsea", "coffee", "rocket", "camera", "coins",
                   "gravel", "brick", "clock", "cell")
 
 
-def pdn_small(out_channels: int, width: float = 1.0) -> nn.Sequential:
+def pdn_small(out_channels: int, width: float = 1.0, stride: int = 4) -> nn.Sequential:
     """PDN-S with padding: conv4x4 128, ReLU, avgpool 2, conv4x4 256, ReLU, avgpool 2, conv3x3 256, ReLU,
-    conv4x4 out; widths scaled by `width`. A 256x256 input gives a 64x64 map (stride 4), receptive field 33."""
+    conv4x4 out; widths scaled by `width`. A 256x256 input gives a 64x64 map (stride 4), receptive field 33.
+    stride=8 (for a stride-8 teacher) adds a third 2x2 average pool before the last conv: 32x32 out."""
+    if stride not in (4, 8):
+        raise ValueError(f"the PDN student supports output strides 4 and 8, not {stride}")
     c1, c2 = max(8, round(128 * width)), max(8, round(256 * width))
+    tail = [nn.Conv2d(c2, out_channels, 4)] if stride == 4 else \
+        [nn.AvgPool2d(2, 2), nn.Conv2d(c2, out_channels, 4, padding=1)]
     return nn.Sequential(
         nn.Conv2d(3, c1, 4, padding=3), nn.ReLU(inplace=True), nn.AvgPool2d(2, 2, padding=1),
         nn.Conv2d(c1, c2, 4, padding=3), nn.ReLU(inplace=True), nn.AvgPool2d(2, 2, padding=1),
-        nn.Conv2d(c2, c2, 3, padding=1), nn.ReLU(inplace=True),
-        nn.Conv2d(c2, out_channels, 4))
+        nn.Conv2d(c2, c2, 3, padding=1), nn.ReLU(inplace=True), *tail)
 
 
 class AutoEncoder(nn.Module):
@@ -160,7 +164,8 @@ class EfficientAD(BackboneDetector):
     Parameters
     ----------
     backbone, stages, weights : the teacher: timm name, stages (timm out_indices) and optional weights file.
-        Default: EfficientNet-Lite0 stages 1 and 2 (24 + 40 = 64 channels at stride 4).
+        Default: EfficientNet-Lite0 stages 1 and 2 (24 + 40 = 64 channels at stride 4). The teacher's
+        finest stage sets the grid: stride 4 or 8 (e.g. stages (2, 3)); the student PDN matches it.
     resize, crop : input geometry; the paper uses 256 x 256 with no crop.
     steps : optimiser steps (the paper: 70,000 on a GPU; the default fits a CPU budget).
     batch_size : training images per step (the paper: 1).
@@ -225,7 +230,8 @@ class EfficientAD(BackboneDetector):
 
     def _make_nets(self, grid: int) -> tuple[nn.Module, nn.Module]:
         c = self._channels
-        return pdn_small(2 * c, float(self.student_width)), AutoEncoder(c, grid, int(self.ae_width))
+        stride = self.preprocess.input_size // grid
+        return pdn_small(2 * c, float(self.student_width), stride), AutoEncoder(c, grid, int(self.ae_width))
 
     def _teacher_raw(self, x: torch.Tensor) -> torch.Tensor:
         """Frozen teacher features on the finest stage's grid, (N, C, g, g)."""
