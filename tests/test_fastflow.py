@@ -82,3 +82,23 @@ def test_training_is_seeded_and_cancellable(demo):
     with pytest.raises(Cancelled):
         create_detector("fastflow", **params).fit(images, stop)
     assert epochs_seen == [1]
+
+
+def test_each_stage_keeps_its_best_validation_epoch(demo):
+    from core.detectors import create_detector
+
+    train = demo.subset(split="train", label=0)
+    images = [train[i] for i in range(10)]
+    # lr 3e-3 on ten images makes the stages peak at different epochs (measured: 6, 5, 5).
+    det = create_detector("fastflow", resize=64, flow_steps=2, epochs=6, batch_size=2, val_fraction=0.3,
+                          lr=3e-3).fit(images)
+    per_stage = np.array([h["val_nll_stages"] for h in det.history_])  # (epochs, stages)
+    assert per_stage.shape == (6, len(det.stages))
+    assert det.best_epoch_ == (per_stage.argmin(axis=0) + 1).tolist()
+    assert len(set(det.best_epoch_)) > 1, "the case no longer tells per-stage from joint selection"
+    # The kept flows are those epochs' weights: they reproduce each stage's best validation NLL.
+    _, val_idx = split_validation(len(images), 0.3, torch.Generator().manual_seed(det.seed))
+    kept = det._mean_nll(det.head_, [f[val_idx] for f in det._features(images, lambda *a: None)])
+    np.testing.assert_allclose(kept, per_stage.min(axis=0), rtol=1e-4)
+    # The LayerNorms learn nothing: a learned scale outside the loss's log-det lets the NLL collapse.
+    assert all(sum(p.numel() for p in norm.parameters()) == 0 for norm in det.head_.norms)
