@@ -102,3 +102,23 @@ def test_each_stage_keeps_its_best_validation_epoch(demo):
     np.testing.assert_allclose(kept, per_stage.min(axis=0), rtol=1e-4)
     # The LayerNorms learn nothing: a learned scale outside the loss's log-det lets the NLL collapse.
     assert all(sum(p.numel() for p in norm.parameters()) == 0 for norm in det.head_.norms)
+
+
+def test_models_saved_with_a_learned_layernorm_still_load(demo, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from core.detectors import create_detector, load_detector
+
+    train = demo.subset(split="train", label=0)
+    images = [train[i] for i in range(4)]
+    det = create_detector("fastflow", resize=64, flow_steps=2, epochs=1, batch_size=2).fit(images)
+    folder = det.save(tmp_path / "model")
+    # What an earlier version wrote: the same file plus each LayerNorm's learned scale and shift.
+    tensors = load_file(folder / "fitted.safetensors")
+    for k, norm in enumerate(det.head_.norms):
+        tensors[f"head.norms.{k}.weight"] = torch.full(norm.normalized_shape, 0.5)
+        tensors[f"head.norms.{k}.bias"] = torch.zeros(norm.normalized_shape)
+    save_file(tensors, folder / "fitted.safetensors")
+    old = load_detector(folder)
+    assert all(torch.equal(n.weight, torch.full(n.normalized_shape, 0.5)) for n in old.head_.norms)
+    assert not np.allclose(old.predict(images).scores, det.predict(images).scores)

@@ -104,10 +104,11 @@ class FastFlowHead(nn.Module):
     """
 
     def __init__(self, channels: Sequence[int], grids: Sequence[tuple[int, int]], steps: int, hidden_ratio: float,
-                 clamp: float, conv3x3_only: bool, seed: int):
+                 clamp: float, conv3x3_only: bool, seed: int, norm_affine: bool = False):
         super().__init__()
         gen = torch.Generator().manual_seed(int(seed))
-        self.norms = nn.ModuleList(nn.LayerNorm([c, *g], elementwise_affine=False) for c, g in zip(channels, grids))
+        self.norms = nn.ModuleList(nn.LayerNorm([c, *g], elementwise_affine=norm_affine)
+                                   for c, g in zip(channels, grids))
         self.flows = nn.ModuleList(Flow2d(c, steps, hidden_ratio, clamp, conv3x3_only, gen) for c in channels)
 
     def forward(self, features: Sequence[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -198,9 +199,9 @@ class FastFlow(BackboneDetector):
         if not 0 <= self.val_fraction < 1:
             raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
 
-    def _make_head(self, grids: Sequence[tuple[int, int]]) -> FastFlowHead:
+    def _make_head(self, grids: Sequence[tuple[int, int]], norm_affine: bool = False) -> FastFlowHead:
         return FastFlowHead(self.feature_extractor().channels, grids, int(self.flow_steps), float(self.hidden_ratio),
-                            float(self.clamp), bool(self.conv3x3_only), int(self.seed))
+                            float(self.clamp), bool(self.conv3x3_only), int(self.seed), norm_affine)
 
     def _features(self, images: Sequence[np.ndarray], progress: Progress, batch_size: int = 16) -> list[torch.Tensor]:
         """Per stage, the frozen features of all images (N, C, h, w), on the detector's device."""
@@ -291,7 +292,8 @@ class FastFlow(BackboneDetector):
         self.grids_ = [tuple(g) for g in fitted["grids"]]
         self.history_ = fitted["history"]
         self.best_epoch_ = fitted["best_epoch"]
-        head = self._make_head(self.grids_)
+        # Models saved before the LayerNorms lost their affine still carry it: keep scoring them as trained.
+        head = self._make_head(self.grids_, norm_affine=any(k.startswith("head.norms.") for k in tensors))
         head.load_state_dict({k[len("head."):]: v for k, v in tensors.items() if k.startswith("head.")})
         self.head_ = head.to(resolve_device(self.device)).eval()
 
