@@ -340,9 +340,7 @@ class ReconstructionDetector(Detector):
         if size < 16 or size & (size - 1):
             raise ValueError(f"the model input size (crop, or resize when crop is None) must be a power of two "
                              f">= 16, got {size}")
-        for name in ("epochs", "batch_size", "latent_dim", "base_channels", "max_channels"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        self._require_positive("epochs", "batch_size", "latent_dim", "base_channels", "max_channels")
         if self.batch_size < 2:
             raise ValueError("batch_size must be >= 2 (BatchNorm)")
         if not self.lr > 0:

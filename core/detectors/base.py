@@ -171,6 +171,12 @@ class Detector:
         return det
 
     # --- for subclasses ---------------------------------------------------------------------------
+    def _require_positive(self, *names: str) -> None:
+        """Raise a ValueError naming the first of these integer parameters that is below 1."""
+        for name in names:
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
     def _fit(self, images: Sequence[np.ndarray], progress: Progress) -> None:
         raise NotImplementedError
 
@@ -204,6 +210,10 @@ class BackboneDetector(Detector):
     def preprocess(self) -> Preprocess:
         extractor = self.feature_extractor()
         return Preprocess(resize=self.resize, crop=self.crop, mean=extractor.mean, std=extractor.std)
+
+    def _require_stages(self) -> None:
+        if len(self.stages) < 1:
+            raise ValueError("stages must name at least one backbone stage")
 
     def backbone_features(self, x: torch.Tensor) -> list[torch.Tensor]:
         """The chosen stages' feature maps of a preprocessed batch, on the detector's device."""

@@ -213,11 +213,8 @@ class EfficientAD(BackboneDetector):
         self.device = device
 
     def _validate(self) -> None:
-        if len(self.stages) < 1:
-            raise ValueError("stages must name at least one backbone stage")
-        for name in ("steps", "batch_size", "ae_width", "penalty_size"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        self._require_stages()
+        self._require_positive("steps", "batch_size", "ae_width", "penalty_size")
         if self.student_width <= 0 or self.lr <= 0 or self.weight_decay < 0:
             raise ValueError("student_width and lr must be > 0, weight_decay >= 0")
         if not 0 < self.hard_quantile < 1 or not 0 <= self.val_fraction < 1:

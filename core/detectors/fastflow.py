@@ -189,11 +189,8 @@ class FastFlow(BackboneDetector):
         self.device = device
 
     def _validate(self) -> None:
-        if len(self.stages) < 1:
-            raise ValueError("stages must name at least one backbone stage")
-        for name in ("flow_steps", "epochs", "batch_size"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        self._require_stages()
+        self._require_positive("flow_steps", "epochs", "batch_size")
         if self.hidden_ratio <= 0 or self.clamp <= 0 or self.lr <= 0 or self.weight_decay < 0:
             raise ValueError("hidden_ratio, clamp and lr must be > 0 and weight_decay >= 0")
         if not 0 <= self.val_fraction < 1:

@@ -69,8 +69,7 @@ class PaDiM(BackboneDetector):
         self.device = device
 
     def _validate(self) -> None:
-        if len(self.stages) < 1:
-            raise ValueError("stages must name at least one backbone stage")
+        self._require_stages()
         if self.n_features is not None and self.n_features < 1:
             raise ValueError(f"n_features must be None or >= 1, got {self.n_features}")
         if self.epsilon <= 0:

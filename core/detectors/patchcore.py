@@ -70,10 +70,8 @@ class PatchCore(BackboneDetector):
     def _validate(self) -> None:
         if not 0 < self.coreset_ratio <= 1:
             raise ValueError(f"coreset_ratio must be in (0, 1], got {self.coreset_ratio}")
-        if len(self.stages) < 1:
-            raise ValueError("stages must name at least one backbone stage")
-        if self.n_reweight < 1:
-            raise ValueError(f"n_reweight must be >= 1, got {self.n_reweight}")
+        self._require_stages()
+        self._require_positive("n_reweight")
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """(N, C, h, w) locally aware patch embeddings of a preprocessed batch."""
