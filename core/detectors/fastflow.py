@@ -137,7 +137,7 @@ class FastFlow(BackboneDetector):
     backbone, stages, weights : timm name, feature stages (timm out_indices) and optional weights file.
         Default: EfficientNet-Lite0 stages 2, 3, 4 (strides 8, 16, 32; 40, 112, 320 channels). The paper's
         strides 4, 8, 16 suit ResNet18; Lite0's stride-4 stage is too shallow (24 channels): on magnetic
-        tile stages 1-3 reached image AUROC 0.74 where 2-4 reach 0.97, with bottle at 1.000 for both.
+        tile stages 1-3 reached image AUROC 0.74 where 2-4 reach 0.97, with bottle at 0.999 for both.
     resize, crop : input geometry (resize to `resize` square, centre crop `crop`; crop None = no crop, the
         default: a centre crop hides defects at the border, as on magnetic tile's narrow tiles).
     flow_steps : affine coupling steps per stage (paper: 8).
@@ -153,7 +153,7 @@ class FastFlow(BackboneDetector):
 
     Attributes
     ----------
-    head_ : FastFlowHead, the trained LayerNorms and flows (best validation epoch).
+    head_ : FastFlowHead, the LayerNorms and each stage's flow from its best validation epoch.
     grids_ : feature grid (h, w) per stage.
     history_ : per epoch, mean training and validation NLL per image.
     best_epoch_ : per stage, the 1-based epoch whose flow weights were kept.
@@ -225,6 +225,7 @@ class FastFlow(BackboneDetector):
         # The stages' flows share no parameters, so each keeps its own best epoch.
         best = [math.inf] * n_stages
         best_flows: list = [None] * n_stages
+        val_feats = [f[val_idx.to(dev)] for f in feats]  # indexed once, not every epoch
         self.best_epoch_ = [0] * n_stages
         history = []
         for epoch in range(int(self.epochs)):
@@ -240,7 +241,7 @@ class FastFlow(BackboneDetector):
                 total += float(loss.detach()) * len(idx)
             record = {"epoch": epoch + 1, "train_nll": total / len(order)}
             if len(val_idx):
-                per_stage = self._mean_nll(head, [f[val_idx.to(dev)] for f in feats])
+                per_stage = self._mean_nll(head, val_feats)
                 record["val_nll"], record["val_nll_stages"] = sum(per_stage), per_stage
             history.append(record)
             # Selection by validation NLL; by training NLL (all stages together) when nothing is held out.
