@@ -77,7 +77,7 @@ def embedding_section(table, title: str, colours: list[str], hover: list[str], k
         image = read_image(image_row["path"])
         if patches:   # outline the patch in the image as the model saw it
             frame = detector.preprocess.image_to_frame(image)
-            box = patch_box(views, int(row["row"]), int(row["col"]), frame.shape[0])
+            box = patch_box(views, int(row["row"]), int(row["col"]), frame.shape[:2])
             st.image(draw_outline(frame, box, (0, 220, 255)), caption=f"patch row {row['row']}, column {row['col']}")
         else:
             st.image(image)

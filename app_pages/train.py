@@ -91,8 +91,8 @@ with new_model:
                 elif spec.kind == "str":
                     params[spec.name] = st.text_input(spec.name, spec.default, help=spec.help, key=key)
                 else:
-                    params[spec.name] = parse_value(spec, st.text_input(spec.name, repr(spec.default),
-                                                                        help=spec.help, key=key))
+                    shown = spec.default if isinstance(spec.default, str) else repr(spec.default)
+                    params[spec.name] = parse_value(spec, st.text_input(spec.name, shown, help=spec.help, key=key))
     run_name = st.text_input("Run name (optional)", placeholder=f"{detector} baseline")
     if st.button("Train", type="primary", icon=":material/play_arrow:", disabled=n_train == 0):
         widgets.start_job(TrainingJob(state.store(), record["id"], dataset, detector, params, name=run_name or None))

@@ -433,6 +433,10 @@ class ImageSet(collections.abc.Sequence):
     def paths(self) -> list[Path]:
         return [s.path for s in self.samples]
 
+    def sizes(self) -> list[tuple[int, int]]:
+        """(height, width) of every image, from validation or headers (nothing is decoded)."""
+        return [self._hw(s.path) for s in self.samples]
+
     def counts(self) -> dict:
         out: dict[str, dict[str, int]] = {}
         for s in self.samples:
@@ -899,14 +903,39 @@ def _resize_float(arr: np.ndarray, size_wh: tuple[int, int]) -> np.ndarray:
     return np.asarray(img.resize(size_wh, Image.Resampling.BILINEAR, reducing_gap=None), dtype=np.float32).copy()
 
 
+def _pair(value, name: str) -> tuple[int, int]:
+    """An int n as (n, n), or a (height, width) pair of positive ints."""
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+        value = (value, value)
+    if (not isinstance(value, (tuple, list)) or len(value) != 2
+            or not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= 1 for v in value)):
+        raise ValueError(f"{name} must be a positive int or a (height, width) pair of positive ints, not {value!r}")
+    return int(value[0]), int(value[1])
+
+
+def fit_frame(sizes_hw: Sequence[tuple[int, int]], long_side: int, multiple: int = 32) -> tuple[int, int]:
+    """The model frame (height, width) for images of these sizes: their median aspect ratio kept, the
+    longer side ``long_side``, the shorter rounded to a multiple of ``multiple`` (the backbone's stride).
+
+    A camera on a line gives one image shape, so one frame per model keeps every batch rectangular with
+    no padding; an image of another aspect is stretched into it (the model card reports by how much).
+    """
+    if not len(sizes_hw):
+        raise ValueError("no image sizes to choose a frame from")
+    aspect = float(np.median([w / h for h, w in sizes_hw]))
+    short = max(multiple, int(round(long_side / max(aspect, 1 / aspect) / multiple)) * multiple)
+    return (long_side, short) if aspect < 1 else (short, long_side)
+
+
 @dataclass(frozen=True)
 class Preprocess:
-    """Resize (squash) to ``resize x resize``, center-crop to ``crop x crop`` (None: no crop), normalise.
+    """Resize (to ``resize``: an int n for n x n, or a (height, width) frame), centre-crop to ``crop x crop``
+    (None: no crop), normalise.
 
     Images use antialiased bilinear resizing (torch, uint8); masks are resized the same way as 0/1 floats
     (Pillow mode "F") and thresholded at 0.5; float maps use Pillow mode "F" with the same filter.
     """
-    resize: int = 256
+    resize: int | tuple[int, int] = 256
     crop: int | None = 224
     mean: tuple = (0.485, 0.456, 0.406)
     std: tuple = (0.229, 0.224, 0.225)
@@ -914,26 +943,42 @@ class Preprocess:
     def __post_init__(self):
         object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))
         object.__setattr__(self, "std", tuple(float(v) for v in self.std))
-        if not isinstance(self.resize, (int, np.integer)) or self.resize < 1:
-            raise ValueError(f"resize must be a positive int, not {self.resize!r}")
-        if self.crop is not None and (not isinstance(self.crop, (int, np.integer)) or not 1 <= self.crop <= self.resize):
-            raise ValueError(f"crop must be None or an int in 1..resize ({self.resize}), not {self.crop!r}")
+        frame = _pair(self.resize, "resize")
+        object.__setattr__(self, "resize", frame[0] if frame[0] == frame[1] else frame)
+        if self.crop is not None and (not isinstance(self.crop, (int, np.integer)) or not 1 <= self.crop <= min(frame)):
+            raise ValueError(f"crop must be None or an int in 1..{min(frame)} (the shorter side of the resized "
+                             f"frame), not {self.crop!r}")
         if len(self.mean) != 3 or len(self.std) != 3:
             raise ValueError("mean and std need 3 values (R, G, B)")
         if min(self.std) <= 0:
             raise ValueError(f"std values must be positive, not {self.std}")
 
     @property
-    def input_size(self) -> int:
-        return self.crop if self.crop is not None else self.resize
+    def frame(self) -> tuple[int, int]:
+        """(height, width) after resizing, before the crop."""
+        return _pair(self.resize, "resize")
 
     @property
-    def _offset(self) -> int:
-        return (self.resize - self.input_size) // 2
+    def input_hw(self) -> tuple[int, int]:
+        """(height, width) of the model input: the maps' frame."""
+        return (self.crop, self.crop) if self.crop is not None else self.frame
+
+    @property
+    def input_size(self) -> int:
+        """The side of a square model input (networks that need one, e.g. the reconstruction family)."""
+        h, w = self.input_hw
+        if h != w:
+            raise ValueError(f"this preprocessing gives a {h}x{w} (HxW) input, not a square one")
+        return h
+
+    @property
+    def _offset(self) -> tuple[int, int]:
+        (fh, fw), (ih, iw) = self.frame, self.input_hw
+        return (fh - ih) // 2, (fw - iw) // 2
 
     def _crop(self, arr: np.ndarray) -> np.ndarray:
-        o, s = self._offset, self.input_size
-        return arr[o:o + s, o:o + s]
+        (oh, ow), (ih, iw) = self._offset, self.input_hw
+        return arr[oh:oh + ih, ow:ow + iw]
 
     @staticmethod
     def _check_image(image) -> np.ndarray:
@@ -945,36 +990,34 @@ class Preprocess:
         return a
 
     def image_to_frame(self, image: np.ndarray) -> np.ndarray:
-        """HxWx3 uint8 -> SxSx3 uint8 (resize + crop, no normalisation), for display and overlays."""
+        """HxWx3 uint8 -> input_hw x 3 uint8 (resize + crop, no normalisation), for display and overlays."""
         a = self._check_image(image)
-        r = self.resize
-        if a.shape[:2] != (r, r):
+        if a.shape[:2] != self.frame:
             # torch's uint8 antialiased bilinear is several times faster than Pillow's and samples the same
             # half-pixel grid, so masks (resized by Pillow in float) stay aligned with images.
             import torch
             import torch.nn.functional as F
             t = torch.from_numpy(np.array(a)).permute(2, 0, 1)[None]
-            a = F.interpolate(t, size=(r, r), mode="bilinear", antialias=True, align_corners=False)[0]
+            a = F.interpolate(t, size=self.frame, mode="bilinear", antialias=True, align_corners=False)[0]
             a = a.permute(1, 2, 0).numpy()
         return np.ascontiguousarray(self._crop(a))
 
     def mask_to_frame(self, mask: np.ndarray) -> np.ndarray:
-        """HxW bool -> SxS bool: bilinear on 0/1 then > 0.5, the same geometry as :meth:`image_to_frame`."""
+        """HxW bool -> input_hw bool: bilinear on 0/1 then > 0.5, the same geometry as :meth:`image_to_frame`."""
         m = np.asarray(mask)
         if m.ndim != 2:
             raise ValueError(f"expected an HxW mask, got shape {m.shape}")
-        r = self.resize
-        f = _resize_float(m.astype(np.float32), (r, r))
+        fh, fw = self.frame
+        f = _resize_float(m.astype(np.float32), (fw, fh))
         return np.ascontiguousarray(self._crop(f) > 0.5)
 
     def images_to_tensor(self, images: Sequence[np.ndarray]):
-        """(N, 3, S, S) float32 tensor, normalised with mean/std."""
+        """(N, 3, H, W) float32 tensor at :attr:`input_hw`, normalised with mean/std."""
         import torch
 
-        s = self.input_size
         frames = [self.image_to_frame(im) for im in images]
         if not frames:
-            return torch.zeros((0, 3, s, s), dtype=torch.float32)
+            return torch.zeros((0, 3, *self.input_hw), dtype=torch.float32)
         x = torch.from_numpy(np.stack(frames)).permute(0, 3, 1, 2).to(torch.float32).div_(255.0)
         mean = torch.tensor(self.mean, dtype=torch.float32).view(1, 3, 1, 1)
         std = torch.tensor(self.std, dtype=torch.float32).view(1, 3, 1, 1)
@@ -983,8 +1026,8 @@ class Preprocess:
     def map_to_input(self, amap: np.ndarray, size_hw: tuple[int, int]) -> np.ndarray:
         """A map in the model frame -> an HxW float32 map at the original image size.
 
-        The crop is put back into the ``resize x resize`` frame with the border filled by edge replication, then
-        resized bilinearly to ``size_hw``. A map that is not SxS (e.g. a patch grid) is first resized to SxS.
+        The crop is put back into the resized frame with the border filled by edge replication, then resized
+        bilinearly to ``size_hw``. A map of another shape (e.g. a patch grid) is first resized to the input.
         """
         if hasattr(amap, "detach"):  # a torch tensor
             amap = amap.detach().cpu().numpy()
@@ -994,15 +1037,17 @@ class Preprocess:
         h, w = int(size_hw[0]), int(size_hw[1])
         if h < 1 or w < 1:
             raise ValueError(f"size_hw must be positive, not {size_hw}")
-        s, r, o = self.input_size, self.resize, self._offset
-        if a.shape != (s, s):
-            a = _resize_float(a, (s, s))
-        if s != r:
-            a = np.pad(a, ((o, r - s - o), (o, r - s - o)), mode="edge")
+        (ih, iw), (fh, fw), (oh, ow) = self.input_hw, self.frame, self._offset
+        if a.shape != (ih, iw):
+            a = _resize_float(a, (iw, ih))
+        if (ih, iw) != (fh, fw):
+            a = np.pad(a, ((oh, fh - ih - oh), (ow, fw - iw - ow)), mode="edge")
         return _resize_float(a, (w, h))
 
     def to_dict(self) -> dict:
-        return {"resize": int(self.resize), "crop": None if self.crop is None else int(self.crop),
+        resize = self.resize if isinstance(self.resize, (int, np.integer)) else list(self.resize)
+        return {"resize": resize if isinstance(resize, list) else int(resize),
+                "crop": None if self.crop is None else int(self.crop),
                 "mean": list(self.mean), "std": list(self.std)}
 
     @classmethod
@@ -1010,4 +1055,7 @@ class Preprocess:
         unknown = set(d) - {"resize", "crop", "mean", "std"}
         if unknown:
             raise ValueError(f"unknown Preprocess keys: {sorted(unknown)}")
+        d = dict(d)
+        if isinstance(d.get("resize"), list):
+            d["resize"] = tuple(d["resize"])
         return cls(**d)

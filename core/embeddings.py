@@ -209,9 +209,9 @@ def _bank_view(bank: np.ndarray, train_patches: np.ndarray, rng: np.random.Gener
                          "kind": ["training patch"] * len(drawn) + ["coreset"] * len(bank)})
 
 
-def patch_box(views: FeatureViews, row: int, col: int, size: int) -> np.ndarray:
-    """(size, size) bool mask of one patch's cell in the model frame, for outlining it."""
-    box = np.zeros((size, size), dtype=bool)
-    rows, cols = views.grid
-    box[row * size // rows:(row + 1) * size // rows, col * size // cols:(col + 1) * size // cols] = True
+def patch_box(views: FeatureViews, row: int, col: int, size_hw: tuple[int, int]) -> np.ndarray:
+    """(H, W) bool mask of one patch's cell in the model frame, for outlining it."""
+    (h, w), (rows, cols) = size_hw, views.grid
+    box = np.zeros((h, w), dtype=bool)
+    box[row * h // rows:(row + 1) * h // rows, col * w // cols:(col + 1) * w // cols] = True
     return box

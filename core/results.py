@@ -27,8 +27,8 @@ class RunResults:
     labels: np.ndarray        # (N,) 0 normal, 1 anomalous
     defects: tuple[str, ...]  # "good" for normal images
     scores: np.ndarray        # (N,) float32 image scores
-    maps: np.ndarray          # (N, S, S) float16 anomaly maps, never rescaled per image
-    masks: np.ndarray         # (N, S, S) bool ground truth (all False where there is none)
+    maps: np.ndarray          # (N, H, W) float16 anomaly maps, never rescaled per image
+    masks: np.ndarray         # (N, H, W) bool ground truth (all False where there is none)
     has_mask: np.ndarray      # (N,) bool: False for anomalous images without a usable mask
     preprocess: Preprocess
 
@@ -40,15 +40,15 @@ class RunResults:
         return len(self.paths)
 
     @property
-    def size(self) -> int:
-        return int(self.maps.shape[-1])
+    def size_hw(self) -> tuple[int, int]:
+        return int(self.maps.shape[-2]), int(self.maps.shape[-1])
 
     def name(self, i: int) -> str:
         """A short display name: defect folder and file name."""
         return f"{self.defects[i]}/{Path(self.paths[i]).name}"
 
     def frame(self, i: int) -> np.ndarray:
-        """Test image i resized and cropped exactly as the model saw it (SxSx3 uint8)."""
+        """Test image i resized and cropped exactly as the model saw it (HxWx3 uint8)."""
         return self.preprocess.image_to_frame(read_image(self.paths[i]))
 
     def map(self, i: int) -> np.ndarray:
@@ -89,9 +89,9 @@ def colour_scale(maps: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
 
 def save_results(folder: str | Path, samples: Sequence[Sample], evaluation, preprocess: Preprocess) -> Path:
     """Write an evaluation (see :func:`core.pipeline.evaluate`) of ``samples`` into a model folder."""
-    size = evaluation.maps.shape[-1]
+    hw = evaluation.maps.shape[-2:]
     has_mask = np.array([m is not None for m in evaluation.masks], dtype=bool)
-    masks = np.stack([np.zeros((size, size), bool) if m is None else m for m in evaluation.masks])
+    masks = np.stack([np.zeros(hw, bool) if m is None else m for m in evaluation.masks])
     meta = {"paths": [str(s.path) for s in samples], "defects": [s.defect for s in samples],
             "preprocess": preprocess.to_dict()}
     path = Path(folder) / RESULTS_FILE

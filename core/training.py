@@ -44,9 +44,12 @@ class ParamSpec:
 
     @property
     def kind(self) -> str:
-        """'bool', 'int', 'float', 'str' or 'literal' (tuples and None: typed as Python literals)."""
+        """'bool', 'int', 'float', 'str' or 'literal' (tuples, None and "auto": typed as Python literals, so
+        that an "auto" parameter also takes a number or a tuple)."""
         if isinstance(self.default, bool):
             return "bool"
+        if self.default == "auto" and self.name != "device":
+            return "literal"
         for kind in (int, float, str):
             if isinstance(self.default, kind):
                 return kind.__name__

@@ -24,6 +24,23 @@ def test_other_lite_weights_load_strictly(name):
     assert create_classifier(name) is not None   # strict load: a renamed key that misses raises
 
 
+def test_large_inputs_go_through_in_tiles_without_seams():
+    from core.backbones import TILE
+    extractor = FeatureExtractor("tf_efficientnet_lite0", (2, 3))
+    image = np.concatenate([skdata.astronaut(), skdata.coffee()[:, :512]], axis=0)   # 912 x 512
+    x = Preprocess(resize=(1184, 672), crop=None, mean=(0.5,) * 3, std=(0.5,) * 3).images_to_tensor([image])
+    assert max(x.shape[-2:]) > TILE + 128
+    tiled = extractor(x)
+    whole = extractor.model(x)                  # one pass over the whole image, for reference
+    assert [t.shape[-2:] for t in extractor(x[..., :1190 - 12, :660])] == [(148, 83), (74, 42)]  # any size
+    for t, w, stride in zip(tiled, whole, extractor.strides):
+        assert t.shape == w.shape == (1, w.shape[1], 1184 // stride, 672 // stride)
+        # Only context beyond the margin is lost: the features agree closely, at the seams too.
+        seam = TILE // stride
+        assert (t - w).abs().max() < 0.03 * w.abs().max()
+        assert (t - w)[..., seam - 2:seam + 2].abs().mean() < 0.015 * w.abs().mean()
+
+
 def test_feature_extractor_reports_real_shapes():
     extractor = FeatureExtractor("tf_efficientnet_lite0", (1, 2, 3))
     maps = extractor(torch.zeros(2, 3, 224, 224))

@@ -7,7 +7,7 @@ from core.detectors import NotFittedError, create_detector, list_detectors, load
 
 # Small settings so that each detector fits the demo set in seconds on two CPU cores.
 FAST_PARAMS = {
-    "patchcore": {"coreset_ratio": 0.05},
+    "patchcore": {"coreset_ratio": 0.05, "resize": 256},
     "padim": {"n_features": 50},
     "fastflow": {"epochs": 2, "resize": 128, "crop": 112},
     "efficientad": {"steps": 40, "resize": 128, "student_width": 0.125, "ae_width": 32, "penalty_size": 64},

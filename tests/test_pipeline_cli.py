@@ -14,14 +14,14 @@ from core.runs import RunStore
 
 from conftest import DEMO
 
-FAST = ["--set", "coreset_ratio=0.05"]
+FAST = ["--set", "coreset_ratio=0.05", "resize=256"]
 
 
 def test_train_run_registers_model_scores_and_thresholds(demo):
     store = RunStore()
     dataset_id = register_dataset(store, demo, "mvtec")
     stages = set()
-    run_id = train_run(store, dataset_id, demo, "patchcore", {"coreset_ratio": 0.05},
+    run_id = train_run(store, dataset_id, demo, "patchcore", {"coreset_ratio": 0.05, "resize": 256},
                        progress=lambda stage, done, total: stages.add(stage))
     run = store.get_run(run_id)
     assert stages == {"features", "coreset", "score"}
@@ -45,7 +45,7 @@ def test_cancelled_training_registers_nothing_and_leaves_no_model(demo):
         if stage == "coreset" and done > 1:
             raise Cancelled()
     with pytest.raises(Cancelled):
-        train_run(store, dataset_id, demo, "patchcore", {"coreset_ratio": 0.05}, progress=cancel_during_coreset)
+        train_run(store, dataset_id, demo, "patchcore", {"coreset_ratio": 0.05, "resize": 256}, progress=cancel_during_coreset)
     assert store.list_runs() == []
     assert not models_dir().exists() or not any(models_dir().iterdir())
 

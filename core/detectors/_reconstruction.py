@@ -5,7 +5,7 @@ call a region anomalous when it reconstructs badly. Each detector module holds o
 this module holds everything they have in common, so that the four stay comparable:
 
 Inputs
-    Squash-resized to ``resize x resize`` with no crop by default (a reconstruction model sees the whole
+    Squash-resized to ``resize x resize`` (the networks need a square input) with no crop by default (a reconstruction model sees the whole
     image), scaled to [-1, 1] (mean = std = 0.5, not ImageNet statistics: there is no pretrained backbone),
     and reconstructed through a ``tanh``. Errors and SSIM are measured in [0, 1] intensity units.
 
@@ -261,9 +261,9 @@ def error_map(x: torch.Tensor, recon: torch.Tensor, ssim_weight: float, blur_sig
     if ssim_weight > 0:
         amap = amap + ssim_weight * (1 - ssim_map(a, b))
     if blur_sigma > 0:
-        size = amap.shape[-1]
+        size = tuple(amap.shape[-2:])
         # The blur's reflected border needs radius 4 sigma < size: tiny inputs get a narrower blur.
-        amap = upsample_blur(amap, size, min(blur_sigma, (size - 1) / 4))
+        amap = upsample_blur(amap, size, min(blur_sigma, (min(size) - 1) / 4))
     return amap
 
 
@@ -308,9 +308,11 @@ class ReconstructionDetector(Detector):
     batch_size, lr, ssim_weight, blur_sigma, score_topk, seed and device.
     """
 
+    square_input = True  # the DCGAN pyramid halves a square down to 4 x 4
+
     @property
     def preprocess(self) -> Preprocess:
-        return Preprocess(resize=self.resize, crop=self.crop, mean=MEAN, std=STD)
+        return Preprocess(resize=self.frame(), crop=self.crop, mean=MEAN, std=STD)
 
     # --- subclass hooks ---------------------------------------------------------------------------
     def _build(self) -> nn.Module:

@@ -22,11 +22,16 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..backbones import FeatureExtractor
-from ..data import Preprocess
+from ..data import Preprocess, fit_frame
 
 # progress(stage, done, total); raising core.Cancelled from it stops the work.
 Progress = Callable[[str, int, int], None]
-FORMAT_VERSION = 1
+# 2: `resize` as an int keeps the training images' aspect ratio and the fitted frame is saved; version 1
+# models (an int meant a square) load with their square frame and score as before.
+FORMAT_VERSION = 2
+# resize="auto": the longer side follows the training images' own size within these bounds (the lower one
+# is the backbones' pretraining scale; the upper one keeps CPU cost near 5x that of 224 px).
+AUTO_LONG_SIDE = (256, 512)
 
 
 class NotFittedError(RuntimeError):
@@ -55,6 +60,7 @@ class Detector:
 
     name: ClassVar[str] = ""
     family: ClassVar[str] = ""    # "representation" or "reconstruction"
+    square_input: ClassVar[bool] = False  # True where the network needs a square input: the frame is square
 
     # --- parameters -------------------------------------------------------------------------------
     @classmethod
@@ -72,7 +78,32 @@ class Detector:
     @property
     def preprocess(self) -> Preprocess:
         """Geometry and normalisation of model inputs; subclasses with a backbone override mean/std."""
-        return Preprocess(resize=self.resize, crop=self.crop)
+        return Preprocess(resize=self.frame(), crop=self.crop)
+
+    def frame(self) -> tuple[int, int]:
+        """(height, width) the images are resized to: fixed by `resize` or learned in fit from the images."""
+        if hasattr(self, "input_frame_"):
+            return self.input_frame_
+        if isinstance(self.resize, (tuple, list)):
+            return (int(self.resize[0]), int(self.resize[1]))
+        raise NotFittedError(f"resize={self.resize!r} follows the training images' shape: fit this "
+                             f"{type(self).__name__} first")
+
+    def _fit_frame(self, sizes_hw: list[tuple[int, int]]) -> tuple[int, int]:
+        """The frame for these training image sizes: an exact (h, w), or the images' aspect ratio kept with
+        the longer side `resize` (an int) or their own median longer side within AUTO_LONG_SIDE ("auto")."""
+        if isinstance(self.resize, (tuple, list)):
+            return (int(self.resize[0]), int(self.resize[1]))
+        if self.resize == "auto":
+            native = int(np.median([max(hw) for hw in sizes_hw]))
+            long_side = int(np.clip(round(native / 32) * 32, *AUTO_LONG_SIDE))
+        elif isinstance(self.resize, (int, np.integer)) and not isinstance(self.resize, bool) and (
+                self.resize >= 32 or self.square_input and self.resize >= 1):
+            long_side = int(self.resize)
+        else:
+            raise ValueError(f"resize must be 'auto', an int >= 32 (the longer side; the aspect ratio is kept) "
+                             f"or a (height, width) pair, not {self.resize!r}")
+        return (long_side, long_side) if self.square_input else fit_frame(sizes_hw, long_side)
 
     def feature_extractor(self) -> FeatureExtractor | None:
         """The frozen pretrained backbone, for detectors that have one (benchmarks time it alone)."""
@@ -92,15 +123,26 @@ class Detector:
             raise ValueError("cannot fit on an empty set of images")
         progress = progress or no_progress
         start = time.perf_counter()
-        self._fit(images, progress)
+        for attr in ("fit_info_", "input_frame_"):   # a refit starts from the parameters alone
+            self.__dict__.pop(attr, None)
+        sizes = images.sizes() if hasattr(images, "sizes") else [images[i].shape[:2] for i in range(len(images))]
+        frame = self._fit_frame(sizes)
+        Preprocess(resize=frame, crop=self.crop)  # refuses a crop larger than the frame before any work
+        self.input_frame_ = frame
+        try:
+            self._fit(images, progress)
+        except BaseException:
+            del self.input_frame_
+            raise
         summary = images.summary() if hasattr(images, "summary") else {"n_images": len(images)}
         self.fit_info_ = {"n_images": len(images), "fit_seconds": time.perf_counter() - start,
-                          "training_set": summary}
+                          "training_set": summary, "input_frame_hw": list(frame),
+                          "aspect_stretch": _aspect_stretch(sizes, frame)}
         return self
 
     def score_maps(self, images: Sequence[np.ndarray], progress: Progress | None = None,
                    batch_size: int = 16) -> tuple[np.ndarray, np.ndarray]:
-        """Image scores (N,) and anomaly maps (N, S, S) in the model's input frame (after resize and crop)."""
+        """Image scores (N,) and anomaly maps (N, H, W) in the model's input frame (after resize and crop)."""
         self._check_fitted()
         progress = progress or no_progress
         scores, maps = [], []
@@ -114,7 +156,7 @@ class Detector:
 
     @torch.no_grad()
     def score_tensor(self, x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-        """Scores and maps of an already preprocessed batch (N, 3, S, S)."""
+        """Scores and maps of an already preprocessed batch (N, 3, H, W)."""
         self._check_fitted()
         return self._score_batch(x)
 
@@ -140,7 +182,8 @@ class Detector:
             tensors = {k: v.detach().cpu().contiguous() for k, v in self._fitted_tensors().items()}
             save_file(tensors, tmp / "fitted.safetensors")
             config = {"format_version": FORMAT_VERSION, "detector": self.name, "params": self.get_params(),
-                      "fit_info": self.fit_info_, "fitted": self._fitted_json(), "card": self.model_card()}
+                      "input_frame": list(self.input_frame_), "fit_info": self.fit_info_,
+                      "fitted": self._fitted_json(), "card": self.model_card()}
             (tmp / "config.json").write_text(json.dumps(config, indent=2, default=_json_default))
             if folder.exists():
                 old = folder.with_name(f".{folder.name}.old")
@@ -158,14 +201,19 @@ class Detector:
     def load(cls, folder: str | Path) -> "Detector":
         folder = Path(folder)
         config = json.loads((folder / "config.json").read_text())
-        if config.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"{folder}: unsupported model format {config.get('format_version')!r}")
+        version = config.get("format_version")
+        if version not in (1, FORMAT_VERSION):
+            raise ValueError(f"{folder}: unsupported model format {version!r}")
         if cls is Detector:
             cls = get_detector_class(config["detector"])
         elif config["detector"] != cls.name:
             raise ValueError(f"{folder} holds a {config['detector']!r} model, not {cls.name!r}")
         params = {k: tuple(v) if isinstance(v, list) else v for k, v in config["params"].items()}
+        if version == 1:  # an int resize meant a square then
+            params["resize"] = (int(params["resize"]),) * 2
+            config["input_frame"] = list(params["resize"])
         det = cls(**params)
+        det.input_frame_ = tuple(int(v) for v in config["input_frame"])
         det._restore(load_file(folder / "fitted.safetensors"), config["fitted"])
         det.fit_info_ = config["fit_info"]
         return det
@@ -209,7 +257,7 @@ class BackboneDetector(Detector):
     @property
     def preprocess(self) -> Preprocess:
         extractor = self.feature_extractor()
-        return Preprocess(resize=self.resize, crop=self.crop, mean=extractor.mean, std=extractor.std)
+        return Preprocess(resize=self.frame(), crop=self.crop, mean=extractor.mean, std=extractor.std)
 
     def _require_stages(self) -> None:
         if len(self.stages) < 1:
@@ -218,6 +266,12 @@ class BackboneDetector(Detector):
     def backbone_features(self, x: torch.Tensor) -> list[torch.Tensor]:
         """The chosen stages' feature maps of a preprocessed batch, on the detector's device."""
         return self.feature_extractor()(x.to(resolve_device(self.device)))
+
+
+def _aspect_stretch(sizes_hw, frame: tuple[int, int]) -> float:
+    """How far the frame stretches the training images at worst: 1.0 when every aspect ratio is kept."""
+    target = frame[1] / frame[0]
+    return float(max(max(w / h / target, target * h / w) for h, w in sizes_hw))
 
 
 def _json_default(value):

@@ -189,6 +189,8 @@ class EfficientAD(BackboneDetector):
     history_ : loss values every tenth of training.
     """
 
+    square_input = True  # the autoencoder decodes its 1 x 1 bottleneck to a square grid
+
     def __init__(self, backbone: str = DEFAULT_BACKBONE, stages: tuple = (1, 2), weights: str | None = None,
                  resize: int = 256, crop: int | None = None, steps: int = 1000, batch_size: int = 1,
                  lr: float = 1e-3, weight_decay: float = 1e-5, student_width: float = 0.25, ae_width: int = 64,
@@ -356,7 +358,7 @@ class EfficientAD(BackboneDetector):
         m_st = 0.1 * (m_st - q[0]) / (q[1] - q[0]).clamp_min(1e-12)
         m_ae = 0.1 * (m_ae - q[2]) / (q[3] - q[2]).clamp_min(1e-12)
         grid_map = (0.5 * m_st + 0.5 * m_ae).float().cpu()
-        maps = upsample_blur(grid_map, x.shape[-1], float(self.blur_sigma))
+        maps = upsample_blur(grid_map, tuple(x.shape[-2:]), float(self.blur_sigma))
         return maps.flatten(1).max(1).values.numpy(), maps.numpy().astype(np.float32)
 
     # --- persistence ------------------------------------------------------------------------------

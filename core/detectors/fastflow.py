@@ -138,8 +138,10 @@ class FastFlow(BackboneDetector):
         Default: EfficientNet-Lite0 stages 2, 3, 4 (strides 8, 16, 32; 40, 112, 320 channels). The paper's
         strides 4, 8, 16 suit ResNet18; Lite0's stride-4 stage is too shallow (24 channels): on magnetic
         tile stages 1-3 reached image AUROC 0.74 where 2-4 reach 0.97, with bottle at 0.999 for both.
-    resize, crop : input geometry (resize to `resize` square, centre crop `crop`; crop None = no crop, the
-        default: a centre crop hides defects at the border, as on magnetic tile's narrow tiles).
+    resize : the longer side of the input, the training images' aspect ratio kept ("auto", or (h, w) for an
+        exact frame; see PatchCore).
+    crop : centre crop after resizing; None (default) keeps the whole image: a centre crop hides defects at
+        the border, as on magnetic tile's narrow tiles.
     flow_steps : affine coupling steps per stage (paper: 8).
     hidden_ratio : subnet hidden channels as a multiple of the stage's channels (reference, ResNet18: 1.0).
     clamp : soft clamp of the coupling log-scales (paper: 2.0).
@@ -166,7 +168,7 @@ class FastFlow(BackboneDetector):
     """
 
     def __init__(self, backbone: str = DEFAULT_BACKBONE, stages: tuple = (2, 3, 4), weights: str | None = None,
-                 resize: int = 256, crop: int | None = None, flow_steps: int = 8, hidden_ratio: float = 1.0,
+                 resize: int | str | tuple = 256, crop: int | None = None, flow_steps: int = 8, hidden_ratio: float = 1.0,
                  clamp: float = 2.0, conv3x3_only: bool = True, epochs: int = 20, batch_size: int = 8,
                  lr: float = 1e-3, weight_decay: float = 1e-5, val_fraction: float = 0.1, blur_sigma: float = 4.0,
                  seed: int = 0, device: str = "auto"):
@@ -270,11 +272,11 @@ class FastFlow(BackboneDetector):
 
     def _score_batch(self, x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         feats = [f.float() for f in self.backbone_features(x)]
-        size = x.shape[-1]
+        size = tuple(x.shape[-2:])
         prob = 0
         for z, _ in self.head_(feats):
             p = torch.exp(-0.5 * z.pow(2).mean(dim=1, keepdim=True))
-            prob = prob + F.interpolate(p, size=(size, size), mode="bilinear", align_corners=False)[:, 0]
+            prob = prob + F.interpolate(p, size=size, mode="bilinear", align_corners=False)[:, 0]
         maps = 1.0 - prob.cpu() / len(feats)
         if self.blur_sigma > 0:
             maps = upsample_blur(maps, size, float(self.blur_sigma))

@@ -40,7 +40,9 @@ class PaDiM(BackboneDetector):
     ----------
     backbone, stages, weights : timm name, feature stages (timm out_indices) and optional weights file.
         Default: EfficientNet-Lite0 stages 1, 2, 3 (strides 4, 8, 16; 24 + 40 + 112 = 176 channels).
-    resize, crop : input geometry (resize to `resize` square, centre crop `crop`; crop None = no crop).
+    resize : the longer side of the input, the training images' aspect ratio kept ("auto", or (h, w) for an
+        exact frame; see PatchCore). 256 by default: the statistics per position grow with the grid.
+    crop : centre crop after resizing; None (default) keeps the whole image, defects at the border included.
     n_features : size d of the random channel subset (the paper's Rd); None or >= all channels keeps all.
     epsilon : ridge added to every covariance (paper: 0.01 I).
     blur_sigma : Gaussian blur of the upsampled distance map (paper: 4).
@@ -55,7 +57,7 @@ class PaDiM(BackboneDetector):
     """
 
     def __init__(self, backbone: str = DEFAULT_BACKBONE, stages: tuple = (1, 2, 3), weights: str | None = None,
-                 resize: int = 256, crop: int | None = 224, n_features: int | None = 100, epsilon: float = 0.01,
+                 resize: int | str | tuple = 256, crop: int | None = None, n_features: int | None = 100, epsilon: float = 0.01,
                  blur_sigma: float = 4.0, seed: int = 0, device: str = "auto"):
         self.backbone = backbone
         self.stages = stages
@@ -123,7 +125,7 @@ class PaDiM(BackboneDetector):
     def _score_batch(self, x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         emb = self.embed(x).flatten(2).transpose(1, 2)
         dist = mahalanobis(emb, self._mean_dev, self._precision_dev).cpu()
-        maps = upsample_blur(dist.reshape(len(x), *self.grid_), x.shape[-1], self.blur_sigma)
+        maps = upsample_blur(dist.reshape(len(x), *self.grid_), tuple(x.shape[-2:]), self.blur_sigma)
         return maps.flatten(1).max(1).values.numpy(), maps.numpy().astype(np.float32)
 
     def _fitted_tensors(self) -> dict[str, torch.Tensor]:

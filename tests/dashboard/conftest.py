@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-DEMO_PARAMS = {"coreset_ratio": 0.05}
+DEMO_PARAMS = {"coreset_ratio": 0.05, "resize": 256}
 
 
 @pytest.fixture(scope="session")

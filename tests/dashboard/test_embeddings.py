@@ -25,8 +25,8 @@ def test_views_cover_images_patches_and_the_coreset(workspace, tmp_path, monkeyp
     assert patches.loc[patches["defect_patch"], "score"].mean() > patches.loc[patches["split"] == "train", "score"].mean()
     assert (views.bank["kind"] == "coreset").sum() == detector.memory_bank_.shape[0]
     assert np.all(np.diff(views.coverage_radii) <= 1e-6)                        # coverage only improves
-    box = patch_box(views, 0, views.grid[1] - 1, 224)
-    assert box[0, -1] and not box[-1, 0]
+    box = patch_box(views, 0, views.grid[1] - 1, (224, 160))
+    assert box.shape == (224, 160) and box[0, -1] and not box[-1, 0]
 
     again = load_views(tmp_path)
     assert again.grid == views.grid and again.images.equals(views.images)

@@ -15,10 +15,10 @@ def test_training_saves_maps_and_masks_next_to_the_model(workspace):
     scores = store.run_scores(run_id)
     assert list(results.paths) == scores["path"].tolist()
     np.testing.assert_allclose(results.scores, scores["score"], rtol=1e-6)
-    assert results.maps.dtype == np.float16 and results.maps.shape == (23, 224, 224)
+    assert results.maps.dtype == np.float16 and results.maps.shape == (23, 256, 256)   # the whole image, no crop
     assert results.has_mask.all()                                   # the demo set has every mask
     assert not results.masks[results.labels == 0].any() and results.masks[results.labels == 1].any()
-    assert results.frame(0).shape == (224, 224, 3)
+    assert results.frame(0).shape == (256, 256, 3)
     with pytest.raises(ValueError):
         results.maps[0, 0, 0] = 1                                    # shared between sessions: read-only
 

@@ -32,7 +32,7 @@ def test_a_cancelled_training_registers_nothing():
     store = RunStore()
     dataset = load_mvtec(DEMO)
     dataset_id = store.add_dataset("demo", str(DEMO), "mvtec", {}, {})
-    job = TrainingJob(store, dataset_id, dataset, "patchcore", {"coreset_ratio": 0.05}).start()
+    job = TrainingJob(store, dataset_id, dataset, "patchcore", {"coreset_ratio": 0.05, "resize": 256}).start()
     while not job.snapshot().stages:          # cancel once it is really under way
         time.sleep(0.05)
     job.cancel()
