@@ -79,6 +79,7 @@ def run_bench(data: str | Path, detector: str = "patchcore", params: dict | None
     def end_to_end():
         reloaded.predict([subset[i] for i in range(n)], batch_size=batch_size)
 
+    search = _search_quality(reloaded, tensor)
     timings = {
         "backbone_ms": _per_image_ms(backbone, n, repeats) if extractor is not None else None,
         "predict_ms": _per_image_ms(predict_decoded, n, repeats),
@@ -94,9 +95,27 @@ def run_bench(data: str | Path, detector: str = "patchcore", params: dict | None
         # Fit against the backbone's forward pass over the same number of images: the floor of any fit.
         "fit_over_backbone": (1000 * fit_seconds / (timings["backbone_ms"] * len(train))) if timings["backbone_ms"] else None,
         "input_frame": "x".join(map(str, det.fit_info_["input_frame_hw"])), "bank_size": _bank_size(det),
-        "peak_rss_mb": _peak_rss_mb(), "model_mb": model_bytes / 2**20,
+        "peak_rss_mb": _peak_rss_mb(), "model_mb": model_bytes / 2**20, **search,
     }
     return result
+
+
+def _search_quality(det, x: torch.Tensor) -> dict:
+    """For an approximate nearest-neighbour index: recall@1 against exact search on test patches, and the
+    relative error of the patch scores (an approximate neighbour is never closer than the true one)."""
+    index = getattr(det, "_index", None)
+    if index is None or not hasattr(index, "nprobe"):
+        return {}
+    import faiss
+    emb = det.embed(x)
+    queries = np.ascontiguousarray(emb.permute(0, 2, 3, 1).reshape(-1, emb.shape[1]).numpy())
+    exact = faiss.IndexFlatL2(queries.shape[1])
+    exact.add(det.memory_bank_.numpy().astype(np.float32))
+    d_true, i_true = exact.search(queries, 1)
+    d_ann, i_ann = index.search(queries, 1)
+    return {"search_recall_at_1": float((i_true[:, 0] == i_ann[:, 0]).mean()),
+            "search_score_error": float(np.mean(np.sqrt(np.maximum(d_ann[:, 0], 0))
+                                                / np.maximum(np.sqrt(np.maximum(d_true[:, 0], 0)), 1e-12) - 1))}
 
 
 def _bank_size(det) -> int | None:
@@ -167,8 +186,49 @@ COLUMNS = [("dataset", "{}"), ("detector", "{}"), ("image_auroc", "{:.4f}"), ("p
            ("aupro", "{:.4f}"), ("f1_max", "{:.4f}"), ("input_frame", "{}"), ("fit_seconds", "{:.1f}"),
            ("fit_over_backbone", "{:.2f}"), ("backbone_ms", "{:.1f}"), ("predict_ms", "{:.1f}"),
            ("predict_over_backbone", "{:.2f}"), ("end_to_end_ms", "{:.1f}"), ("peak_rss_mb", "{:.0f}"),
-           ("model_mb", "{:.2f}")]
+           ("model_mb", "{:.2f}"), ("search_recall_at_1", "{:.4f}")]
 
+
+def run_coverage(data: str | Path, params: dict | None = None, log=print) -> dict:
+    """PatchCore's streamed coreset against one greedy pass over all training patches, at the same bank
+    size: selection time and the coverage radius each reaches (the largest distance from any training
+    patch to its nearest bank patch, in the projected space both select in, computed exactly)."""
+    import faiss
+    from .coreset import StreamingCoreset, greedy_coreset, project
+    train = load_mvtec(data).subset(split="train", label=0)
+    det = create_detector("patchcore", **(params or {}))
+    det.fit(train)
+    log(f"[coverage] {len(train)} images at {det.frame()}: {det.n_train_patches_} patches, bank {len(det.memory_bank_)}")
+    rows = []
+    for start in range(0, len(train), 16):
+        emb = det.embed(det.preprocess.images_to_tensor([train[i] for i in range(start, min(start + 16, len(train)))]))
+        rows.append(emb.permute(0, 2, 3, 1).reshape(-1, emb.shape[1]))
+    rows = torch.cat(rows)
+    z = project(rows, det.projection_dim, det.seed)
+
+    def radius(bank: torch.Tensor) -> float:
+        index = faiss.IndexFlatL2(z.shape[1])
+        index.add(project(bank, det.projection_dim, det.seed))
+        return float(np.sqrt(max(index.search(z, 1)[0].max(), 0)))
+
+    k = len(det.memory_bank_)
+    start = time.perf_counter()
+    stream = StreamingCoreset(len(rows), k, det.projection_dim, det.seed)
+    for i in range(0, len(rows), 16 * det.grid_[0] * det.grid_[1]):
+        stream.add(rows[i:i + 16 * det.grid_[0] * det.grid_[1]])
+    streamed = stream.finish()[0]
+    streamed_s = time.perf_counter() - start
+    start = time.perf_counter()
+    plain = rows[torch.from_numpy(greedy_coreset(rows, k, det.projection_dim, det.seed)[0])]
+    plain_s = time.perf_counter() - start
+    return {"dataset": Path(data).name, "input_frame": "x".join(map(str, det.frame())), "patches": len(rows),
+            "bank_size": k, "streamed_radius": radius(streamed), "plain_radius": radius(plain),
+            "streamed_seconds": streamed_s, "plain_seconds": plain_s}
+
+
+COVERAGE_COLUMNS = [("dataset", "{}"), ("input_frame", "{}"), ("patches", "{}"), ("bank_size", "{}"),
+                    ("streamed_radius", "{:.3f}"), ("plain_radius", "{:.3f}"), ("streamed_seconds", "{:.1f}"),
+                    ("plain_seconds", "{:.1f}")]
 
 SCALE_COLUMNS = [("dataset", "{}"), ("detector", "{}"), ("n_images", "{}"), ("input_frame", "{}"),
                  ("bank_size", "{}"), ("fit_seconds", "{:.1f}"), ("backbone_ms", "{:.1f}"),

@@ -150,18 +150,21 @@ def cmd_predict(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from .bench import SCALE_COLUMNS, format_table, run_bench, run_scale, write_json
+    from .bench import (COVERAGE_COLUMNS, SCALE_COLUMNS, format_table, run_bench, run_coverage, run_scale,
+                        write_json)
     results = []
     log = lambda m: print(m, file=sys.stderr)  # noqa: E731
     for data in args.data:
         for detector in args.detector:
-            if args.scale:
+            if args.coverage:
+                results.append(run_coverage(data, parse_overrides(args.set), log=log))
+            elif args.scale:
                 results.append(run_scale(data, args.scale, detector, parse_overrides(args.set), log=log))
             else:
                 results.append(run_bench(data, detector, parse_overrides(args.set), batch_size=args.batch_size,
                                          log=log))
                 print(format_table(results[-1:]), file=sys.stderr)
-    print(format_table(results, SCALE_COLUMNS if args.scale else None))
+    print(format_table(results, COVERAGE_COLUMNS if args.coverage else SCALE_COLUMNS if args.scale else None))
     write_json(results, args.json)
     print(f"wrote {args.json}", file=sys.stderr)
     return 0
@@ -205,6 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--batch-size", type=int, default=8)
     bench.add_argument("--scale", type=int, metavar="N",
                        help="only fit, on N augmented copies of the training images: time and peak memory")
+    bench.add_argument("--coverage", action="store_true",
+                       help="PatchCore's streamed coreset against one greedy pass: coverage radius and time")
     bench.add_argument("--json", default="bench_results/bench.json", help="where to write the results")
     bench.set_defaults(func=cmd_bench)
     return parser

@@ -90,6 +90,28 @@ def test_cli_bench_writes_measured_numbers(tmp_path, capsys):
     assert np.isclose(result["predict_over_backbone"], result["predict_ms"] / result["backbone_ms"])
 
 
+def test_bench_scale_and_coverage_report_what_they_measured(tmp_path, capsys):
+    from core.bench import AugmentedCopies
+    originals = [np.arange(12, dtype=np.uint8).reshape(2, 2, 3), np.zeros((2, 2, 3), np.uint8)]
+    copies = AugmentedCopies(originals, 40)
+    distinct = {copies[i].tobytes() + bytes(copies[i].shape) for i in range(16)}
+    assert len(copies) == 40 and len(distinct) == 9   # 8 turns and flips of one, the blank one once
+
+    target = tmp_path / "scale.json"
+    assert main(["bench", "--data", str(DEMO), "--scale", "60", "--set", "resize=128", "--json", str(target)]) == 0
+    [scale] = json.loads(target.read_text())
+    assert scale["n_images"] == 60 and scale["input_frame"] == "128x128" and scale["fit_seconds"] > 0
+    assert np.isclose(scale["fit_over_backbone"], 1000 * scale["fit_seconds"] / (60 * scale["backbone_ms"]))
+    target = tmp_path / "coverage.json"
+    assert main(["bench", "--data", str(DEMO), "--coverage", "--set", "resize=128", "coreset_ratio=0.1",
+                 "min_bank=100", "--json", str(target)]) == 0
+    [coverage] = json.loads(target.read_text())
+    # One chunk here: the streamed coreset is the plain greedy.
+    assert coverage["patches"] == 28 * 16 * 16 and coverage["bank_size"] == round(0.1 * 28 * 256)
+    assert coverage["streamed_radius"] == pytest.approx(coverage["plain_radius"]) and coverage["plain_radius"] > 0
+    assert "streamed_radius" in capsys.readouterr().out
+
+
 def test_cli_reports_bad_input_clearly(tmp_path, capsys):
     empty = tmp_path / "empty"
     empty.mkdir()
