@@ -7,6 +7,7 @@ import numpy as np
 import streamlit as st
 
 from core.render import heatmap_panel, region_panel, thumbnail
+from core.thresholds import is_anomalous
 from ui import state, widgets
 
 PAGE_SIZE = 24
@@ -21,7 +22,7 @@ unsaved = (image_threshold != run["thresholds"]["image"]) or (pixel_threshold !=
 st.caption(f"Run **{state.run_caption(run)}** · image threshold {image_threshold:.4g}, pixel threshold "
            f"{pixel_threshold:.4g}" + (" (moved on the Thresholds page, not saved yet)" if unsaved else ""))
 
-flagged = results.scores >= image_threshold
+flagged = is_anomalous(results.scores, image_threshold)
 anomalous = results.labels == 1
 outcome = np.where(anomalous, np.where(flagged, "TP", "FN"), np.where(flagged, "FP", "TN"))
 
@@ -55,7 +56,7 @@ if st.session_state.get("heatmap_image") not in shown:
 i = st.session_state["heatmap_image"]
 frame, amap, mask = results.frame(i), results.map(i), results.mask(i)
 score = float(results.scores[i])
-verdict = "NG" if score >= image_threshold else "OK"
+verdict = "NG" if is_anomalous(score, image_threshold) else "OK"
 head = st.columns([3, 1, 1, 1])
 head[0].subheader(results.name(i))
 head[1].metric("Score", f"{score:.4g}", delta=f"{score - image_threshold:+.3g} vs threshold",

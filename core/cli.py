@@ -123,8 +123,11 @@ def _image_paths(inputs: list[str]) -> list[Path]:
 def cmd_predict(args) -> int:
     from .data import ImageError, read_image
     from .viz import overlay, save_png
+    from .thresholds import check_threshold, is_anomalous
     detector, threshold = _detector_and_threshold(args)
     threshold = args.threshold if args.threshold is not None else threshold
+    if threshold is not None:
+        threshold = check_threshold(threshold, "image threshold")
     out = Path(args.out) if args.out else None
     if out:
         out.mkdir(parents=True, exist_ok=True)
@@ -141,7 +144,7 @@ def cmd_predict(args) -> int:
             continue
         pred = detector.predict([image])
         score = float(pred.scores[0])
-        verdict = "" if threshold is None else ("NG" if score >= threshold else "OK")
+        verdict = "" if threshold is None else ("NG" if is_anomalous(score, threshold) else "OK")
         writer.writerow([str(path), f"{score:.6g}", verdict])
         if out:
             vmax = scale_max if scale_max is not None else (2 * threshold if threshold else float(pred.maps[0].max()))

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .detectors import Detector
+from .thresholds import is_anomalous
 
 
 @dataclass(frozen=True)
@@ -18,7 +19,7 @@ class Verdict:
 
     @property
     def anomalous(self) -> bool:
-        return self.score >= self.threshold   # the same rule as core.metrics
+        return is_anomalous(self.score, self.threshold)
 
     @property
     def label(self) -> str:

@@ -17,7 +17,7 @@ from . import figures
 from .compare import run_label
 from .render import data_uri, heatmap_panel, region_panel
 from .results import RunResults
-from .thresholds import PRESET_LABELS
+from .thresholds import PRESET_LABELS, is_anomalous
 
 WORST_IMAGES = 6
 
@@ -118,7 +118,7 @@ def _metrics_table(run: dict, at: dict, image_threshold: float, pixel_threshold:
 def _image_sections(results: RunResults, threshold: float, worst: int) -> list[tuple[str, np.ndarray]]:
     """Highest-scoring images first, then the mistakes a stakeholder will ask about."""
     order = np.argsort(-results.scores, kind="stable")
-    flagged = results.scores >= threshold
+    flagged = is_anomalous(results.scores, threshold)
     normal = results.labels == 0
     missed = [i for i in order[::-1] if results.labels[i] == 1 and not flagged[i]]   # lowest scores first
     false_alarms = [i for i in order if normal[i] and flagged[i]]
@@ -129,7 +129,7 @@ def _image_sections(results: RunResults, threshold: float, worst: int) -> list[t
 
 def _image_card(results: RunResults, i: int, image_threshold: float, pixel_threshold: float, scale) -> str:
     frame, amap, mask = results.frame(i), results.map(i), results.mask(i)
-    verdict = "NG" if results.scores[i] >= image_threshold else "OK"
+    verdict = "NG" if is_anomalous(results.scores[i], image_threshold) else "OK"
     truth = "good" if results.labels[i] == 0 else f"defect: {results.defects[i]}"
     images = [data_uri(frame), data_uri(heatmap_panel(frame, amap, scale, 0.5, mask)),
               data_uri(region_panel(frame, amap, pixel_threshold, mask))]

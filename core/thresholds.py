@@ -19,6 +19,22 @@ import numpy as np
 
 PIXEL_BINS = 4096
 
+
+def check_threshold(threshold: float, what: str = "threshold") -> float:
+    """The threshold as a float; NaN or an infinity is refused (a NaN comparison would pass every part)."""
+    value = float(threshold)
+    if not np.isfinite(value):
+        raise ValueError(f"the {what} must be a finite number, not {threshold!r}")
+    return value
+
+
+def is_anomalous(scores, threshold: float):
+    """The one decision rule: anomalous (NG) when ``score >= threshold``, and whenever a score is not a
+    finite number, so that a broken computation can never let a part pass. Works on floats and arrays."""
+    scores = np.asarray(scores, dtype=np.float64)
+    flagged = ~np.isfinite(scores) | (scores >= check_threshold(threshold))
+    return bool(flagged) if flagged.ndim == 0 else flagged
+
 # How each preset is shown to users; the keys are what the run registry stores as `threshold_preset`.
 PRESET_LABELS = {
     "f1_max": "F1-max on the test set",

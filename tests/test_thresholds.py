@@ -87,3 +87,33 @@ def test_a_threshold_move_on_1000_scores_is_microseconds(scored):
     for t in np.linspace(scores.min(), scores.max(), 1000):
         dist.confusion(t)
     assert (time.perf_counter() - start) / 1000 < 1e-3
+
+
+def test_a_non_finite_score_is_never_ok_and_a_non_finite_threshold_is_refused():
+    from core.inspection import Verdict
+    from core.thresholds import is_anomalous
+    assert is_anomalous(np.nan, 1.0) and is_anomalous(np.inf, 1.0) and is_anomalous(-np.inf, 1.0)
+    assert not is_anomalous(0.5, 1.0) and is_anomalous(1.0, 1.0)
+    np.testing.assert_array_equal(is_anomalous(np.array([0.2, np.nan, 3.0]), 1.0), [False, True, True])
+    for bad in (np.nan, np.inf, -np.inf):
+        with pytest.raises(ValueError, match="finite"):
+            is_anomalous(0.5, bad)
+    assert Verdict(float("nan"), 1.0, np.zeros((2, 2)), 0.0).label == "NG"
+
+
+def test_a_model_holding_nan_is_refused_at_load_and_predict_refuses_a_nan_threshold(tmp_path, demo, capsys):
+    from safetensors.torch import load_file, save_file
+    from core.cli import main
+    from core.detectors import create_detector, load_detector
+    det = create_detector("patchcore", resize=64, coreset_ratio=0.1).fit(demo.subset(split="train")[:3])
+    folder = det.save(tmp_path / "model")
+    image = str(demo.subset(split="test").paths[0])
+    assert main(["predict", "--model", str(folder), "--threshold", "nan", image]) == 2
+    assert "finite" in capsys.readouterr().err
+    tensors = load_file(folder / "fitted.safetensors")
+    tensors["memory_bank"][3, 5] = float("nan")
+    save_file(tensors, folder / "fitted.safetensors")
+    with pytest.raises(ValueError, match="NaN or infinite.*memory_bank|memory_bank.*NaN or infinite"):
+        load_detector(folder)
+    assert main(["predict", "--model", str(folder), "--threshold", "1.0", image]) == 2
+    assert "damaged" in capsys.readouterr().err

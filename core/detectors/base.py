@@ -214,7 +214,13 @@ class Detector:
             config["input_frame"] = list(params["resize"])
         det = cls(**params)
         det.input_frame_ = tuple(int(v) for v in config["input_frame"])
-        det._restore(load_file(folder / "fitted.safetensors"), config["fitted"])
+        tensors = load_file(folder / "fitted.safetensors")
+        for key, value in tensors.items():
+            if value.is_floating_point() and not torch.isfinite(value).all():
+                # A NaN in a memory bank or a statistic turns every score into NaN: refuse the model.
+                raise ValueError(f"{folder}: the fitted tensor {key!r} holds NaN or infinite values; the model "
+                                 f"file is damaged: train the model again or restore a good copy")
+        det._restore(tensors, config["fitted"])
         det.fit_info_ = config["fit_info"]
         return det
 
