@@ -28,7 +28,10 @@ def parse_overrides(pairs: list[str]) -> dict:
         try:
             params[key] = ast.literal_eval(value)
         except (ValueError, SyntaxError):
-            params[key] = value
+            try:
+                params[key] = float(value)   # "nan" and "inf" are numbers (refused later, by name)
+            except ValueError:
+                params[key] = value
     return params
 
 
@@ -49,6 +52,8 @@ class LogProgress:
 def _load_any(path: str, dest_dir: Path | None = None):
     from .data import load_dataset
     from .workspace import workspace_dir
+    if not str(path).strip():
+        raise ValueError("--data is empty: name a dataset folder or a .zip archive")
     p = Path(path)
     kind = "zip" if p.suffix.lower() == ".zip" else ("mvtec" if (p / "train").is_dir() else "folder")
     # Each load of an archive extracts into its own folder: load_zip refuses a non-empty destination.

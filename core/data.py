@@ -102,6 +102,17 @@ def _as_stream(source):
     name = _source_name(source)
     if isinstance(source, (str, os.PathLike)):
         try:
+            mode = os.stat(source).st_mode
+        except FileNotFoundError:
+            raise ImageError(name, "file not found") from None
+        except OSError as e:
+            raise ImageError(name, f"cannot open file ({e.strerror or e})") from None
+        if stat.S_ISDIR(mode):
+            raise ImageError(name, "is a folder, not an image file")
+        if not stat.S_ISREG(mode):
+            # Opening a named pipe or a device would block or read for ever.
+            raise ImageError(name, "is not a regular file (a pipe, socket or device)")
+        try:
             return open(source, "rb"), name
         except FileNotFoundError:
             raise ImageError(name, "file not found") from None
@@ -495,7 +506,8 @@ def _walk_files(root: Path) -> list[Path]:
     out = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        out.extend(Path(dirpath) / f for f in sorted(filenames) if not f.startswith("."))
+        out.extend(p for p in (Path(dirpath) / f for f in sorted(filenames) if not f.startswith("."))
+                   if p.is_file())   # regular files (or links to them): a named pipe would block a reader
     return out
 
 

@@ -129,3 +129,22 @@ def test_cli_trains_twice_from_the_same_zip(tmp_path, capsys):
         assert main(["train", "--data", archive, *FAST]) == 0
         run_ids.append(json.loads(capsys.readouterr().out)["run_id"])
     assert run_ids == [1, 2]
+
+
+def test_cli_refuses_empty_data_unknown_and_non_finite_parameters_and_pipes(tmp_path, capsys):
+    import os
+    assert main(["train", "--data", ""]) == 2
+    assert "--data is empty" in capsys.readouterr().err
+    assert main(["train", "--data", str(DEMO), "--set", "bogus_param=1"]) == 2
+    assert "no parameter 'bogus_param'" in capsys.readouterr().err
+    assert main(["train", "--data", str(DEMO), "--set", "coreset_ratio=nan"]) == 2
+    assert "finite" in capsys.readouterr().err
+    # A named pipe in a folder or as a path must not block a reader for ever.
+    folder = tmp_path / "with_pipe"
+    folder.mkdir()
+    os.mkfifo(folder / "camera.png")
+    from core.data import ImageError, load_folder, read_image
+    with pytest.raises(ImageError, match="not a regular file"):
+        read_image(folder / "camera.png")
+    with pytest.raises(ValueError):          # nothing usable left: an empty set, said so
+        load_folder(folder)

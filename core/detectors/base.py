@@ -313,7 +313,15 @@ def get_detector_class(name: str) -> type[Detector]:
 
 
 def create_detector(name: str, **params) -> Detector:
-    return get_detector_class(name)(**params)
+    cls = get_detector_class(name)
+    unknown = sorted(set(params) - set(cls.param_names()))
+    if unknown:
+        raise ValueError(f"{name} has no parameter {', '.join(map(repr, unknown))}; "
+                         f"its parameters: {', '.join(cls.param_names())}")
+    for key, value in params.items():
+        if isinstance(value, (float, np.floating)) and not np.isfinite(value):
+            raise ValueError(f"{name} parameter {key!r} must be a finite number, not {value!r}")
+    return cls(**params)
 
 
 def load_detector(folder: str | Path) -> Detector:
