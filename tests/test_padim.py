@@ -32,3 +32,23 @@ def test_fitted_gaussians_match_numpy_mean_and_covariance(demo):
     # The channel subset depends on the seed only.
     again = create_detector("padim", n_features=8, resize=96, crop=64, seed=3).fit(images[:2])
     assert torch.equal(again.channel_idx_, det.channel_idx_)
+
+
+def test_precision_is_saved_as_one_triangle_and_full_matrices_still_load(demo, tmp_path):
+    from safetensors.torch import load_file, save_file
+    from core.detectors import load_detector
+    images = [demo.subset(split="train")[i] for i in range(4)]
+    det = create_detector("padim", n_features=8, resize=64, seed=1).fit(images)
+    assert torch.equal(det.precision_, det.precision_.transpose(1, 2))
+    folder = det.save(tmp_path / "model")
+    tensors = load_file(folder / "fitted.safetensors")
+    assert "precision" not in tensors and tensors["precision_lower"].shape[-1] == 8 * 9 // 2
+    loaded = load_detector(folder)
+    assert torch.equal(loaded.precision_, det.precision_)
+    # A model written with the full matrices (before this change) scores the same.
+    tensors["precision"] = det.precision_
+    del tensors["precision_lower"]
+    save_file(tensors, folder / "fitted.safetensors")
+    old = load_detector(folder)
+    test = demo.subset(split="test")[:2]
+    np.testing.assert_array_equal(old.score_maps(test)[0], det.score_maps(test)[0])

@@ -114,7 +114,9 @@ class PaDiM(BackboneDetector):
         # Contiguous, as saved: a batched inverse comes back column-major, and a different memory layout
         # would change the summation order (and the last bits of the scores) after a save/load round trip.
         self.mean_ = mean.float().cpu().contiguous()
-        self.precision_ = torch.linalg.inv(cov).float().cpu().contiguous()
+        precision = torch.linalg.inv(cov)
+        # Exactly symmetric, so that only its lower triangle needs saving (half the model file).
+        self.precision_ = ((precision + precision.transpose(1, 2)) / 2).float().cpu().contiguous()
         progress("gaussians", 1, 1)
         self._move()
 
@@ -129,7 +131,9 @@ class PaDiM(BackboneDetector):
         return maps.flatten(1).max(1).values.numpy(), maps.numpy().astype(np.float32)
 
     def _fitted_tensors(self) -> dict[str, torch.Tensor]:
-        return {"channel_idx": self.channel_idx_, "mean": self.mean_, "precision": self.precision_}
+        rows, cols = torch.tril_indices(*self.precision_.shape[1:])
+        return {"channel_idx": self.channel_idx_, "mean": self.mean_,
+                "precision_lower": self.precision_[:, rows, cols]}
 
     def _fitted_json(self) -> dict:
         return {"grid": list(self.grid_)}
@@ -137,7 +141,16 @@ class PaDiM(BackboneDetector):
     def _restore(self, tensors: dict[str, torch.Tensor], fitted: dict) -> None:
         self.channel_idx_ = tensors["channel_idx"]
         self.mean_ = tensors["mean"]
-        self.precision_ = tensors["precision"]
+        if "precision" in tensors:          # models saved before the precision was stored as a triangle
+            self.precision_ = tensors["precision"]
+        else:
+            lower = tensors["precision_lower"]
+            d = self.mean_.shape[1]
+            rows, cols = torch.tril_indices(d, d)
+            full = lower.new_zeros((len(lower), d, d))
+            full[:, rows, cols] = lower
+            full[:, cols, rows] = lower
+            self.precision_ = full.contiguous()
         self.grid_ = tuple(fitted["grid"])
         self._move()
 
