@@ -5,7 +5,7 @@ import streamlit as st
 
 from core.backbones import OFFLINE_WEIGHTS
 from core.detectors import list_detectors
-from core.training import TrainingJob, param_specs, parse_value
+from core.training import TrainingJob, chosen_settings, param_specs, parse_value
 from ui import state, widgets
 
 # Parameters with widgets of their own (the backbone is chosen above the others).
@@ -39,6 +39,8 @@ if trained:
     st.success(f"Run #{run['id']} is ready ({trained[1]:.0f} s)"
                + (f": image AUROC {metrics['image_auroc']:.3f}" if "image_auroc" in metrics else "") + ".",
                icon=":material/check_circle:")
+    for line in chosen_settings(run["model_card"] or {}):
+        st.caption(line)
     st.markdown("**Next:**")
     cols = st.columns(4)
     cols[0].page_link("app_pages/thresholds.py", label="Set the threshold", icon=":material/tune:")

@@ -195,3 +195,23 @@ class TrainingJob:
             run_id, status, error = None, "failed", f"{type(exc).__name__}: {exc}"
         with self._lock:
             self._run_id, self._status, self._error, self._end = run_id, status, error, time.perf_counter()
+
+
+def chosen_settings(card: dict) -> list[str]:
+    """What a fit decided from the data itself, in words, from a run's model card."""
+    lines = []
+    frame, stretch = card.get("input_frame_hw"), card.get("aspect_stretch")
+    if frame:
+        resize = card.get("params", {}).get("resize")
+        how = ("the training images' own size" if resize == "auto" else "the training images' aspect ratio"
+               if isinstance(resize, int) else "as set")
+        line = f"Input frame {frame[0]} x {frame[1]} px (H x W), from {how}"
+        if stretch and stretch > 1.05:
+            line += f"; the most off-shape training image is stretched {stretch:.2f}x to fit it"
+        lines.append(line + ".")
+    bank = card.get("memory_bank")
+    if bank:
+        share = bank["patches"] / max(bank["from_training_patches"], 1)
+        lines.append(f"Memory bank: {bank['patches']:,} of {bank['from_training_patches']:,} training patches "
+                     f"({share:.1%}), nearest-neighbour search {bank.get('search', 'exact')}.")
+    return lines

@@ -26,6 +26,18 @@ def test_param_specs_carry_defaults_types_and_help():
     assert specs["reweight"].kind == "bool" and specs["stages"].kind == "literal"
     assert specs["seed"].help                                          # filled from the shared texts
     assert parse_value(specs["stages"], "(1, 2)") == (1, 2) and parse_value(specs["weights"], "None") is None
+    # "auto" parameters take a word, a number or a tuple
+    assert specs["resize"].kind == "literal" and parse_value(specs["resize"], "auto") == "auto"
+    assert parse_value(specs["resize"], "384") == 384 and parse_value(specs["resize"], "(256, 512)") == (256, 512)
+
+
+def test_the_fit_says_what_it_chose_from_the_data(workspace):
+    from core.training import chosen_settings
+    card = workspace["store"].get_run(workspace["run_id"])["model_card"]
+    frame, bank = chosen_settings(card)
+    assert frame.startswith("Input frame 256 x 256 px") and "aspect ratio" in frame
+    assert "stretched" in chosen_settings({**card, "aspect_stretch": 1.8})[0]
+    assert bank.startswith(f"Memory bank: {card['memory_bank']['patches']:,} of") and "exact" in bank
 
 
 def test_a_cancelled_training_registers_nothing():
