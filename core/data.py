@@ -57,6 +57,9 @@ __all__ = [
 ]
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
+# The only Pillow decoders ever tried (JPEG's also opens the multi-picture JPEGs some cameras write): a file
+# that is really EPS, PDF or another format never reaches its plugin (EPS would be handed to Ghostscript).
+IMAGE_FORMATS = ("PNG", "JPEG", "BMP", "TIFF", "WEBP")
 MAX_PIXELS = 80_000_000            # images above this many pixels are refused (read at call time: patchable)
 MAX_ZIP_MEMBER_BYTES = 256 * 2**20  # one member of an uploaded zip
 MAX_ZIP_TOTAL_BYTES = 2 * 2**30     # all extracted members together (zip-bomb guard)
@@ -145,7 +148,7 @@ def _open_header(stream, name: str, check_limit: int | None) -> Image.Image:
         # Pillow warns above Image.MAX_IMAGE_PIXELS: swallow it here (our own limit below decides) ...
         with _OPEN_LOCK, warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(stream)
+            img = Image.open(stream, formats=IMAGE_FORMATS)
     except Image.DecompressionBombError as e:  # ... and refuses outright above twice that.
         found = re.search(r"\((\d+) pixels\)", str(e))
         n = int(found.group(1)) if found else None
@@ -163,7 +166,8 @@ def _open_header(stream, name: str, check_limit: int | None) -> Image.Image:
         except Exception:  # noqa: BLE001
             pass
         raise ImageError(name, "empty file (0 bytes)" if empty
-                         else "not a recognised image format (the file is not an image, or is damaged)") from None
+                         else "not a recognised image format (PNG, JPEG, BMP, TIFF or WebP are read; the file "
+                              "is in another format, is not an image, or is damaged)") from None
     except Exception as e:  # noqa: BLE001 - any parser failure is a bad file, not a crash
         raise ImageError(name, f"cannot read image header ({type(e).__name__}: {e})") from None
     if check_limit is not None:

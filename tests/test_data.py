@@ -626,3 +626,19 @@ def test_real_magnetic_tile_grey_as_rgb():
         assert img.ndim == 3 and img.shape[2] == 3 and img.dtype == np.uint8
         assert np.array_equal(img[:, :, 0], img[:, :, 2])
         assert m is not None and m.shape == img.shape[:2]
+
+
+def test_only_the_supported_formats_are_ever_decoded(tmp_path):
+    # An EPS (PostScript) file named .png must never reach Pillow's EPS plugin (and Ghostscript).
+    eps = tmp_path / "label.png"
+    eps.write_bytes(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n")
+    with pytest.raises(ImageError, match="not a recognised image format"):
+        read_image(eps)
+    gif = tmp_path / "anim.png"
+    Image.new("RGB", (4, 4)).save(gif, format="GIF")
+    with pytest.raises(ImageError, match="PNG, JPEG, BMP, TIFF or WebP"):
+        read_image(gif)
+    for fmt in ("PNG", "JPEG", "BMP", "TIFF", "WEBP"):
+        path = tmp_path / f"ok.{fmt.lower()}"
+        Image.new("RGB", (4, 3), (10, 20, 30)).save(path, format=fmt)
+        assert read_image(path).shape == (3, 4, 3)
