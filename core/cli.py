@@ -126,7 +126,7 @@ def _image_paths(inputs: list[str]) -> list[Path]:
 
 
 def cmd_predict(args) -> int:
-    from .data import ImageError, read_image
+    from .data import IMAGE_SUFFIXES, ImageError, read_image
     from .viz import overlay, save_png
     from .thresholds import check_threshold, is_anomalous
     detector, threshold = _detector_and_threshold(args)
@@ -135,12 +135,18 @@ def cmd_predict(args) -> int:
         threshold = check_threshold(threshold, "image threshold")
     out = Path(args.out) if args.out else None
     if out:
+        if out.exists() and not out.is_dir():
+            raise ValueError(f"--out {out} is a file: name a folder for the heatmaps")
         out.mkdir(parents=True, exist_ok=True)
+    paths = _image_paths(args.images)
+    if not paths:
+        raise ValueError(f"no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) in {' '.join(args.images)}")
     writer = csv.writer(sys.stdout)
-    writer.writerow(["path", "score", "verdict"])
+    writer.writerow(["path", "score", "verdict", *(["heatmap"] if out else [])])
     scale_max = args.vmax
     failed = 0
-    for path in _image_paths(args.images):
+    used: set[str] = set()
+    for path in paths:
         try:
             image = read_image(path)
         except ImageError as exc:
@@ -150,10 +156,18 @@ def cmd_predict(args) -> int:
         pred = detector.predict([image])
         score = float(pred.scores[0])
         verdict = "" if threshold is None else ("NG" if is_anomalous(score, threshold) else "OK")
-        writer.writerow([str(path), f"{score:.6g}", verdict])
-        if out:
-            vmax = scale_max if scale_max is not None else (2 * threshold if threshold else float(pred.maps[0].max()))
-            save_png(overlay(image, pred.maps[0], 0.0, vmax), out / f"{path.stem}_heatmap.png")
+        if not out:
+            writer.writerow([str(path), f"{score:.6g}", verdict])
+            continue
+        # Images from different folders may share a name: never let one heatmap overwrite another.
+        name, n = f"{path.stem}_heatmap.png", 1
+        while name in used:
+            n += 1
+            name = f"{path.stem}_{n}_heatmap.png"
+        used.add(name)
+        writer.writerow([str(path), f"{score:.6g}", verdict, str(out / name)])
+        vmax = scale_max if scale_max is not None else (2 * threshold if threshold else float(pred.maps[0].max()))
+        save_png(overlay(image, pred.maps[0], 0.0, vmax), out / name)
     return 1 if failed else 0
 
 

@@ -2,6 +2,7 @@
 import csv
 import io
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -148,3 +149,28 @@ def test_cli_refuses_empty_data_unknown_and_non_finite_parameters_and_pipes(tmp_
         read_image(folder / "camera.png")
     with pytest.raises(ValueError):          # nothing usable left: an empty set, said so
         load_folder(folder)
+
+
+def test_predict_refuses_a_file_as_out_and_an_empty_input_and_never_overwrites_a_heatmap(tmp_path, capsys):
+    from core.detectors import create_detector
+    from core.data import load_mvtec
+    folder = create_detector("patchcore", resize=64, coreset_ratio=0.1).fit(
+        load_mvtec(DEMO).subset(split="train")[:3]).save(tmp_path / "model")
+    image = DEMO / "test" / "good" / "04.jpg"
+    blocker = tmp_path / "heat.txt"
+    blocker.write_text("keep me")
+    assert main(["predict", "--model", str(folder), str(image), "--out", str(blocker)]) == 2
+    assert "is a file" in capsys.readouterr().err and blocker.read_text() == "keep me"
+    empty = tmp_path / "nothing"
+    empty.mkdir()
+    assert main(["predict", "--model", str(folder), str(empty)]) == 2
+    assert "no image files" in capsys.readouterr().err
+    # Two images named 04.jpg from two folders: two heatmaps, each named in the CSV.
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "04.jpg").write_bytes((DEMO / "test" / "colour" / "00.jpg").read_bytes())
+    assert main(["predict", "--model", str(folder), str(image), str(other / "04.jpg"),
+                 "--out", str(tmp_path / "heat")]) == 0
+    rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    assert [Path(r["heatmap"]).name for r in rows] == ["04_heatmap.png", "04_2_heatmap.png"]
+    assert all(Path(r["heatmap"]).is_file() for r in rows)
