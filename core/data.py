@@ -904,7 +904,28 @@ def load_dataset(path, **kw) -> ImageSet:
     kw.pop("dest_dir", None)
     if _find_mvtec_root(p.resolve()) is not None:
         return load_mvtec(p, **kw)
+    problem = _broken_mvtec_layout(p.resolve())
+    if problem:
+        # Falling back to a plain folder would train on test anomalies and masks as "good" images.
+        raise ValueError(f"{p.name}: {problem}")
     return load_folder(p, **kw)
+
+
+def _broken_mvtec_layout(root: Path) -> str | None:
+    """Why a folder that looks like an MVTec-layout set is not one (None when it does not look like one)."""
+    candidates = [root] + [d for d in sorted(root.iterdir()) if d.is_dir() and not d.name.startswith(".")]
+    roots = [d for d in candidates if (d / "train" / "good").is_dir()]
+    if len(roots) > 1:
+        return (f"holds {len(roots)} MVTec-layout datasets ({', '.join(d.name + '/' for d in roots)}): "
+                "choose one of them")
+    for d in candidates:
+        has_split = any((d / part).is_dir() for part in ("test", "ground_truth", "train"))
+        if has_split and not (d / "train" / "good").is_dir():
+            where = "" if d == root else f"{d.name}/"
+            return (f"looks like an MVTec-layout set ({where}test/, ground_truth/ or train/) but "
+                    f"{where}train/good/ is missing or not a folder: fix the layout, or point at a plain folder "
+                    "of normal images")
+    return None
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -642,3 +642,29 @@ def test_only_the_supported_formats_are_ever_decoded(tmp_path):
         path = tmp_path / f"ok.{fmt.lower()}"
         Image.new("RGB", (4, 3), (10, 20, 30)).save(path, format=fmt)
         assert read_image(path).shape == (3, 4, 3)
+
+
+def test_a_broken_mvtec_layout_is_refused_not_read_as_normal_images(tmp_path):
+    from core.data import load_dataset
+    good = tmp_path / "good.png"
+    Image.new("RGB", (8, 8)).save(good)
+    # train/good is a file: the test anomalies must not become "normal" training images.
+    broken = tmp_path / "broken"
+    (broken / "test" / "crack").mkdir(parents=True)
+    (broken / "train").mkdir()
+    (broken / "train" / "good").write_text("oops")
+    (broken / "test" / "crack" / "000.png").write_bytes(good.read_bytes())
+    with pytest.raises(ValueError, match="train/good/ is missing or not a folder"):
+        load_dataset(broken)
+    # Two datasets under one folder (a zip with two roots, unpacked): say so.
+    two = tmp_path / "two"
+    for name in ("a", "b"):
+        (two / name / "train" / "good").mkdir(parents=True)
+        (two / name / "train" / "good" / "0.png").write_bytes(good.read_bytes())
+    with pytest.raises(ValueError, match="holds 2 MVTec-layout datasets"):
+        load_dataset(two)
+    # A plain folder of normal images, in subfolders, is still a plain folder.
+    plain = tmp_path / "plain" / "line1"
+    plain.mkdir(parents=True)
+    (plain / "0.png").write_bytes(good.read_bytes())
+    assert len(load_dataset(tmp_path / "plain")) == 1
