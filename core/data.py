@@ -267,10 +267,16 @@ def read_image(source, max_pixels: int | None = None) -> np.ndarray:
     return _to_rgb(img, name)
 
 
-def _mask_from_image(img: Image.Image) -> np.ndarray:
+def _mask_from_image(img: Image.Image, notes: list[str] | None = None) -> np.ndarray:
     mode = img.mode
     if mode == "1" or mode == "L" or mode.startswith("I") or mode == "F":
-        return np.asarray(img) != 0
+        a = np.asarray(img)
+        levels = np.unique(a)
+        if len(levels) > 2 and notes is not None:
+            # A JPEG or antialiased mask: "nonzero" would swell every defect by its compression noise.
+            notes.append(f"mask is not binary ({len(levels)} grey levels{', a JPEG' if img.format == 'JPEG' else ''}):"
+                         f" pixels at or above half its maximum count as defect")
+        return a >= levels[-1] / 2 if len(levels) > 2 else a != 0
     has_alpha = mode in ("RGBA", "RGBa", "LA", "La", "PA") or "transparency" in img.info
     if has_alpha:
         rgba = np.asarray(img.convert("RGBA"))
@@ -281,15 +287,16 @@ def _mask_from_image(img: Image.Image) -> np.ndarray:
     return (np.asarray(img.convert("RGB")) != 0).any(axis=2)
 
 
-def read_mask(source, max_pixels: int | None = None) -> np.ndarray:
+def read_mask(source, max_pixels: int | None = None, notes: list[str] | None = None) -> np.ndarray:
     """Decode a ground-truth mask into an ``HxW bool`` array: nonzero = defect.
 
     Colour masks count a pixel as defect when any channel is nonzero. Masks with a varying alpha channel (drawn on
-    a transparent background) use opacity: alpha > 0 = defect. Errors as :func:`read_image`.
+    a transparent background) use opacity: alpha > 0 = defect. Grey masks with more than two levels (JPEG,
+    antialiased) are thresholded at half their maximum, and say so in `notes`. Errors as :func:`read_image`.
     """
     img, _, name = _decode(source, max_pixels)
     try:
-        return np.ascontiguousarray(_mask_from_image(img), dtype=bool)
+        return np.ascontiguousarray(_mask_from_image(img, notes), dtype=bool)
     except Exception as e:  # noqa: BLE001
         raise ImageError(name, f"cannot interpret as a mask (mode {img.mode!r}: {e})") from None
 
@@ -413,8 +420,9 @@ class ImageSet(collections.abc.Sequence):
             return np.zeros(self._hw(s.path), dtype=bool)
         if s.mask_path is None:
             return None
+        notes: list[str] = []
         try:
-            m = read_mask(s.mask_path)
+            m = read_mask(s.mask_path, notes=notes)
         except ImageError as e:
             self._warn_once(s, f"mask unreadable ({e.reason}): image kept for image-level metrics only")
             return None
@@ -423,6 +431,8 @@ class ImageSet(collections.abc.Sequence):
             self._warn_once(s, f"mask is {m.shape[1]}x{m.shape[0]} but the image is {hw[1]}x{hw[0]} (WxH): "
                                "mask ignored, image kept for image-level metrics only")
             return None
+        for note in notes:
+            self._warn_once(s, note)
         return m
 
     def _warn_once(self, s: Sample, message: str) -> None:

@@ -668,3 +668,21 @@ def test_a_broken_mvtec_layout_is_refused_not_read_as_normal_images(tmp_path):
     plain.mkdir(parents=True)
     (plain / "0.png").write_bytes(good.read_bytes())
     assert len(load_dataset(tmp_path / "plain")) == 1
+
+
+def test_a_jpeg_mask_is_thresholded_at_half_and_reported(tmp_path):
+    root = tmp_path / "set"
+    for d in ("train/good", "test/crack", "ground_truth/crack"):
+        (root / d).mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(root / "train/good" / f"{i}.png")
+    Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(root / "test/crack/000.png")
+    drawn = np.zeros((64, 64), np.uint8)
+    drawn[13:31, 19:37] = 255                            # off the 8 x 8 JPEG blocks: a compression halo
+    Image.fromarray(drawn).save(root / "ground_truth/crack/000_mask.png", format="JPEG", quality=50)
+    ds = load_mvtec(root)
+    mask = ds.mask(len(ds) - 1)
+    assert abs(int(mask.sum()) - 18 * 18) <= 18          # the square, not its compression halo
+    assert int((np.asarray(Image.open(root / "ground_truth/crack/000_mask.png")) != 0).sum()) > 18 * 18 + 40
+    assert any("not binary" in w and "JPEG" in w for _, w in ds.report.warnings)
