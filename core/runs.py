@@ -55,9 +55,13 @@ import pandas as pd
 
 from core.workspace import workspace_dir
 
-__all__ = ["RunStore", "SCHEMA_VERSION", "DATASET_KINDS", "REGISTRY_FILENAME", "to_json"]
+__all__ = ["RunStore", "RegistryError", "SCHEMA_VERSION", "DATASET_KINDS", "REGISTRY_FILENAME", "to_json"]
 
 SCHEMA_VERSION = 1
+
+
+class RegistryError(ValueError):
+    """The registry file cannot be used (not a database, or written by a newer AnomalyScope)."""
 REGISTRY_FILENAME = "registry.sqlite"
 DATASET_KINDS = ("mvtec", "folder", "zip", "upload")
 BUSY_TIMEOUT_S = 30.0
@@ -264,6 +268,15 @@ class RunStore:
             conn.close()
 
     def _init_schema(self) -> None:
+        try:
+            self._create_or_check_schema()
+        except sqlite3.DatabaseError as exc:
+            if "not a database" not in str(exc) and "malformed" not in str(exc):
+                raise
+            raise RegistryError(f"{self.path} is not a usable AnomalyScope registry ({exc}): move it aside, or "
+                                f"point --registry or $ANOMALYSCOPE_HOME elsewhere") from None
+
+    def _create_or_check_schema(self) -> None:
         conn = self._connect()
         try:
             conn.execute("PRAGMA journal_mode = WAL")  # persistent: stored in the file
@@ -271,7 +284,7 @@ class RunStore:
                 conn.execute("BEGIN IMMEDIATE")
                 version = conn.execute("PRAGMA user_version").fetchone()[0]
                 if version > SCHEMA_VERSION:
-                    raise RuntimeError(
+                    raise RegistryError(
                         f"{self.path} has registry schema version {version}, newer than this "
                         f"AnomalyScope understands ({SCHEMA_VERSION}); upgrade AnomalyScope")
                 if version < SCHEMA_VERSION:

@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from core.runs import SCHEMA_VERSION, RunStore, to_json
+from core.runs import SCHEMA_VERSION, RegistryError, RunStore, to_json
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -76,8 +76,16 @@ def test_newer_schema_is_refused(tmp_path):
     conn = sqlite3.connect(path)
     conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
     conn.close()
-    with pytest.raises(RuntimeError, match="newer"):
+    with pytest.raises(RegistryError, match="newer"):
         RunStore(path)
+
+
+def test_a_file_that_is_not_a_registry_is_refused_with_a_way_out(tmp_path):
+    path = tmp_path / "reg.sqlite"
+    path.write_text("these are my notes")
+    with pytest.raises(RegistryError, match="not a usable AnomalyScope registry.*move it aside"):
+        RunStore(path)
+    assert path.read_text() == "these are my notes"
 
 
 def test_default_path_comes_from_anomalyscope_home(tmp_path, monkeypatch):

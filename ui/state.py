@@ -17,7 +17,7 @@ from core.embeddings import VIEWS_FILE, FeatureViews, load_views
 from core.inspection import warm_up
 from core.pipeline import run_results
 from core.results import RunResults
-from core.runs import REGISTRY_FILENAME, RunStore
+from core.runs import REGISTRY_FILENAME, RegistryError, RunStore
 from core.thresholds import ScoreDistribution
 from core.uploads import open_dataset
 from core.workspace import workspace_dir
@@ -34,7 +34,11 @@ def _store(path: str) -> RunStore:
 
 
 def store() -> RunStore:
-    return _store(str(workspace_dir() / REGISTRY_FILENAME))
+    try:
+        return _store(str(workspace_dir() / REGISTRY_FILENAME))
+    except RegistryError as exc:   # a page cannot work without it: say why and how to fix it, on every page
+        st.error(str(exc), icon=":material/database:")
+        st.stop()
 
 
 def _registry() -> str:

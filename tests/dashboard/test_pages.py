@@ -271,3 +271,14 @@ def test_two_sessions_tune_thresholds_without_touching_each_other(workspace):
     assert metric(first, "False alarms") == "6" and metric(second, "False alarms") == "0"
     assert float(metric(second, "Threshold")) == pytest.approx(saved, rel=1e-3)
     assert workspace["store"].get_run(run_id)["thresholds"]["image"] == saved    # nothing saved by moving
+
+
+def test_a_damaged_registry_is_explained_on_the_page_not_a_traceback(tmp_path):
+    from core.runs import REGISTRY_FILENAME
+    from core.workspace import workspace_dir
+    workspace_dir().mkdir(parents=True, exist_ok=True)
+    (workspace_dir() / REGISTRY_FILENAME).write_text("not a database")
+    at = AppTest.from_file(APP, default_timeout=120)
+    at.run()
+    assert not at.exception
+    assert "not a usable AnomalyScope registry" in at.error[0].value
