@@ -162,7 +162,14 @@ def to_json(obj: Any) -> str:
 
 
 def _from_json(text: str | None) -> Any:
-    return {} if text is None else json.loads(text)
+    """A stored JSON column; a damaged one (edited by hand, cut short) reads as {"unreadable": reason}, so
+    one bad row never hides every other run."""
+    if text is None:
+        return {}
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError) as exc:
+        return {"unreadable": f"damaged JSON in the registry ({type(exc).__name__})"}
 
 
 def _as_id(value: Any, what: str) -> int:

@@ -377,3 +377,18 @@ def test_two_stores_in_two_threads_write_concurrently(tmp_path):
     assert sum(r["deployed"] for r in runs) == 1
     assert {r["detector"] for r in runs} == {"det0", "det1"}
     assert count(path, "scores") == 2000
+
+
+def test_one_run_with_damaged_json_does_not_hide_the_others(tmp_path):
+    path = tmp_path / "reg.sqlite"
+    store = RunStore(path)
+    ds = store.add_dataset(name="a", source="/x", kind="folder", summary={}, report={})
+    good = store.add_run(dataset_id=ds, detector="patchcore", params={"k": 1}, model_path="/m1",
+                         metrics={"image_auroc": 0.9}, timings={}, model_card={}, scores=[])
+    bad = store.add_run(dataset_id=ds, detector="padim", params={}, model_path="/m2", metrics={}, timings={},
+                        model_card={}, scores=[])
+    with sqlite3.connect(path) as conn:
+        conn.execute("UPDATE runs SET metrics = ?, params = ? WHERE id = ?", ("{not json", "[" * 100000, bad))
+    runs = {r["id"]: r for r in RunStore(path).list_runs()}
+    assert runs[good]["metrics"] == {"image_auroc": 0.9} and runs[good]["params"] == {"k": 1}
+    assert "damaged JSON" in runs[bad]["metrics"]["unreadable"] and "unreadable" in runs[bad]["params"]
