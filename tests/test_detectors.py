@@ -80,3 +80,44 @@ def test_model_card_describes_the_model(name, fitted):
 def test_bad_parameters_are_refused_by_name_before_any_work(name, bad, message):
     with pytest.raises(ValueError, match=message):
         create_detector(name, **bad).fit([np.zeros((64, 64, 3), np.uint8)] * 4)
+
+
+def test_damaged_model_folders_are_one_clear_error_each(tmp_path, demo):
+    import json
+    import shutil
+    from core.cli import main
+    from core.detectors import ModelFolderError
+    good = create_detector("patchcore", resize=64, coreset_ratio=0.1).fit(demo.subset(split="train")[:3])
+    source = good.save(tmp_path / "good")
+    config = json.loads((source / "config.json").read_text())
+
+    def variant(name, edit_config=None, tensors_bytes=None, remove=None):
+        folder = tmp_path / name
+        shutil.copytree(source, folder)
+        if edit_config:
+            c = json.loads(json.dumps(config))
+            edit_config(c)
+            (folder / "config.json").write_text(json.dumps(c))
+        if tensors_bytes is not None:
+            (folder / "fitted.safetensors").write_bytes(tensors_bytes(
+                (source / "fitted.safetensors").read_bytes()))
+        if remove:
+            (folder / remove).unlink()
+        return folder
+
+    cases = {
+        "truncated tensors": variant("cut", tensors_bytes=lambda b: b[: len(b) // 2]),
+        "a pickle as tensors": variant("pickle", tensors_bytes=lambda b: b"\x80\x04\x95" + b"\x00" * 64),
+        "no tensors": variant("none", remove="fitted.safetensors"),
+        "config not JSON": variant("text", edit_config=None, remove=None),
+        "unknown parameter": variant("param", edit_config=lambda c: c["params"].update(bogus=1)),
+        "absurd frame": variant("frame", edit_config=lambda c: c.update(input_frame=[10 ** 9, 10 ** 9])),
+        "nested JSON": variant("nested", edit_config=lambda c: c.update(fitted={"grid": [[[[1]]]]})),
+        "wrong detector": variant("who", edit_config=lambda c: c.update(detector="nonsense")),
+    }
+    (cases["config not JSON"] / "config.json").write_text("{ not json")
+    image = str(demo.subset(split="test").paths[0])
+    for what, folder in cases.items():
+        with pytest.raises(ModelFolderError, match=str(folder.name)):
+            load_detector(folder)
+        assert main(["predict", "--model", str(folder), "--threshold", "1", image]) == 2, what

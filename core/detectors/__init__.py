@@ -1,5 +1,5 @@
 """Detectors, one per module, found by name through the registry."""
-from .base import (Detector, NotFittedError, Prediction, create_detector, get_detector_class,
+from .base import (Detector, ModelFolderError, NotFittedError, Prediction, create_detector, get_detector_class,
                    list_detectors, load_detector, register_detector)
 from . import patchcore  # noqa: F401  (registers itself)
 from . import ae  # noqa: F401
@@ -10,5 +10,5 @@ from . import padim  # noqa: F401
 from . import fastflow  # noqa: F401
 from . import efficientad  # noqa: F401
 
-__all__ = ["Detector", "NotFittedError", "Prediction", "create_detector", "get_detector_class",
+__all__ = ["Detector", "ModelFolderError", "NotFittedError", "Prediction", "create_detector", "get_detector_class",
            "list_detectors", "load_detector", "register_detector"]

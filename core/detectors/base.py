@@ -38,6 +38,14 @@ class NotFittedError(RuntimeError):
     pass
 
 
+class ModelFolderError(ValueError):
+    """A saved model folder that cannot be loaded; the message names the folder and the reason."""
+
+
+# The longest image side a frame may have (tiling keeps memory bounded; this bounds time and nonsense).
+MAX_FRAME_SIDE = 16384
+
+
 def no_progress(stage: str, done: int, total: int) -> None:
     pass
 
@@ -93,16 +101,20 @@ class Detector:
         """The frame for these training image sizes: an exact (h, w), or the images' aspect ratio kept with
         the longer side `resize` (an int) or their own median longer side within AUTO_LONG_SIDE ("auto")."""
         if isinstance(self.resize, (tuple, list)):
+            if len(self.resize) != 2 or not all(isinstance(v, (int, np.integer)) and 1 <= v <= MAX_FRAME_SIDE
+                                                for v in self.resize):
+                raise ValueError(f"resize as (height, width) needs two ints from 1 to {MAX_FRAME_SIDE}, "
+                                 f"not {self.resize!r}")
             return (int(self.resize[0]), int(self.resize[1]))
         if self.resize == "auto":
             native = int(np.median([max(hw) for hw in sizes_hw]))
             long_side = int(np.clip(round(native / 32) * 32, *AUTO_LONG_SIDE))
         elif isinstance(self.resize, (int, np.integer)) and not isinstance(self.resize, bool) and (
-                self.resize >= 32 or self.square_input and self.resize >= 1):
+                self.resize >= 32 or self.square_input and self.resize >= 1) and self.resize <= MAX_FRAME_SIDE:
             long_side = int(self.resize)
         else:
-            raise ValueError(f"resize must be 'auto', an int >= 32 (the longer side; the aspect ratio is kept) "
-                             f"or a (height, width) pair, not {self.resize!r}")
+            raise ValueError(f"resize must be 'auto', an int from 32 to {MAX_FRAME_SIDE} (the longer side; the "
+                             f"aspect ratio is kept) or a (height, width) pair, not {self.resize!r}")
         return (long_side, long_side) if self.square_input else fit_frame(sizes_hw, long_side)
 
     def feature_extractor(self) -> FeatureExtractor | None:
@@ -199,7 +211,23 @@ class Detector:
 
     @classmethod
     def load(cls, folder: str | Path) -> "Detector":
+        """A saved model. The folder is untrusted input: whatever is wrong with it (missing, cut short,
+        edited, from another program) is one ModelFolderError naming the folder and the reason."""
         folder = Path(folder)
+        try:
+            return cls._load(folder)
+        except ModelFolderError:
+            raise
+        except FileNotFoundError as exc:
+            raise ModelFolderError(f"{folder}: not a saved model ({Path(exc.filename or '').name or exc} is "
+                                   "missing)") from None
+        except Exception as exc:  # noqa: BLE001 - any parse or shape failure is a damaged folder, not a crash
+            raise ModelFolderError(f"{folder}: the saved model is damaged or not AnomalyScope's "
+                                   f"({type(exc).__name__}: {str(exc)[:200]}); train it again or restore a good "
+                                   "copy") from None
+
+    @classmethod
+    def _load(cls, folder: Path) -> "Detector":
         config = json.loads((folder / "config.json").read_text())
         version = config.get("format_version")
         if version not in (1, FORMAT_VERSION):
@@ -212,14 +240,16 @@ class Detector:
         if version == 1:  # an int resize meant a square then
             params["resize"] = (int(params["resize"]),) * 2
             config["input_frame"] = list(params["resize"])
-        det = cls(**params)
+        det = create_detector(cls.name, **params)   # unknown or non-finite parameters are refused by name
         det.input_frame_ = tuple(int(v) for v in config["input_frame"])
+        if len(det.input_frame_) != 2 or not all(1 <= v <= MAX_FRAME_SIDE for v in det.input_frame_):
+            raise ModelFolderError(f"{folder}: input frame {config['input_frame']!r} is not a plausible image size")
         tensors = load_file(folder / "fitted.safetensors")
         for key, value in tensors.items():
             if value.is_floating_point() and not torch.isfinite(value).all():
                 # A NaN in a memory bank or a statistic turns every score into NaN: refuse the model.
-                raise ValueError(f"{folder}: the fitted tensor {key!r} holds NaN or infinite values; the model "
-                                 f"file is damaged: train the model again or restore a good copy")
+                raise ModelFolderError(f"{folder}: the fitted tensor {key!r} holds NaN or infinite values; the "
+                                       f"model file is damaged: train the model again or restore a good copy")
         det._restore(tensors, config["fitted"])
         det.fit_info_ = config["fit_info"]
         return det
