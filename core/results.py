@@ -39,10 +39,6 @@ class RunResults:
     def __len__(self) -> int:
         return len(self.paths)
 
-    @property
-    def size_hw(self) -> tuple[int, int]:
-        return int(self.maps.shape[-2]), int(self.maps.shape[-1])
-
     def name(self, i: int) -> str:
         """A short display name: defect folder and file name."""
         return f"{self.defects[i]}/{Path(self.paths[i]).name}"
