@@ -1,6 +1,7 @@
 """Train: choose a detector and its parameters (or a saved model), watch each stage, cancel if need be."""
 from pathlib import Path
 
+import pandas as pd
 import streamlit as st
 
 from core.backbones import OFFLINE_WEIGHTS
@@ -41,6 +42,10 @@ if trained:
                icon=":material/check_circle:")
     for line in chosen_settings(run["model_card"] or {}):
         st.caption(line)
+    candidates = (run["model_card"] or {}).get("auto_settings", {}).get("candidates")
+    if candidates:
+        with st.expander("Settings compared on held-out images with synthetic defects"):
+            st.dataframe(pd.DataFrame(candidates), hide_index=True)
     st.markdown("**Next:**")
     cols = st.columns(4)
     cols[0].page_link("app_pages/thresholds.py", label="Set the threshold", icon=":material/tune:")

@@ -27,7 +27,8 @@ from .runs import RunStore
 STAGE_LABELS = {"features": "Extracting features", "coreset": "Selecting the coreset",
                 "score": "Scoring the test set", "load": "Loading images", "train": "Training epochs",
                 "epoch": "Training epochs", "gaussians": "Fitting the Gaussians",
-                "layout": "Laying out the maps (UMAP)"}
+                "layout": "Laying out the maps (UMAP)",
+                "auto settings": "Choosing settings on held-out images with synthetic defects"}
 
 
 # Parameters most detectors share, for docstrings that leave them out.
@@ -203,7 +204,9 @@ def chosen_settings(card: dict) -> list[str]:
     frame, stretch = card.get("input_frame_hw"), card.get("aspect_stretch")
     if frame:
         resize = card.get("params", {}).get("resize")
-        how = ("the training images' own size" if resize == "auto" else "the training images' aspect ratio"
+        auto = card.get("auto_settings", {})
+        how = ("the candidates compared on held-out images (below)" if resize == "auto" and "long_side" in auto
+               else "the training images' own size" if resize == "auto" else "the training images' aspect ratio"
                if isinstance(resize, int) else "as set")
         line = f"Input frame {frame[0]} x {frame[1]} px (H x W), from {how}"
         if stretch and stretch > 1.05:
@@ -214,4 +217,7 @@ def chosen_settings(card: dict) -> list[str]:
         share = bank["patches"] / max(bank["from_training_patches"], 1)
         lines.append(f"Memory bank: {bank['patches']:,} of {bank['from_training_patches']:,} training patches "
                      f"({share:.1%}), nearest-neighbour search {bank.get('search', 'exact')}.")
+    auto = card.get("auto_settings")
+    if auto and auto.get("why"):
+        lines.append(f"Chosen automatically: {auto['why']}.")
     return lines

@@ -52,7 +52,8 @@ def test_streamed_coreset_keeps_its_share_per_chunk_and_bounds_the_coverage(rng)
     # Every point is within the reported radius of the bank, and the plain greedy does little better.
     radius = np.linalg.norm(points.numpy()[:, None] - bank.numpy()[None], axis=2).min(1).max()
     assert radius <= bound[-1] + 1e-4
-    assert greedy_coreset(points, 200, projection_dim=None)[1][-1] > 0.6 * bound[-1]
+    plain = greedy_coreset(points, 200, projection_dim=None)[1][-1]
+    assert plain > 0.8 * radius
 
 
 def test_ivf_search_matches_exact_on_the_demo_and_survives_save_load(demo, tmp_path):

@@ -25,7 +25,7 @@ def test_train_run_registers_model_scores_and_thresholds(demo):
     run_id = train_run(store, dataset_id, demo, "patchcore", {"coreset_ratio": 0.05, "resize": 256},
                        progress=lambda stage, done, total: stages.add(stage))
     run = store.get_run(run_id)
-    assert stages == {"features", "coreset", "score"}
+    assert stages == {"auto settings", "features", "coreset", "score"}   # score_border is left to "auto"
     assert run["metrics"]["image_auroc"] > 0.9
     scores = store.run_scores(run_id)
     assert len(scores) == 23 and scores["label"].sum() == 17

@@ -97,9 +97,10 @@ class Detector:
         raise NotFittedError(f"resize={self.resize!r} follows the training images' shape: fit this "
                              f"{type(self).__name__} first")
 
-    def _fit_frame(self, sizes_hw: list[tuple[int, int]]) -> tuple[int, int]:
+    def _fit_frame(self, sizes_hw: list[tuple[int, int]], auto_long_side: int | None = None) -> tuple[int, int]:
         """The frame for these training image sizes: an exact (h, w), or the images' aspect ratio kept with
-        the longer side `resize` (an int) or their own median longer side within AUTO_LONG_SIDE ("auto")."""
+        the longer side `resize` (an int), or for "auto" `auto_long_side` where the detector chose one from
+        the data, else the images' own median longer side within AUTO_LONG_SIDE."""
         if isinstance(self.resize, (tuple, list)):
             if len(self.resize) != 2 or not all(isinstance(v, (int, np.integer)) and 1 <= v <= MAX_FRAME_SIDE
                                                 for v in self.resize):
@@ -107,8 +108,7 @@ class Detector:
                                  f"not {self.resize!r}")
             return (int(self.resize[0]), int(self.resize[1]))
         if self.resize == "auto":
-            native = int(np.median([max(hw) for hw in sizes_hw]))
-            long_side = int(np.clip(round(native / 32) * 32, *AUTO_LONG_SIDE))
+            long_side = int(auto_long_side or native_long_side(sizes_hw))
         elif isinstance(self.resize, (int, np.integer)) and not isinstance(self.resize, bool) and (
                 self.resize >= 32 or self.square_input and self.resize >= 1) and self.resize <= MAX_FRAME_SIDE:
             long_side = int(self.resize)
@@ -135,21 +135,25 @@ class Detector:
             raise ValueError("cannot fit on an empty set of images")
         progress = progress or no_progress
         start = time.perf_counter()
-        for attr in ("fit_info_", "input_frame_"):   # a refit starts from the parameters alone
+        for attr in ("fit_info_", "input_frame_", "auto_settings_"):   # a refit starts from the parameters alone
             self.__dict__.pop(attr, None)
         sizes = images.sizes() if hasattr(images, "sizes") else [images[i].shape[:2] for i in range(len(images))]
-        frame = self._fit_frame(sizes)
-        Preprocess(resize=frame, crop=self.crop)  # refuses a crop larger than the frame before any work
-        self.input_frame_ = frame
         try:
+            self.auto_settings_ = self._auto_settings(images, sizes, progress)
+            frame = self._fit_frame(sizes, self.auto_settings_.get("long_side"))
+            Preprocess(resize=frame, crop=self.crop)  # refuses a crop larger than the frame before any work
+            self.input_frame_ = frame
             self._fit(images, progress)
         except BaseException:
-            del self.input_frame_
+            for attr in ("input_frame_", "auto_settings_"):
+                self.__dict__.pop(attr, None)
             raise
         summary = images.summary() if hasattr(images, "summary") else {"n_images": len(images)}
         self.fit_info_ = {"n_images": len(images), "fit_seconds": time.perf_counter() - start,
                           "training_set": summary, "input_frame_hw": list(frame),
                           "aspect_stretch": _aspect_stretch(sizes, frame)}
+        if self.auto_settings_:
+            self.fit_info_["auto_settings"] = self.auto_settings_
         return self
 
     def score_maps(self, images: Sequence[np.ndarray], progress: Progress | None = None,
@@ -261,6 +265,13 @@ class Detector:
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
+    def _auto_settings(self, images: Sequence[np.ndarray], sizes_hw: list[tuple[int, int]],
+                       progress: Progress) -> dict:
+        """Settings chosen from the training images for parameters left at "auto" (with the evidence), run
+        before the frame is fixed; {} where the detector chooses nothing from the data. A "long_side" key
+        sets the frame's longer side for resize="auto"."""
+        return {}
+
     def _fit(self, images: Sequence[np.ndarray], progress: Progress) -> None:
         raise NotImplementedError
 
@@ -302,6 +313,12 @@ class BackboneDetector(Detector):
     def backbone_features(self, x: torch.Tensor) -> list[torch.Tensor]:
         """The chosen stages' feature maps of a preprocessed batch, on the detector's device."""
         return self.feature_extractor()(x.to(resolve_device(self.device)))
+
+
+def native_long_side(sizes_hw) -> int:
+    """The training images' median longer side, rounded to the stride 32 and kept within AUTO_LONG_SIDE."""
+    native = int(np.median([max(hw) for hw in sizes_hw]))
+    return int(np.clip(round(native / 32) * 32, *AUTO_LONG_SIDE))
 
 
 def _aspect_stretch(sizes_hw, frame: tuple[int, int]) -> float:

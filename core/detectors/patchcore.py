@@ -13,9 +13,22 @@ import torch
 import torch.nn.functional as F
 
 from ..backbones import DEFAULT_BACKBONE, FeatureExtractor
-from ..coreset import StreamingCoreset
-from .base import BackboneDetector, Progress, register_detector
+from ..coreset import StreamingCoreset, greedy_coreset
+from ..data import Preprocess, fit_frame
+from . import auto_settings
+from .base import AUTO_LONG_SIDE, BackboneDetector, Progress, native_long_side, register_detector
 from .ops import upsample_blur
+
+# The candidates resize="auto" and coreset_ratio="auto" choose from: longer sides up to the images' own,
+# and memory banks as shares of the fitting patches (AUTO_TUNE_PATCHES of them: 1% to 10%).
+AUTO_LONG_SIDES = (256, 384, 512)
+AUTO_BANKS = (1000, 2500, 5000, 10000)
+# score_border="auto" candidates, in patch cells (stride 8 at the default stages: 0 to 24 px).
+AUTO_BORDER_CELLS = (0, 1, 2, 3)
+# The candidates' banks are picked from at most this many patches of at most this many images.
+AUTO_TUNE_PATCHES, AUTO_TUNE_IMAGES = 100_000, 100
+# coreset_ratio="auto" on a set too small to hold images out.
+SMALL_SET_RATIO = 0.1
 
 
 def locally_aware_patches(features: list[torch.Tensor]) -> torch.Tensor:
@@ -34,6 +47,15 @@ def locally_aware_patches(features: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat(pooled, dim=1)
 
 
+def _inner(patch_scores: np.ndarray, border: int) -> np.ndarray:
+    """Patch scores (N, h, w) with `border` cells at each edge set to 0, so that they never give the image score."""
+    if border <= 0:
+        return patch_scores
+    out = np.zeros_like(patch_scores)
+    out[:, border:-border, border:-border] = patch_scores[:, border:-border, border:-border]
+    return out
+
+
 def ivf_centroids(bank: torch.Tensor, seed: int) -> torch.Tensor:
     """k-means cells for an IVF index over the bank: 4 sqrt(N) of them, the low end of faiss's advice."""
     x = bank.numpy().astype(np.float32)
@@ -50,28 +72,42 @@ class PatchCore(BackboneDetector):
     Parameters
     ----------
     backbone, stages, weights : timm name, feature stages (timm out_indices) and optional weights file.
-    resize : input size. "auto" (default): the training images' aspect ratio kept, the longer side their own
-        median longer side within 256 to 512 px (bottle's 900 px images -> 512 x 512, 640 px boards -> 512,
-        a 1260 x 500 part -> 512 x 192). An int sets the longer side (aspect kept); (h, w) sets the frame.
+    resize : input size. "auto" (default): the training images' aspect ratio kept, the longer side 256, 384 or
+        512 px (up to the images' own median), whichever best separates held-out good images from synthetic
+        defects (a 1260 x 500 part at 512 -> 512 x 192). An int sets the longer side (aspect kept); (h, w)
+        sets the frame.
     crop : centre crop after resizing (the paper: 224 of 256); None (default) keeps the whole image, so a
         defect at the border is scored.
-    coreset_ratio : fraction of training patches kept in the memory bank (paper: 0.01 to 0.1). The default
-        1% keeps fitting within seconds and nearest-neighbour search cheaper than the backbone; the paper
-        reports PatchCore-1% within 0.1 image AUROC points of 10% on MVTec.
+    coreset_ratio : fraction of training patches kept in the memory bank (paper: 0.01 to 0.1; it reports 1%
+        within 0.1 image AUROC points of 10% on MVTec), or "auto" (default): the smallest share, 1% to 10%,
+        beyond which a bigger bank no longer makes held-out good images look more normal.
     min_bank : the bank keeps at least this many patches (or all of them), whatever the ratio: 1% of a
         25-image set would leave a few hundred patches to describe every normal variation.
     projection_dim : random projection width used only for coreset selection.
     search : nearest-neighbour index. "exact" (faiss flat L2), "ivf" (inverted lists over k-means cells of
         the bank, `nprobe` cells searched per patch), or "auto" (default): exact below `ivf_min_bank`
         patches, where it costs less than the backbone, IVF above.
+    score_border : pixels at the edge of the model frame left out of the image score (the map keeps them),
+        for images whose edges vary from one good part to the next (a fixture, a cut edge), or "auto"
+        (default): chosen with the other "auto" settings, 0 unless held-out good images score highest at
+        their edges by more than the synthetic defects there would be missed.
     reweight : apply the paper's Eq. 7 to the image score, using `n_reweight` bank neighbours.
     blur_sigma : Gaussian blur of the upsampled anomaly map (paper: 4).
+
+    With resize, coreset_ratio and score_border at "auto" (the defaults) the fit first chooses them from the
+    training images: a share of them is held out and synthetic defects are pasted into those; each candidate
+    longer side (256, 384, 512 px, up to the images' own) and score border (0 to 24 px) is judged by how well
+    it separates the held-out good images from their defective copies (the cheapest within 0.005 of the best
+    wins), and the bank (1% to 10% of the patches) by when a bigger one stops making the held-out good images
+    look more normal. The final model is then fitted on every image; `fit_info_["auto_settings"]` records
+    the candidates, their scores and the choice. Sets under 10 images keep their own size, a 10% bank and
+    the whole image. Setting a parameter takes it out of the choice.
     """
 
     def __init__(self, backbone: str = DEFAULT_BACKBONE, stages: tuple = (2, 3), weights: str | None = None,
-                 resize: int | str | tuple = "auto", crop: int | None = None, coreset_ratio: float = 0.01,
+                 resize: int | str | tuple = "auto", crop: int | None = None, coreset_ratio: float | str = "auto",
                  min_bank: int = 2000, projection_dim: int = 128, search: str = "auto", nprobe: int = 16,
-                 ivf_min_bank: int = 20000, reweight: bool = True, n_reweight: int = 9,
+                 ivf_min_bank: int = 20000, score_border: int | str = "auto", reweight: bool = True, n_reweight: int = 9,
                  blur_sigma: float = 4.0, seed: int = 0, device: str = "auto"):
         self.backbone = backbone
         self.stages = stages
@@ -84,6 +120,7 @@ class PatchCore(BackboneDetector):
         self.search = search
         self.nprobe = nprobe
         self.ivf_min_bank = ivf_min_bank
+        self.score_border = score_border
         self.reweight = reweight
         self.n_reweight = n_reweight
         self.blur_sigma = blur_sigma
@@ -91,10 +128,14 @@ class PatchCore(BackboneDetector):
         self.device = device
 
     def _validate(self) -> None:
-        if not 0 < self.coreset_ratio <= 1:
-            raise ValueError(f"coreset_ratio must be in (0, 1], got {self.coreset_ratio}")
+        if self.coreset_ratio != "auto" and not (isinstance(self.coreset_ratio, (int, float)) and
+                                                  0 < self.coreset_ratio <= 1):
+            raise ValueError(f"coreset_ratio must be 'auto' or a number in (0, 1], got {self.coreset_ratio!r}")
         self._require_stages()
         self._require_positive("n_reweight", "min_bank", "nprobe", "ivf_min_bank")
+        if self.score_border != "auto" and not (isinstance(self.score_border, int) and 0 <= self.score_border
+                                                 and not isinstance(self.score_border, bool)):
+            raise ValueError(f"score_border must be 'auto' or a number of pixels >= 0, not {self.score_border!r}")
         if self.search not in ("auto", "exact", "ivf"):
             raise ValueError(f"search must be 'auto', 'exact' or 'ivf', not {self.search!r}")
 
@@ -112,16 +153,126 @@ class PatchCore(BackboneDetector):
                 # Every image has the model's frame, so the patch count is known from the first batch.
                 self.grid_ = tuple(emb.shape[-2:])
                 self.n_train_patches_ = len(images) * self.grid_[0] * self.grid_[1]
-                n_select = max(round(self.coreset_ratio * self.n_train_patches_), int(self.min_bank))
+                ratio = self.auto_settings_["coreset_ratio"] if self.coreset_ratio == "auto" else self.coreset_ratio
+                n_select = max(round(ratio * self.n_train_patches_), int(self.min_bank))
                 coreset = StreamingCoreset(self.n_train_patches_, n_select, self.projection_dim, self.seed, progress)
             coreset.add(emb.permute(0, 2, 3, 1).reshape(-1, emb.shape[1]))
             progress("features", start + len(batch), len(images))
+        self.score_border_px_ = int(self.auto_settings_["score_border"] if self.score_border == "auto"
+                                    else self.score_border)
         bank, radii = coreset.finish()
         self.memory_bank_ = bank.contiguous()
         self.coverage_radii_ = torch.from_numpy(radii)
         if self._uses_ivf():
             self.ivf_centroids_ = ivf_centroids(self.memory_bank_, self.seed)
         self._build_index()
+
+    def _auto_settings(self, images: Sequence[np.ndarray], sizes_hw, progress: Progress) -> dict:
+        self._validate()
+        tune = {"size": self.resize == "auto", "bank": self.coreset_ratio == "auto",
+                "border": self.score_border == "auto"}
+        if not any(tune.values()):
+            return {}
+        native = native_long_side(sizes_hw)
+        if len(images) < auto_settings.MIN_IMAGES:
+            return {"long_side": native, "coreset_ratio": SMALL_SET_RATIO, "score_border": 0,
+                    "why": f"{len(images)} training images are too few to hold any out: the images' own size "
+                           f"({native} px), {SMALL_SET_RATIO:.0%} of the patches (at least {self.min_bank}) "
+                           "and the whole image scored"}
+        held = auto_settings.hold_out(images, self.seed)
+        rng = np.random.default_rng(self.seed)
+        fit_index = held.train_index
+        if len(fit_index) > AUTO_TUNE_IMAGES:
+            fit_index = np.sort(rng.choice(fit_index, AUTO_TUNE_IMAGES, replace=False))
+        long_sides = [None]
+        if tune["size"]:
+            long_sides = [s for s in AUTO_LONG_SIDES if s <= max(native, AUTO_LONG_SIDE[0])]
+            long_sides = sorted(set(long_sides + [native]))
+        rows = []
+        for step, long_side in enumerate(long_sides):
+            frame = self._fit_frame(sizes_hw, long_side)
+            rows += self._compare_at(frame, images, fit_index, held, rng, tune)
+            progress("auto settings", step + 1, len(long_sides))
+        # The frame and the score border by separation (each frame at its best, then the cheapest near the best
+        # of those; the border judged at the largest bank), the bank by the held-out good images' scores
+        # levelling off: synthetic defects tell settings apart, good images tell when the bank covers them.
+        best_per_frame = {}
+        for row in rows:
+            key = tuple(row["frame"])
+            if key not in best_per_frame or row["separation"] > best_per_frame[key]["separation"]:
+                best_per_frame[key] = row
+        frame = auto_settings.cheapest_within(list(best_per_frame.values()))["frame"]
+        at_frame = [r for r in rows if r["frame"] == frame]
+        # The border changes image scores only (the map keeps it), so image AUROC judges it.
+        border = auto_settings.cheapest_within([r for r in at_frame if r["bank"] == at_frame[-1]["bank"]],
+                                               key="image_auroc")["border_px"]
+        chosen = auto_settings.levelled_off([r for r in at_frame if r["border_px"] == border])
+        for row in rows:   # the bootstrap values served the choice; the record keeps the summary
+            row["se"] = round(float(np.nanstd(row.pop("bootstrap")["separation"])), 4)
+        settings = {"candidates": rows, "n_held_out": int(len(held.held_out_index)),
+                    "n_synthetic_defects": int(held.labels.sum()), "n_fitted_on": int(len(fit_index)),
+                    "tolerance": auto_settings.TOLERANCE}
+        why = []
+        if tune["size"]:
+            settings["long_side"] = max(frame)
+            why.append(f"input {frame[0]} x {frame[1]} px (H x W)")
+        if tune["bank"]:
+            # The bank is chosen as a share of the fitting images' patches and keeps that share on every image.
+            settings["coreset_ratio"] = round(chosen["bank"] / chosen["from_patches"], 4)
+            why.append(f"a bank of {settings['coreset_ratio']:.1%} of the patches (good images' scores level off "
+                       f"there)")
+        if tune["border"]:
+            settings["score_border"] = chosen["border_px"]
+            why.append(f"the outer {chosen['border_px']} px left out of the image score" if chosen["border_px"]
+                       else "the whole image scored")
+        settings["why"] = (f"{', '.join(why)}; chosen on {len(held.held_out_index)} held-out good images and "
+                           f"{int(held.labels.sum())} synthetic defects, which they separate by "
+                           f"{chosen['separation']:.3f} (best candidate {max(r['separation'] for r in rows):.3f}; "
+                           f"a cheaper setting wins unless a dearer one is better by more than the noise)")
+        return settings
+
+    def _compare_at(self, frame, images, fit_index, held, rng, tune: dict) -> list[dict]:
+        """Separation of every candidate bank size and score border at this frame: one greedy run on patches
+        of the fitting images (its prefixes are the smaller banks), the held-out images searched once per
+        increment of the bank."""
+        extractor = self.feature_extractor()
+        pre = Preprocess(resize=frame, crop=self.crop, mean=extractor.mean, std=extractor.std)
+        per_image = max(1, AUTO_TUNE_PATCHES // len(fit_index))
+        rows = []
+        for start in range(0, len(fit_index), 16):
+            emb = self.embed(pre.images_to_tensor([images[int(i)] for i in fit_index[start:start + 16]]))
+            for e in emb.permute(0, 2, 3, 1).reshape(emb.shape[0], -1, emb.shape[1]):
+                # An even share of every image's patches keeps the rarer images represented.
+                rows.append(e if len(e) <= per_image else e[torch.from_numpy(rng.choice(len(e), per_image, replace=False))])
+        patches = torch.cat(rows)
+        if tune["bank"]:
+            banks = sorted({min(b, len(patches)) for b in AUTO_BANKS})
+        else:
+            banks = [min(len(patches), max(round(self.coreset_ratio * len(patches)), int(self.min_bank)))]
+        order, _ = greedy_coreset(patches, banks[-1], self.projection_dim, self.seed)
+        queries = torch.cat([self.embed(pre.images_to_tensor(held.images[i:i + 16]))
+                             for i in range(0, len(held.images), 16)])
+        n, c, gh, gw = queries.shape
+        stride = extractor.strides[0]
+        borders = AUTO_BORDER_CELLS if tune["border"] else [round(self.score_border / stride)]
+        borders = [b for b in borders if 2 * b < min(gh, gw)]
+        q = np.ascontiguousarray(queries.permute(0, 2, 3, 1).reshape(-1, c).numpy())
+        coverage = auto_settings.grid_masks(held.masks, pre.mask_to_frame, (gh, gw))
+        nearest = np.full(len(q), np.inf, dtype=np.float32)
+        out, done = [], 0
+        for bank in banks:   # nested prefixes: each larger bank only adds its new patches to the search
+            index = faiss.IndexFlatL2(c)
+            index.add(np.ascontiguousarray(patches[torch.from_numpy(order[done:bank])].numpy()))
+            nearest = np.minimum(nearest, index.search(q, 1)[0][:, 0])
+            done = bank
+            scores = np.sqrt(np.maximum(nearest, 0)).reshape(n, gh, gw)
+            for border in borders:
+                out.append({"frame": list(frame), "bank": int(bank), "from_patches": len(patches),
+                            "border_px": int(border * stride),
+                            **auto_settings.separation_with_error(
+                                held.labels, held.groups, _inner(scores, border).reshape(n, -1).max(axis=1),
+                                scores, coverage)})
+        return out
 
     def _uses_ivf(self) -> bool:
         return self.search == "ivf" or (self.search == "auto" and len(self.memory_bank_) >= self.ivf_min_bank)
@@ -153,7 +304,8 @@ class PatchCore(BackboneDetector):
         sq_dist, nearest = self._index.search(np.ascontiguousarray(queries), 1)
         # IndexFlatL2 returns squared distances.
         patch_scores = np.sqrt(np.maximum(sq_dist[:, 0], 0)).reshape(n, h * w)
-        worst = patch_scores.argmax(axis=1)
+        border = round(self.score_border_px_ / self.feature_extractor().strides[0])
+        worst = _inner(patch_scores.reshape(n, h, w), border if 2 * border < min(h, w) else 0).reshape(n, -1).argmax(axis=1)
         scores = patch_scores[np.arange(n), worst]
         if self.reweight:
             scores = scores * self._eq7_weights(queries.reshape(n, h * w, c)[np.arange(n), worst],
@@ -175,20 +327,23 @@ class PatchCore(BackboneDetector):
         return tensors
 
     def _fitted_json(self) -> dict:
-        return {"grid": list(self.grid_), "n_train_patches": self.n_train_patches_}
+        return {"grid": list(self.grid_), "n_train_patches": self.n_train_patches_,
+                "score_border_px": self.score_border_px_}
 
     def _restore(self, tensors: dict[str, torch.Tensor], fitted: dict) -> None:
         self.memory_bank_ = tensors["memory_bank"]
         self.coverage_radii_ = tensors["coverage_radii"]
         self.grid_ = tuple(fitted["grid"])
         self.n_train_patches_ = fitted["n_train_patches"]
+        self.score_border_px_ = int(fitted.get("score_border_px", 0))   # models saved before it score every cell
         if "ivf_centroids" in tensors:
             self.ivf_centroids_ = tensors["ivf_centroids"]
         self._build_index()
 
     def _card_extra(self) -> dict:
         ex = self.feature_extractor()
-        return {"backbone": {"name": self.backbone, "stages": list(self.stages), "channels": list(ex.channels),
+        return {"score_border_px": self.score_border_px_,
+                "backbone": {"name": self.backbone, "stages": list(self.stages), "channels": list(ex.channels),
                              "strides": list(ex.strides)},
                 "memory_bank": {"patches": int(self.memory_bank_.shape[0]), "dim": int(self.memory_bank_.shape[1]),
                                 "from_training_patches": self.n_train_patches_,

@@ -132,9 +132,10 @@ def test_upload_train_tune_and_inspect_in_a_browser(page):
     page.get_by_role("heading", name="Train", exact=True).wait_for()
     settle(page)
     page.get_by_role("button", name="Train", exact=True).click()
-    page.get_by_text("Extracting features").wait_for()
+    page.get_by_text("Choosing settings on held-out images").wait_for()   # the auto preset is the default
     shot(page, "3_train_progress")
-    page.get_by_text(re.compile(r"Run #\d+ is ready")).wait_for(timeout=180_000)
+    page.get_by_text(re.compile(r"Run #\d+ is ready")).wait_for(timeout=300_000)
+    page.get_by_text(re.compile("Chosen automatically: input .* px")).wait_for()
     settle(page)
     shot(page, "3_train_done")
 

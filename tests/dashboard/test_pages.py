@@ -107,7 +107,8 @@ def test_train_page_builds_the_form_and_cancel_registers_nothing(workspace):
     assert next(s for s in at.selectbox if s.label == "Detector").value == "patchcore"
     labels = {w.label for w in [*at.number_input, *at.checkbox, *at.text_input]}
     assert {"coreset_ratio", "reweight", "stages", "blur_sigma"} <= labels
-    assert next(n for n in at.number_input if n.label == "coreset_ratio").help
+    ratio = next(t for t in at.text_input if t.label == "coreset_ratio")   # "auto", or a number typed in
+    assert ratio.value == "auto" and "held-out good images" in ratio.help
     before = len(workspace["store"].list_runs())
     next(b for b in at.button if b.label == "Train").click().run()
     assert "training_job" in at.session_state

@@ -21,7 +21,8 @@ DEMO = DEMO_DIR / "hazelnut_toy"
 def test_param_specs_carry_defaults_types_and_help():
     specs = {s.name: s for s in param_specs("patchcore")}
     defaults = inspect.signature(get_detector_class("patchcore")).parameters
-    assert specs["coreset_ratio"].default == defaults["coreset_ratio"].default and specs["coreset_ratio"].kind == "float"
+    assert specs["coreset_ratio"].default == defaults["coreset_ratio"].default and specs["coreset_ratio"].kind == "literal"
+    assert parse_value(specs["coreset_ratio"], "0.05") == 0.05 and specs["blur_sigma"].kind == "float"
     assert "memory bank" in specs["coreset_ratio"].help
     assert specs["reweight"].kind == "bool" and specs["stages"].kind == "literal"
     assert specs["seed"].help                                          # filled from the shared texts
@@ -34,10 +35,11 @@ def test_param_specs_carry_defaults_types_and_help():
 def test_the_fit_says_what_it_chose_from_the_data(workspace):
     from core.training import chosen_settings
     card = workspace["store"].get_run(workspace["run_id"])["model_card"]
-    frame, bank = chosen_settings(card)
+    frame, bank, auto = chosen_settings(card)       # the demo sets resize and coreset_ratio; score_border is auto
     assert frame.startswith("Input frame 256 x 256 px") and "aspect ratio" in frame
     assert "stretched" in chosen_settings({**card, "aspect_stretch": 1.8})[0]
     assert bank.startswith(f"Memory bank: {card['memory_bank']['patches']:,} of") and "exact" in bank
+    assert auto.startswith("Chosen automatically: ") and "image scored" in auto and "input" not in auto
 
 
 def test_a_cancelled_training_registers_nothing():
