@@ -39,7 +39,7 @@ _STEM_AND_HEAD = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_
                   "_fc": "classifier"}
 
 
-class WeightsUnavailable(RuntimeError):
+class WeightsUnavailable(ValueError):
     """No pretrained weights could be found for a backbone; the message says how to provide them."""
 
 
@@ -84,7 +84,12 @@ def _create_timm(name: str, weights: str | Path | None, **kwargs) -> nn.Module:
         path = Path(weights)
         if not path.is_file():
             raise WeightsUnavailable(f"weights file {str(path)!r} for {name!r} does not exist")
-        return timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), **kwargs)
+        try:
+            return timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), **kwargs)
+        except Exception as exc:  # noqa: BLE001 - a file that is not weights for this model, whatever breaks
+            raise WeightsUnavailable(f"weights file {str(path)!r} cannot be loaded into {name!r} "
+                                     f"({type(exc).__name__}: {str(exc)[:200]}): give a timm weights file for "
+                                     "this backbone") from None
     try:
         return timm.create_model(name, pretrained=True, **kwargs)
     except Exception as exc:  # hub unreachable, unknown weight tag, ...
@@ -105,6 +110,22 @@ class FeatureExtractor(nn.Module):
         super().__init__()
         self.name = name
         self.stages = tuple(int(s) for s in stages)
+        try:
+            n = len(timm.create_model(name, pretrained=False, features_only=True).feature_info)
+        except RuntimeError as exc:    # timm: unknown model
+            raise ValueError(f"backbone {name!r}: {exc}") from None
+        if not self.stages or not all(0 <= st < n for st in self.stages):
+            raise ValueError(f"stages {self.stages} are out of range for {name!r}: it has stages 0 to {n - 1}")
+        self._build(name, weights)
+        self.model.eval().requires_grad_(False)
+        cfg = self.model.pretrained_cfg
+        # The TF EfficientNet-Lite ports were trained on inputs scaled to [-1, 1].
+        self.mean = tuple(cfg.get("mean", (0.5, 0.5, 0.5)))
+        self.std = tuple(cfg.get("std", (0.5, 0.5, 0.5)))
+        self.channels = tuple(self.model.feature_info.channels())
+        self.strides = tuple(self.model.feature_info.reduction())
+
+    def _build(self, name: str, weights) -> None:
         if name in OFFLINE_WEIGHTS and weights is None:
             self.model = timm.create_model(name, pretrained=False, features_only=True, out_indices=self.stages)
             full = timm.create_model(name, pretrained=False)
@@ -117,13 +138,6 @@ class FeatureExtractor(nn.Module):
                 raise WeightsUnavailable(f"weights for {name!r} lack {missing[:3]}")
         else:
             self.model = _create_timm(name, weights, features_only=True, out_indices=self.stages)
-        self.model.eval().requires_grad_(False)
-        cfg = self.model.pretrained_cfg
-        # The TF EfficientNet-Lite ports were trained on inputs scaled to [-1, 1].
-        self.mean = tuple(cfg.get("mean", (0.5, 0.5, 0.5)))
-        self.std = tuple(cfg.get("std", (0.5, 0.5, 0.5)))
-        self.channels = tuple(self.model.feature_info.channels())
-        self.strides = tuple(self.model.feature_info.reduction())
 
     def train(self, mode: bool = True):
         # Frozen: batch-norm statistics must never update, whatever the caller's mode.

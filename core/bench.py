@@ -57,6 +57,9 @@ def run_bench(data: str | Path, detector: str = "patchcore", params: dict | None
     start = time.perf_counter()
     det.fit(train_images, progress)
     fit_seconds = time.perf_counter() - start
+    auto = det.fit_info_.get("auto_settings", {})
+    if auto:
+        log(f"[bench]   auto settings ({auto.get('seconds', 0):.0f} s of the fit): {auto['why']}")
     evaluation = evaluate(det, test, progress)
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -96,6 +99,7 @@ def run_bench(data: str | Path, detector: str = "patchcore", params: dict | None
         "fit_over_backbone": (1000 * fit_seconds / (timings["backbone_ms"] * len(train))) if timings["backbone_ms"] else None,
         "input_frame": "x".join(map(str, det.fit_info_["input_frame_hw"])), "bank_size": _bank_size(det),
         "peak_rss_mb": _peak_rss_mb(), "model_mb": model_bytes / 2**20, **search,
+        "auto_settings": {k: v for k, v in auto.items() if k != "candidates"},
     }
     return result
 

@@ -239,6 +239,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from .pipeline import sweep_unregistered_models
+    sweep_unregistered_models()   # folders of trainings killed before they were registered
     try:
         return args.func(args)
     except Cancelled:

@@ -515,14 +515,33 @@ def _hidden(rel_parts: Sequence[str]) -> bool:
     return any(p.startswith(".") for p in rel_parts)
 
 
-def _walk_files(root: Path) -> list[Path]:
-    """All regular files under root (not following folder links), hidden files and folders left out."""
+def _walk_files(root: Path, report: "LoadReport | None" = None) -> list[Path]:
+    """All regular files under root (not following folder links), hidden files and folders left out; other
+    entries (named pipes, sockets, devices, broken links) are reported as skipped: a pipe would block a reader."""
     out = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        out.extend(p for p in (Path(dirpath) / f for f in sorted(filenames) if not f.startswith("."))
-                   if p.is_file())   # regular files (or links to them): a named pipe would block a reader
+        for p in (Path(dirpath) / f for f in sorted(filenames) if not f.startswith(".")):
+            if p.is_file():
+                out.append(p)
+            elif report is not None and not p.is_dir():
+                report.skipped.append((_escaped(_rel(p, root)), "not a regular file (a named pipe, socket, device "
+                                                                "or broken link): skipped"))
     return out
+
+
+def _valid_text(name: str) -> bool:
+    """False for a name holding bytes that are not UTF-8 (Python keeps them as lone surrogates)."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _escaped(name: str) -> str:
+    """The name with its undecodable bytes written as \\xNN, printable and storable."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def _rel(path: Path, root: Path) -> str:
@@ -597,6 +616,10 @@ def _finish(name: str, root: Path, candidates: list[Sample], report: LoadReport,
     seen: dict[str, str] = {}
     for s, r in zip(candidates, results):
         rel = _rel(s.path, root)
+        if not _valid_text(rel):
+            # Such a name cannot be stored, shown or sent anywhere as text: report it (escaped) and go on.
+            report.skipped.append((_escaped(rel), "the file name is not valid UTF-8 text: rename the file"))
+            continue
         if r["error"] is not None:
             report.skipped.append((rel, r["error"]))
             continue
@@ -683,7 +706,7 @@ def load_mvtec(root, validate: bool = True, *, progress: Callable[[int, int], No
     for top in sorted(p for p in base.iterdir() if not p.name.startswith(".")):
         if not top.is_dir() or top.name == "ground_truth":
             continue                                    # readme.txt, license.txt, ... at the root
-        for f in _walk_files(top):
+        for f in _walk_files(top, report):
             rel = f.relative_to(base)
             relname = rel.as_posix()
             if not _suffix_ok(f):
@@ -732,7 +755,7 @@ def load_folder(root, split: str = "train", label: int = 0, validate: bool = Tru
     base = _existing_dir(root)
     report = _report if _report is not None else LoadReport(source=str(base))
     candidates = []
-    for f in _walk_files(base):
+    for f in _walk_files(base, report):
         rel = f.relative_to(base)
         if not _suffix_ok(f):
             report.skipped.append((rel.as_posix(), f"not an image file (suffix {f.suffix or 'none'!r})"))
@@ -905,6 +928,8 @@ def load_dataset(path, **kw) -> ImageSet:
     p = Path(path).expanduser()
     if not p.exists():
         raise FileNotFoundError(f"dataset not found: {p}")
+    if not p.is_file() and not p.is_dir():
+        raise ValueError(f"{p}: not a folder or a file (a named pipe, socket or device)")
     if p.is_file():
         if p.suffix.lower() == ".zip" or zipfile.is_zipfile(p):
             if "dest_dir" not in kw:

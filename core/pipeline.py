@@ -4,6 +4,7 @@ dataset -> detector.fit -> scores and maps -> metrics and default threshold -> r
 """
 from __future__ import annotations
 
+import os
 import shutil
 import time
 import uuid
@@ -18,7 +19,7 @@ from .data import ImageSet, load_dataset
 from .detectors import Detector, create_detector, load_detector
 from .detectors.base import Progress, no_progress
 from .results import RunResults, load_results, save_results
-from .runs import RunStore
+from .runs import RegistryLockedError, RunStore
 from .workspace import workspace_dir
 
 
@@ -65,6 +66,12 @@ def default_thresholds(evaluation: Evaluation | None, max_pixels: int = 2_000_00
     return {"image": evaluation.metrics["f1_threshold"], "pixel": pixel, "preset": "f1_max"}
 
 
+# Marks a model folder saved but not yet registered; the file holds the training process's id.
+UNREGISTERED = ".unregistered-"
+# Attempts at registering a finished run while another program holds the registry (each waits its timeout).
+REGISTER_ATTEMPTS = 3
+
+
 def models_dir() -> Path:
     return workspace_dir() / "models"
 
@@ -104,8 +111,13 @@ def register_fitted(store: RunStore, dataset_id: int, dataset: ImageSet, det: De
     test = dataset.subset(split="test")
     evaluation = evaluate(det, test, progress) if len(test) else None
     model_path = models_dir() / f"{det.name}-{uuid.uuid4().hex[:12]}"
-    det.save(model_path)
+    model_path.parent.mkdir(parents=True, exist_ok=True)
+    # Until the run row is committed the folder is claimed by this process: a kill -9 in between leaves a
+    # claim whose process is gone, and the next start removes the folder (sweep_unregistered_models).
+    claim = model_path.parent / f"{UNREGISTERED}{model_path.name}"
+    claim.write_text(str(os.getpid()))
     try:
+        det.save(model_path)
         if evaluation is not None:
             save_results(model_path, test.samples, evaluation, det.preprocess)
         scores = [] if evaluation is None else [
@@ -114,13 +126,59 @@ def register_fitted(store: RunStore, dataset_id: int, dataset: ImageSet, det: De
         timings = {"fit_seconds": det.fit_info_["fit_seconds"],
                    "score_ms_per_image": None if evaluation is None else 1000 * evaluation.seconds / len(test),
                    "memory_mb": model_memory_mb(det, model_path)}
-        return store.add_run(dataset_id=dataset_id, detector=det.name, params=det.get_params(),
-                             model_path=str(model_path), metrics={} if evaluation is None else evaluation.metrics,
-                             timings=timings, model_card=det.model_card(), scores=scores,
-                             thresholds=default_thresholds(evaluation), name=name)
+        run = dict(dataset_id=dataset_id, detector=det.name, params=det.get_params(), model_path=str(model_path),
+                   metrics={} if evaluation is None else evaluation.metrics, timings=timings,
+                   model_card=det.model_card(), scores=scores, thresholds=default_thresholds(evaluation), name=name)
+        for attempt in range(REGISTER_ATTEMPTS):
+            try:
+                run_id = store.add_run(**run)
+                break
+            except RegistryLockedError as exc:
+                if attempt + 1 < REGISTER_ATTEMPTS:
+                    progress("registry locked: waiting", attempt + 1, REGISTER_ATTEMPTS)
+                    continue
+                claim.unlink(missing_ok=True)   # the fit is kept for the user, not swept
+                raise RegistryLockedError(f"{exc}. The fitted model is kept in {model_path}: register it when the "
+                                          "registry is free (Train page, 'Load a saved model')") from None
+    except RegistryLockedError:
+        raise
     except BaseException:
         shutil.rmtree(model_path, ignore_errors=True)
+        claim.unlink(missing_ok=True)
         raise
+    claim.unlink(missing_ok=True)
+    return run_id
+
+
+def sweep_unregistered_models() -> list[Path]:
+    """Remove model folders whose training was killed between saving and registering (their claim names a
+    process that is gone), and the temporary folders such saves left; returns what was removed."""
+    folder = models_dir()
+    removed = []
+    for claim in sorted(folder.glob(f"{UNREGISTERED}*")) if folder.is_dir() else []:
+        try:
+            pid = int(claim.read_text().strip() or 0)
+        except (OSError, ValueError):
+            pid = 0
+        if pid and _alive(pid):
+            continue
+        name = claim.name[len(UNREGISTERED):]
+        for leftover in [folder / name, *folder.glob(f".{name}.*")]:
+            if leftover.is_dir() and not leftover.is_symlink():
+                shutil.rmtree(leftover, ignore_errors=True)
+                removed.append(leftover)
+        claim.unlink(missing_ok=True)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:   # another user's live process
+        return True
+    return True
 
 
 def run_results(store: RunStore, run_id: int, progress: Progress | None = None) -> RunResults | None:

@@ -55,13 +55,17 @@ import pandas as pd
 
 from core.workspace import workspace_dir
 
-__all__ = ["RunStore", "RegistryError", "SCHEMA_VERSION", "DATASET_KINDS", "REGISTRY_FILENAME", "to_json"]
+__all__ = ["RunStore", "RegistryError", "RegistryLockedError", "SCHEMA_VERSION", "DATASET_KINDS", "REGISTRY_FILENAME", "to_json"]
 
 SCHEMA_VERSION = 1
 
 
 class RegistryError(ValueError):
     """The registry file cannot be used (not a database, or written by a newer AnomalyScope)."""
+
+
+class RegistryLockedError(RegistryError):
+    """Another program held the registry's write lock for longer than the busy timeout."""
 REGISTRY_FILENAME = "registry.sqlite"
 DATASET_KINDS = ("mvtec", "folder", "zip", "upload")
 BUSY_TIMEOUT_S = 30.0
@@ -237,8 +241,9 @@ class RunStore:
     Methods raise ``KeyError`` for an unknown dataset or run id and ``ValueError`` for bad input.
     """
 
-    def __init__(self, path: str | Path | None = None):
+    def __init__(self, path: str | Path | None = None, busy_timeout_s: float = BUSY_TIMEOUT_S):
         self.path = Path(path) if path is not None else workspace_dir() / REGISTRY_FILENAME
+        self.busy_timeout_s = float(busy_timeout_s)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._init_schema()
 
@@ -248,9 +253,9 @@ class RunStore:
     # -- connections -----------------------------------------------------------------------
     def _connect(self) -> sqlite3.Connection:
         # isolation_level=None: no implicit BEGINs; writes open BEGIN IMMEDIATE themselves.
-        conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
+        conn = sqlite3.connect(self.path, timeout=self.busy_timeout_s, isolation_level=None)
         conn.row_factory = sqlite3.Row
-        conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
+        conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout_s * 1000)}")
         conn.execute("PRAGMA foreign_keys = ON")
         conn.execute("PRAGMA synchronous = NORMAL")  # safe with WAL: a crash loses no committed data
         return conn
@@ -269,7 +274,14 @@ class RunStore:
         conn = self._connect()
         try:
             with conn:  # commit on success, rollback on any exception
-                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    conn.execute("BEGIN IMMEDIATE")
+                except sqlite3.OperationalError as exc:
+                    if "locked" not in str(exc) and "busy" not in str(exc):
+                        raise
+                    raise RegistryLockedError(
+                        f"{self.path} stayed locked by another program for {self.busy_timeout_s:.0f} s (a long "
+                        "write, or a tool holding it open): close that program or try again") from None
                 yield conn
         finally:
             conn.close()

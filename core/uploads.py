@@ -67,7 +67,11 @@ def create_from_uploads(store: RunStore, name: str, normal: Sequence[UploadedFil
                 _place_test(_one_zip(test), root, Path(scratch) / "test", extraction)
             elif mvtec_from_zip is not None:
                 _copy_test_split(mvtec_from_zip, root)
-        dataset = load_mvtec(root)
+        try:
+            dataset = load_mvtec(root)
+        except EmptyDatasetError as exc:   # say why every upload was refused, not only what reached the folder
+            exc.report.skipped[:0] = extraction.skipped
+            raise EmptyDatasetError(exc.report) from None
         dataset.report.skipped[:0] = extraction.skipped
         dataset.report.warnings[:0] = extraction.warnings
         if not len(dataset.subset(split="train")):
@@ -127,15 +131,17 @@ def _place_normal(normal: Sequence[UploadedFile], root: Path, scratch: Path, rep
     for k, upload in enumerate(normal):
         if is_zip(upload):
             try:
-                unpacked = load_zip(upload[1], scratch / f"normal-{k}", validate=False)
+                # Validated in the scratch folder, so that only usable images are copied into the workspace.
+                unpacked = load_zip(upload[1], scratch / f"normal-{k}", validate=True)
             except (EmptyDatasetError, ValueError) as exc:   # ImageError is a ValueError
                 report.skipped.append((upload[0], str(exc)))
                 continue
             report.skipped += [(f"{upload[0]}: {f}", why) for f, why in unpacked.report.skipped]
             for sample in unpacked.subset(split="train", label=0).samples:
                 _copy_unique(sample.path, good)
-            if any(s.split == "test" for s in unpacked.samples):
-                mvtec_root = Path(unpacked.samples[0].path).parents[2]   # <root>/train/good/<file>
+            test = unpacked.subset(split="test")
+            if len(test):
+                mvtec_root = _validated_copy(test, scratch / f"normal-{k}-test")
         elif Path(upload[0]).suffix.lower() in IMAGE_SUFFIXES:
             _write_unique(good, Path(upload[0]).name, upload[1])
         else:
@@ -146,7 +152,7 @@ def _place_normal(normal: Sequence[UploadedFile], root: Path, scratch: Path, rep
 def _place_test(upload: UploadedFile, root: Path, scratch: Path, report: LoadReport) -> None:
     """Unpack a test set and copy its test/ and ground_truth/ folders under root."""
     try:
-        load_zip(upload[1], scratch, validate=False)
+        load_zip(upload[1], scratch, validate=False)   # the layout is found first; its images are checked below
     except EmptyDatasetError as exc:
         raise ValueError(f"the test set {upload[0]!r} holds no images: {exc}") from None
     except ValueError as exc:
@@ -161,6 +167,18 @@ def _place_test(upload: UploadedFile, root: Path, scratch: Path, report: LoadRep
                          "masks optionally in ground_truth/<defect type>/")
     shutil.copytree(good.parent, root / "test")
     report.warnings.append((upload[0], "no test/ folder: the folder holding good/ was used as the test split"))
+
+
+def _validated_copy(test: ImageSet, target: Path) -> Path:
+    """The usable images of a validated test split (and their masks) copied in MVTec layout under target."""
+    source_root = Path(test.samples[0].path).parents[2]           # <root>/test/<defect>/<file>
+    for sample in test.samples:
+        for path in (sample.path, sample.mask_path):
+            if path is not None:
+                copy = target / Path(path).relative_to(source_root)
+                copy.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(path, copy)
+    return target
 
 
 def _copy_test_split(source_root: Path, root: Path) -> None:

@@ -2,6 +2,7 @@
 import csv
 import io
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -174,3 +175,80 @@ def test_predict_refuses_a_file_as_out_and_an_empty_input_and_never_overwrites_a
     rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
     assert [Path(r["heatmap"]).name for r in rows] == ["04_heatmap.png", "04_2_heatmap.png"]
     assert all(Path(r["heatmap"]).is_file() for r in rows)
+
+
+@pytest.fixture
+def small_fit(demo):
+    from core.detectors import create_detector
+    return create_detector("patchcore", resize=64, coreset_ratio=0.1, score_border=0).fit(
+        demo.subset(split="train")[:5])
+
+
+def test_a_locked_registry_is_waited_for_then_reported_and_the_fit_is_kept(demo, small_fit):
+    import sqlite3
+    from core.pipeline import register_fitted
+    from core.runs import RegistryLockedError
+    store = RunStore(busy_timeout_s=0.2)
+    dataset_id = register_dataset(store, demo, "mvtec")
+    holder = sqlite3.connect(store.path, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")                 # another program holds the write lock throughout
+    waits = []
+    try:
+        with pytest.raises(RegistryLockedError, match="fitted model is kept in") as caught:
+            register_fitted(store, dataset_id, demo, small_fit,
+                            progress=lambda stage, done, total: waits.append(stage) if "locked" in stage else None)
+    finally:
+        holder.rollback()
+        holder.close()
+    assert waits == ["registry locked: waiting"] * 2    # three attempts, two waits reported
+    kept = Path(str(caught.value).split("kept in ")[1].split(":")[0])
+    assert (kept / "config.json").is_file() and not list(models_dir().glob(".unregistered-*"))
+    from core.pipeline import sweep_unregistered_models
+    assert sweep_unregistered_models() == [] and kept.is_dir()     # kept on purpose: never swept
+    assert store.list_runs() == []
+
+
+def test_a_registry_lock_released_in_time_loses_nothing(demo, small_fit):
+    import sqlite3
+    import threading
+    from core.pipeline import register_fitted
+    store = RunStore(busy_timeout_s=0.3)
+    dataset_id = register_dataset(store, demo, "mvtec")
+    holder = sqlite3.connect(store.path, isolation_level=None, check_same_thread=False)
+    holder.execute("BEGIN IMMEDIATE")
+    threading.Timer(0.45, lambda: (holder.rollback(), holder.close())).start()   # during the second attempt
+    run_id = register_fitted(store, dataset_id, demo, small_fit)
+    assert store.get_run(run_id)["model_path"]
+
+
+def test_kill_9_between_save_and_register_leaves_no_orphan_after_the_next_start(tmp_path):
+    import subprocess
+    import sys
+    script = f"""
+import os, signal, sys
+sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r})
+from core.data import load_mvtec
+from core.detectors import create_detector
+from core.pipeline import register_dataset, register_fitted
+from core.runs import RunStore
+demo = load_mvtec({str(DEMO)!r})
+store = RunStore()
+dataset_id = register_dataset(store, demo, "mvtec")
+det = create_detector("patchcore", resize=64, coreset_ratio=0.1, score_border=0).fit(demo.subset(split="train")[:5])
+store.add_run = lambda **kw: os.kill(os.getpid(), signal.SIGKILL)    # killed after the save, before the commit
+register_fitted(store, dataset_id, demo, det)
+"""
+    done = subprocess.run([sys.executable, "-c", script], env=os.environ.copy(), timeout=300)
+    assert done.returncode == -9
+    orphans = [p for p in models_dir().iterdir() if p.is_dir()]
+    assert len(orphans) == 1 and list(models_dir().glob(".unregistered-*"))
+    code = main(["list"])                               # the next start of any command sweeps
+    assert code == 0 and not [p for p in models_dir().iterdir()]
+
+
+def test_a_claim_of_a_live_process_is_left_alone(tmp_path):
+    from core.pipeline import UNREGISTERED, sweep_unregistered_models
+    models_dir().mkdir(parents=True)
+    (models_dir() / "patchcore-live").mkdir()
+    (models_dir() / f"{UNREGISTERED}patchcore-live").write_text(str(os.getpid()))   # this very process
+    assert sweep_unregistered_models() == [] and (models_dir() / "patchcore-live").is_dir()

@@ -15,7 +15,7 @@ import streamlit as st
 from core.detectors import Detector, load_detector
 from core.embeddings import VIEWS_FILE, FeatureViews, load_views
 from core.inspection import warm_up
-from core.pipeline import run_results
+from core.pipeline import run_results, sweep_unregistered_models
 from core.results import RunResults
 from core.runs import REGISTRY_FILENAME, RegistryError, RunStore
 from core.thresholds import ScoreDistribution
@@ -30,6 +30,7 @@ _THRESHOLDS = "thresholds"
 # -- the registry and cached loads ----------------------------------------------------------------------
 @st.cache_resource
 def _store(path: str) -> RunStore:
+    sweep_unregistered_models()   # once per server start: folders of trainings killed before registering
     return RunStore(path)
 
 

@@ -5,6 +5,7 @@ nearest-neighbour distances as anomaly scores; follows the paper and amazon-scie
 """
 from __future__ import annotations
 
+import time
 from typing import Sequence
 
 import faiss
@@ -179,6 +180,7 @@ class PatchCore(BackboneDetector):
                     "why": f"{len(images)} training images are too few to hold any out: the images' own size "
                            f"({native} px), {SMALL_SET_RATIO:.0%} of the patches (at least {self.min_bank}) "
                            "and the whole image scored"}
+        start = time.perf_counter()
         held = auto_settings.hold_out(images, self.seed)
         rng = np.random.default_rng(self.seed)
         fit_index = held.train_index
@@ -209,7 +211,7 @@ class PatchCore(BackboneDetector):
         chosen = auto_settings.levelled_off([r for r in at_frame if r["border_px"] == border])
         for row in rows:   # the bootstrap values served the choice; the record keeps the summary
             row["se"] = round(float(np.nanstd(row.pop("bootstrap")["separation"])), 4)
-        settings = {"candidates": rows, "n_held_out": int(len(held.held_out_index)),
+        settings = {"seconds": round(time.perf_counter() - start, 1), "candidates": rows, "n_held_out": int(len(held.held_out_index)),
                     "n_synthetic_defects": int(held.labels.sum()), "n_fitted_on": int(len(fit_index)),
                     "tolerance": auto_settings.TOLERANCE}
         why = []

@@ -76,3 +76,22 @@ def test_server_folder_is_registered_in_place_once(tmp_path):
         register_folder(store, tmp_path / "nowhere")
     with pytest.raises(ValueError, match="already exists"):
         register_folder(store, DEMO / "train", "demo")
+
+
+def test_a_refused_zip_upload_keeps_its_real_reason_and_copies_no_junk():
+    store = RunStore()
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as zf:
+        for i in range(200):                           # many members that look like images and are not
+            zf.writestr(f"parts/p{i}.png", b"\0" * 20_000)
+    with pytest.raises(EmptyDatasetError, match="parts.zip") as caught:
+        create_from_uploads(store, "junk zip", [("parts.zip", buffer.getvalue())])
+    assert "cannot identify image" in str(caught.value) or "not a" in str(caught.value)
+    assert not (datasets_dir() / "junk-zip").exists()
+    # A usable zip with junk beside its images: only the images reach the workspace.
+    with zipfile.ZipFile(buffer, "a") as zf:
+        for p in sorted((DEMO / "train" / "good").iterdir())[:3]:
+            zf.write(p, f"parts/{p.name}")
+    _, ds = create_from_uploads(store, "mixed zip", [("parts.zip", buffer.getvalue())])
+    stored = [p for p in datasets_dir().rglob("*") if p.is_file()]
+    assert len(ds) == 3 and len(stored) == 3
