@@ -12,9 +12,7 @@ Greedy selection costs O(N * picks), so :class:`StreamingCoreset` reduces the tr
 chunk as the backbone produces them: each chunk of at most `chunk_rows` patches gets its share of the picks
 (a composable coreset: the union of the chunks' coresets covers every patch within the largest chunk
 radius). Fit time then grows linearly with the number of images and memory with the bank, not with the
-training set. Each chunk keeps twice its share, and one greedy pass over that union picks the bank (merge
-and reduce): the chunks' picks are redundant with each other, and the final pass drops the redundancy
-instead of keeping it, which brings the coverage radius closer to one greedy pass over everything.
+training set.
 """
 from __future__ import annotations
 
@@ -50,19 +48,11 @@ class StreamingCoreset:
     rows. Call :meth:`add` with each batch of rows, then :meth:`finish`.
     """
 
-    # Picks kept per chunk, as a multiple of its share, while the union stays within `merge_rows`.
-    oversample = 2
-
     def __init__(self, n_total: int, n_select: int, projection_dim: int | None = 128, seed: int = 0,
-                 progress=None, chunk_rows: int = 100_000, merge_rows: int = 200_000):
+                 progress=None, chunk_rows: int = 100_000):
         self.n_total, self.n_select = int(n_total), int(min(max(n_select, 1), n_total))
         self.projection_dim, self.seed, self.progress = projection_dim, seed, progress
         self.chunk_rows = int(chunk_rows)
-        # One chunk needs no final pass; above `merge_rows` the pass would cost more than the chunks did, so
-        # the union is the bank then.
-        oversampled = min(self.oversample * self.n_select, self.n_total)
-        one_chunk = self.n_total <= self.chunk_rows
-        self._n_keep = oversampled if oversampled <= merge_rows and not one_chunk else self.n_select
         self._pending: list[torch.Tensor] = []
         self._pending_rows = self._seen = self._kept = 0
         self._picks: list[torch.Tensor] = []   # the kept rows of each chunk, in pick order
@@ -79,14 +69,14 @@ class StreamingCoreset:
         self._pending, self._pending_rows = [], 0
         self._seen += len(chunk)
         # Shares by cumulative rounding, so that they add up to n_select exactly.
-        share = int(round(self._n_keep * min(self._seen, self.n_total) / self.n_total)) - self._kept
+        share = int(round(self.n_select * min(self._seen, self.n_total) / self.n_total)) - self._kept
         share = max(1, min(share, len(chunk)))
         self._kept += share
         offset = sum(len(p) for p in self._picks)
 
         def chunk_progress(stage, done, total):
             if self.progress is not None:
-                self.progress(stage, offset + done, self._n_keep)
+                self.progress(stage, offset + done, self.n_select)
         selected, radii = greedy_coreset(chunk, share, self.projection_dim, self.seed + len(self._picks),
                                          chunk_progress)
         self._picks.append(chunk[torch.from_numpy(selected)].clone())
@@ -95,22 +85,15 @@ class StreamingCoreset:
     def finish(self) -> tuple[torch.Tensor, np.ndarray]:
         """The kept rows (n_select, D), and after each pick an upper bound of the coverage radius.
 
-        One chunk: its first n_select picks (a greedy prefix is the greedy coreset of that size). Several:
-        a greedy pass over their union, bounded by the largest chunk radius plus the pass's own radius; or,
-        where no pass was planned, the union interleaved round-robin, bounded by the largest chunk radius
-        reached in each round.
+        Picks are interleaved round-robin over the chunks; the bound after each round is the largest
+        radius any chunk has reached, which covers the union.
         """
         if self._pending:
             self._reduce()
         if not self._picks:
             raise ValueError("no feature rows were added")
         if len(self._picks) == 1:
-            return self._picks[0][:self.n_select], self._radii[0][:self.n_select]
-        if self._n_keep > self.n_select:
-            union = torch.cat(self._picks)
-            chunk_radius = max(float(r[-1]) for r in self._radii)
-            selected, radii = greedy_coreset(union, self.n_select, self.projection_dim, self.seed)
-            return union[torch.from_numpy(selected)], (radii + chunk_radius).astype(np.float32)
+            return self._picks[0], self._radii[0]
         rounds = max(len(p) for p in self._picks)
         rows, bound = [], []
         for i in range(rounds):
