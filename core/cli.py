@@ -59,6 +59,8 @@ def _load_any(path: str, dest_dir: Path | None = None):
     # Each load of an archive extracts into its own folder: load_zip refuses a non-empty destination.
     dest = dest_dir or workspace_dir() / "datasets" / f"{p.stem}-{uuid.uuid4().hex[:8]}"
     dataset = load_dataset(p, dest_dir=dest) if kind == "zip" else load_dataset(p)
+    if kind == "zip":   # registered where it was extracted, so that the dashboard and evaluate can reopen it
+        dataset.report.source = str(dest)
     if dataset.report.skipped or dataset.report.warnings:
         print(f"load report: {dataset.report.summary()}", file=sys.stderr)
         for name, reason in [*dataset.report.skipped, *dataset.report.warnings][:20]:

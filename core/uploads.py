@@ -105,8 +105,10 @@ def register_folder(store: RunStore, path: str | Path, name: str | None = None) 
 def open_dataset(record: dict) -> ImageSet:
     """Load a registered dataset (a registry row) from where it lives."""
     source = Path(record["source"])
-    if source.is_file() and zipfile.is_zipfile(source):   # registered from a zip by the CLI: use its copy
-        source = datasets_dir() / source.stem
+    if source.is_file() and zipfile.is_zipfile(source):
+        # Registered from a zip by an older CLI, which recorded the archive: use its extracted copy.
+        copies = sorted(datasets_dir().glob(f"{source.stem}-*"))
+        source = copies[0] if copies else source
     if not source.is_dir():
         raise FileNotFoundError(f"dataset {record['name']!r}: its files are gone from {record['source']}")
     return load_dataset(source)

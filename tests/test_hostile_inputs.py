@@ -18,12 +18,11 @@ from collections import Counter
 from contextlib import contextmanager, redirect_stderr, redirect_stdout
 from pathlib import Path
 
-import numpy as np
 import pytest
 from PIL import Image
 
 from core.cli import main
-from core.data import EmptyDatasetError, ImageError, load_dataset, load_zip
+from core.data import load_dataset, load_zip
 from core.detectors import create_detector
 
 from conftest import DEMO

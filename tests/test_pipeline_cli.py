@@ -131,6 +131,10 @@ def test_cli_trains_twice_from_the_same_zip(tmp_path, capsys):
         assert main(["train", "--data", archive, *FAST]) == 0
         run_ids.append(json.loads(capsys.readouterr().out)["run_id"])
     assert run_ids == [1, 2]
+    # The dataset is registered where the archive was extracted: the dashboard and re-evaluation reopen it.
+    from core.uploads import open_dataset
+    record = RunStore().list_datasets()[0]
+    assert Path(record["source"]).is_dir() and len(open_dataset(record).subset(split="test")) == 23
 
 
 def test_cli_refuses_empty_data_unknown_and_non_finite_parameters_and_pipes(tmp_path, capsys):

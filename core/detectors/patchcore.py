@@ -13,9 +13,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..backbones import DEFAULT_BACKBONE, FeatureExtractor
+from ..backbones import DEFAULT_BACKBONE
 from ..coreset import StreamingCoreset, greedy_coreset
-from ..data import Preprocess, fit_frame
+from ..data import Preprocess
 from . import auto_settings
 from .base import AUTO_LONG_SIDE, BackboneDetector, Progress, native_long_side, register_detector
 from .ops import upsample_blur
