@@ -74,6 +74,7 @@ def create_from_uploads(store: RunStore, name: str, normal: Sequence[UploadedFil
             raise EmptyDatasetError(exc.report) from None
         dataset.report.skipped[:0] = extraction.skipped
         dataset.report.warnings[:0] = extraction.warnings
+        _keep_only(root, dataset)
         if not len(dataset.subset(split="train")):
             raise EmptyDatasetError(dataset.report)
         dataset.name = name
@@ -181,6 +182,15 @@ def _validated_copy(test: ImageSet, target: Path) -> Path:
                 copy.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(path, copy)
     return target
+
+
+def _keep_only(root: Path, dataset: ImageSet) -> None:
+    """Delete what the load refused (junk, broken images, duplicates, unusable masks): the workspace keeps only
+    the dataset, whose report names what was left out."""
+    keep = {Path(p).resolve() for s in dataset.samples for p in (s.path, s.mask_path) if p is not None}
+    for f in root.rglob("*"):
+        if (f.is_file() or f.is_symlink()) and f.resolve() not in keep:
+            f.unlink()
 
 
 def _copy_test_split(source_root: Path, root: Path) -> None:

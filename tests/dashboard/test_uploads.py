@@ -95,3 +95,12 @@ def test_a_refused_zip_upload_keeps_its_real_reason_and_copies_no_junk():
     _, ds = create_from_uploads(store, "mixed zip", [("parts.zip", buffer.getvalue())])
     stored = [p for p in datasets_dir().rglob("*") if p.is_file()]
     assert len(ds) == 3 and len(stored) == 3
+    # The same for a labelled test set uploaded beside: junk in it does not stay in the workspace.
+    test_zip = io.BytesIO()
+    with zipfile.ZipFile(test_zip, "w") as zf:
+        zf.writestr(zipfile.ZipInfo("test/good/junk.png"), b"\0" * 50_000)
+        for p in sorted((DEMO / "test" / "good").iterdir())[:2]:
+            zf.write(p, f"test/good/{p.name}")
+    _, ds = create_from_uploads(store, "with test", files(DEMO / "train" / "good")[:3], [("t.zip", test_zip.getvalue())])
+    stored = [p for p in (datasets_dir() / "with-test").rglob("*") if p.is_file()]
+    assert len(ds) == 5 and len(stored) == 5 and any("junk.png" in f for f, _ in ds.report.skipped)
