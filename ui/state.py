@@ -13,6 +13,7 @@ from pathlib import Path
 import streamlit as st
 
 from core.detectors import Detector, load_detector
+from core.detectors.base import ModelFolderError
 from core.embeddings import VIEWS_FILE, FeatureViews, load_views
 from core.inspection import warm_up
 from core.pipeline import run_results, sweep_unregistered_models
@@ -84,8 +85,13 @@ def _detector(registry: str, run_id: int, model_path: str) -> Detector:
 
 
 def detector(run: dict) -> Detector:
-    """The run's model, loaded once and shared by every session: only ever call its scoring methods."""
-    return _detector(_registry(), run["id"], run["model_path"])
+    """The run's model, loaded once and shared by every session: only ever call its scoring methods. A model
+    folder that is gone or damaged stops the page with the reason, never a traceback."""
+    try:
+        return _detector(_registry(), run["id"], run["model_path"])
+    except ModelFolderError as exc:
+        st.error(f"Run #{run['id']} cannot be used: {exc}", icon=":material/error:")
+        st.stop()
 
 
 # -- the selection in the sidebar ------------------------------------------------------------------------

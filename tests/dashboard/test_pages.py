@@ -283,3 +283,16 @@ def test_a_damaged_registry_is_explained_on_the_page_not_a_traceback(tmp_path):
     at.run()
     assert not at.exception
     assert "not a usable AnomalyScope registry" in at.error[0].value
+
+
+def test_a_damaged_model_folder_is_explained_on_the_page_not_a_traceback(workspace, tmp_path):
+    import shutil
+    import sqlite3
+    run = workspace["store"].get_run(workspace["run_id"])
+    damaged = tmp_path / "damaged-model"
+    shutil.copytree(run["model_path"], damaged)
+    (damaged / "fitted.safetensors").write_bytes(b"cut short")
+    with sqlite3.connect(workspace["store"].path) as conn:
+        conn.execute("UPDATE runs SET model_path = ? WHERE id = ?", (str(damaged), run["id"]))
+    at = open_page("inspect_live")
+    assert f"Run #{run['id']} cannot be used" in at.error[0].value and str(damaged) in at.error[0].value
