@@ -112,15 +112,18 @@ with left:
         st.caption("The test set has no defective images: thresholds will come from normal scores.")
 with right:
     st.subheader("Load report")
-    report = dataset.report
-    if not report.skipped and not report.warnings:
+    # What the import refused is gone from the folder: the registered report keeps it, today's load adds to it.
+    stored = record.get("report") or {}
+    skipped = list(dict.fromkeys(map(tuple, [*stored.get("skipped", []), *dataset.report.skipped])))
+    warnings = list(dict.fromkeys(map(tuple, [*stored.get("warnings", []), *dataset.report.warnings])))
+    if not skipped and not warnings:
         st.success("Every file loaded cleanly.", icon=":material/check_circle:")
-    if report.skipped:
-        st.markdown(f"**{len(report.skipped)} skipped**")
-        st.dataframe(pd.DataFrame(report.skipped, columns=["file", "why it was skipped"]), hide_index=True)
-    if report.warnings:
-        st.markdown(f"**{len(report.warnings)} warnings**")
-        st.dataframe(pd.DataFrame(report.warnings, columns=["file", "warning"]), hide_index=True)
+    if skipped:
+        st.markdown(f"**{len(skipped)} skipped**")
+        st.dataframe(pd.DataFrame(skipped, columns=["file", "why it was skipped"]), hide_index=True)
+    if warnings:
+        st.markdown(f"**{len(warnings)} warnings**")
+        st.dataframe(pd.DataFrame(warnings, columns=["file", "warning"]), hide_index=True)
 
 
 @st.cache_data(max_entries=64, show_spinner=False)
