@@ -2,10 +2,10 @@
 
 Three well-known generator families, each deterministic given a numpy Generator:
 
-- CutPaste (Li et al., CVPR 2021): a patch of the image itself, jittered in brightness and possibly rotated,
-  pasted elsewhere; its "scar" variant is a thin, long patch.
+- CutPaste (Li et al., CVPR 2021): a patch of the image itself, jittered in brightness and contrast and
+  possibly turned half round, pasted elsewhere; its "scar" variant is a thin, long patch.
 - Perlin-noise blends (DRAEM, Zavrtanik et al., ICCV 2021): a thresholded Perlin-noise region blended with a
-  source texture. No texture dataset can be downloaded here, so the source is another, shuffled, region of
+  source texture. No texture dataset can be downloaded here, so the source is another, flipped, region of
   the same image, or smooth noise.
 - Scratches: a thin random polyline drawn darker or lighter than its surroundings.
 

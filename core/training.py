@@ -202,9 +202,9 @@ def chosen_settings(card: dict) -> list[str]:
     """What a fit decided from the data itself, in words, from a run's model card."""
     lines = []
     frame, stretch = card.get("input_frame_hw"), card.get("aspect_stretch")
+    auto = card.get("auto_settings", {})
     if frame:
         resize = card.get("params", {}).get("resize")
-        auto = card.get("auto_settings", {})
         how = ("the candidates compared on held-out images (below)" if resize == "auto" and "long_side" in auto
                else "the training images' own size" if resize == "auto" else "the training images' aspect ratio"
                if isinstance(resize, int) else "as set")
@@ -217,7 +217,6 @@ def chosen_settings(card: dict) -> list[str]:
         share = bank["patches"] / max(bank["from_training_patches"], 1)
         lines.append(f"Memory bank: {bank['patches']:,} of {bank['from_training_patches']:,} training patches "
                      f"({share:.1%}), nearest-neighbour search {bank.get('search', 'exact')}.")
-    auto = card.get("auto_settings")
-    if auto and auto.get("why"):
+    if auto.get("why"):
         lines.append(f"Chosen automatically: {auto['why']}.")
     return lines

@@ -134,7 +134,8 @@ def _place_normal(normal: Sequence[UploadedFile], root: Path, scratch: Path, rep
     for k, upload in enumerate(normal):
         if is_zip(upload):
             try:
-                # Validated in the scratch folder, so that only usable images are copied into the workspace.
+                # Validated in the scratch folder: only usable training images are copied, and a refusal names
+                # the upload. A test split is copied whole and pruned after the dataset load (_keep_only).
                 unpacked = load_zip(upload[1], scratch / f"normal-{k}", validate=True)
             except (EmptyDatasetError, ValueError) as exc:   # ImageError is a ValueError
                 report.skipped.append((upload[0], str(exc)))
@@ -142,9 +143,8 @@ def _place_normal(normal: Sequence[UploadedFile], root: Path, scratch: Path, rep
             report.skipped += [(f"{upload[0]}: {f}", why) for f, why in unpacked.report.skipped]
             for sample in unpacked.subset(split="train", label=0).samples:
                 _copy_unique(sample.path, good)
-            test = unpacked.subset(split="test")
-            if len(test):
-                mvtec_root = _validated_copy(test, scratch / f"normal-{k}-test")
+            if any(s.split == "test" for s in unpacked.samples):
+                mvtec_root = Path(unpacked.samples[0].path).parents[2]   # <root>/train/good/<file>
         elif Path(upload[0]).suffix.lower() in IMAGE_SUFFIXES:
             _write_unique(good, Path(upload[0]).name, upload[1])
         else:
@@ -155,7 +155,7 @@ def _place_normal(normal: Sequence[UploadedFile], root: Path, scratch: Path, rep
 def _place_test(upload: UploadedFile, root: Path, scratch: Path, report: LoadReport) -> None:
     """Unpack a test set and copy its test/ and ground_truth/ folders under root."""
     try:
-        load_zip(upload[1], scratch, validate=False)   # the layout is found first; its images are checked below
+        load_zip(upload[1], scratch, validate=False)   # the layout is found first; the dataset load checks images
     except EmptyDatasetError as exc:
         raise ValueError(f"the test set {upload[0]!r} holds no images: {exc}") from None
     except ValueError as exc:
@@ -170,18 +170,6 @@ def _place_test(upload: UploadedFile, root: Path, scratch: Path, report: LoadRep
                          "masks optionally in ground_truth/<defect type>/")
     shutil.copytree(good.parent, root / "test")
     report.warnings.append((upload[0], "no test/ folder: the folder holding good/ was used as the test split"))
-
-
-def _validated_copy(test: ImageSet, target: Path) -> Path:
-    """The usable images of a validated test split (and their masks) copied in MVTec layout under target."""
-    source_root = Path(test.samples[0].path).parents[2]           # <root>/test/<defect>/<file>
-    for sample in test.samples:
-        for path in (sample.path, sample.mask_path):
-            if path is not None:
-                copy = target / Path(path).relative_to(source_root)
-                copy.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(path, copy)
-    return target
 
 
 def _keep_only(root: Path, dataset: ImageSet) -> None:

@@ -12,8 +12,7 @@ from pathlib import Path
 
 import streamlit as st
 
-from core.detectors import Detector, load_detector
-from core.detectors.base import ModelFolderError
+from core.detectors import Detector, ModelFolderError, load_detector
 from core.embeddings import VIEWS_FILE, FeatureViews, load_views
 from core.inspection import warm_up
 from core.pipeline import run_results, sweep_unregistered_models

@@ -2,9 +2,9 @@
 
 A share of the training images is held out (never in the bank or statistics being compared); each held-out
 image is scored as it is and with synthetic defects pasted in (`core.synthetic`). Candidate settings are
-compared by how well they separate the two, at image level (AUROC) and at patch level (AUROC of patch scores
-against the defect masks). The cheapest candidate within a small tolerance of the best wins, so a setting
-that costs more must earn it.
+compared by how well they separate the two, at image level (AUROC) and at patch level (average precision of
+patch scores against the defect masks). The cheapest candidate wins unless a dearer one is better by more
+than the noise (a paired bootstrap over the held-out images), so a setting that costs more must earn it.
 """
 from __future__ import annotations
 
@@ -41,7 +41,6 @@ class HeldOut:
     labels: np.ndarray             # 0 normal, 1 synthetic defect
     masks: list[np.ndarray]        # HxW bool (all False for normals)
     groups: np.ndarray             # the held-out image each row comes from
-    kinds: list[str]               # "normal" or the generator's name
 
 
 def hold_out(images: Sequence[np.ndarray], seed: int) -> HeldOut:
@@ -52,18 +51,16 @@ def hold_out(images: Sequence[np.ndarray], seed: int) -> HeldOut:
     n_held = int(np.clip(round(HELD_OUT_SHARE * n), *HELD_OUT_RANGE))
     held = np.sort(order[:n_held])
     normals = [np.asarray(images[int(i)]) for i in held]
-    defects, masks, kinds = [], [], []
+    defects, masks = [], []
     for image in normals:
         for _ in range(DEFECTS_PER_IMAGE):
-            out, mask, kind = synthetic_defect(image, rng)
+            out, mask, _ = synthetic_defect(image, rng)
             defects.append(out)
             masks.append(mask)
-            kinds.append(kind)
     return HeldOut(train_index=np.sort(order[n_held:]), held_out_index=held, images=normals + defects,
                    labels=np.array([0] * len(normals) + [1] * len(defects)),
                    masks=[np.zeros(im.shape[:2], dtype=bool) for im in normals] + masks,
-                   groups=np.concatenate([np.arange(n_held), np.repeat(np.arange(n_held), DEFECTS_PER_IMAGE)]),
-                   kinds=["normal"] * len(normals) + kinds)
+                   groups=np.concatenate([np.arange(n_held), np.repeat(np.arange(n_held), DEFECTS_PER_IMAGE)]))
 
 
 def grid_masks(masks: Sequence[np.ndarray], frame_masks, grid: tuple[int, int]) -> np.ndarray:

@@ -17,7 +17,7 @@ from ..backbones import DEFAULT_BACKBONE
 from ..coreset import StreamingCoreset, greedy_coreset
 from ..data import Preprocess
 from . import auto_settings
-from .base import AUTO_LONG_SIDE, BackboneDetector, Progress, native_long_side, register_detector
+from .base import BackboneDetector, Progress, native_long_side, register_detector
 from .ops import upsample_blur
 
 # The candidates resize="auto" and coreset_ratio="auto" choose from: longer sides up to the images' own,
@@ -49,8 +49,9 @@ def locally_aware_patches(features: list[torch.Tensor]) -> torch.Tensor:
 
 
 def _inner(patch_scores: np.ndarray, border: int) -> np.ndarray:
-    """Patch scores (N, h, w) with `border` cells at each edge set to 0, so that they never give the image score."""
-    if border <= 0:
+    """Patch scores (N, h, w) with `border` cells at each edge set to 0, so that they never give the image score;
+    unchanged where the border would leave no inner cell."""
+    if border <= 0 or 2 * border >= min(patch_scores.shape[-2:]):
         return patch_scores
     out = np.zeros_like(patch_scores)
     out[:, border:-border, border:-border] = patch_scores[:, border:-border, border:-border]
@@ -98,8 +99,8 @@ class PatchCore(BackboneDetector):
     With resize, coreset_ratio and score_border at "auto" (the defaults) the fit first chooses them from the
     training images: a share of them is held out and synthetic defects are pasted into those; each candidate
     longer side (256, 384, 512 px, up to the images' own) and score border (0 to 24 px) is judged by how well
-    it separates the held-out good images from their defective copies (the cheapest within 0.005 of the best
-    wins), and the bank (1% to 10% of the patches) by when a bigger one stops making the held-out good images
+    it separates the held-out good images from their defective copies (the cheapest wins unless a dearer one
+    is better by more than the noise), and the bank (1% to 10% of the patches) by when a bigger one stops making the held-out good images
     look more normal. The final model is then fitted on every image; `fit_info_["auto_settings"]` records
     the candidates, their scores and the choice. Sets under 10 images keep their own size, a 10% bank and
     the whole image. Setting a parameter takes it out of the choice.
@@ -188,7 +189,7 @@ class PatchCore(BackboneDetector):
             fit_index = np.sort(rng.choice(fit_index, AUTO_TUNE_IMAGES, replace=False))
         long_sides = [None]
         if tune["size"]:
-            long_sides = [s for s in AUTO_LONG_SIDES if s <= max(native, AUTO_LONG_SIDE[0])]
+            long_sides = [s for s in AUTO_LONG_SIDES if s <= native]   # native is at least 256
             long_sides = sorted(set(long_sides + [native]))
         rows = []
         for step, long_side in enumerate(long_sides):
@@ -307,7 +308,7 @@ class PatchCore(BackboneDetector):
         # IndexFlatL2 returns squared distances.
         patch_scores = np.sqrt(np.maximum(sq_dist[:, 0], 0)).reshape(n, h * w)
         border = round(self.score_border_px_ / self.feature_extractor().strides[0])
-        worst = _inner(patch_scores.reshape(n, h, w), border if 2 * border < min(h, w) else 0).reshape(n, -1).argmax(axis=1)
+        worst = _inner(patch_scores.reshape(n, h, w), border).reshape(n, -1).argmax(axis=1)
         scores = patch_scores[np.arange(n), worst]
         if self.reweight:
             scores = scores * self._eq7_weights(queries.reshape(n, h * w, c)[np.arange(n), worst],
