@@ -18,8 +18,10 @@ from .compare import model_memory_mb
 from .data import ImageSet, load_dataset
 from .detectors import Detector, create_detector, load_detector
 from .detectors.base import Progress, no_progress
+from .detectors.calibration import Calibration
 from .results import RunResults, load_results, save_results
 from .runs import RegistryLockedError, RunStore
+from .thresholds import DEFAULT_FALSE_REJECT, MIN_TAIL_IMAGES, normal_threshold
 from .workspace import workspace_dir
 
 
@@ -47,14 +49,21 @@ def evaluate(detector: Detector, test_set: ImageSet, progress: Progress | None =
     return Evaluation(scores, maps, masks, labels, result, seconds)
 
 
-def default_thresholds(evaluation: Evaluation | None, max_pixels: int = 2_000_000) -> dict:
+def default_thresholds(evaluation: Evaluation | None, calibration: Calibration | None = None,
+                       max_pixels: int = 2_000_000) -> dict:
     """F1-max thresholds on the labelled test set: image-level on scores, pixel-level on maps.
 
     The pixel threshold is F1-max over the pixels of every image with a mask (subsampled evenly to at most
-    `max_pixels`); without labels of both kinds nothing is chosen yet.
+    `max_pixels`). Without labels of both kinds the image threshold comes from the held-out good images
+    alone (a 1% false-reject rate, or the lowest rate they can show), and without those nothing is chosen.
     """
     if evaluation is None or "f1_threshold" not in evaluation.metrics:
-        return {"image": None, "pixel": None, "preset": None}
+        image = None
+        if calibration is not None:
+            n = len(calibration.scores)
+            rate = DEFAULT_FALSE_REJECT if n >= MIN_TAIL_IMAGES else max(DEFAULT_FALSE_REJECT, 1 / (n + 1))
+            image = normal_threshold(calibration.scores, rate).threshold
+        return {"image": image, "pixel": None, "preset": None if image is None else "false_reject_rate"}
     with_mask = [i for i, m in enumerate(evaluation.masks) if m is not None]
     pixel = None
     if with_mask:
@@ -95,13 +104,16 @@ def train_run(store: RunStore, dataset_id: int, dataset: ImageSet, detector: str
               progress: Progress | None = None, name: str | None = None) -> int:
     """Fit on the dataset's normal training images, then evaluate, save and register (see register_fitted)."""
     det = create_detector(detector, **(params or {}))
-    det.fit(dataset.subset(split="train", label=0), progress or no_progress)
-    return register_fitted(store, dataset_id, dataset, det, progress, name)
+    train = dataset.subset(split="train", label=0)
+    det.fit(train, progress or no_progress)
+    return register_fitted(store, dataset_id, dataset, det, progress, name, fitted_on=train)
 
 
 def register_fitted(store: RunStore, dataset_id: int, dataset: ImageSet, det: Detector,
-                    progress: Progress | None = None, name: str | None = None) -> int:
-    """Evaluate a fitted detector on the dataset's test split, save it and register the run.
+                    progress: Progress | None = None, name: str | None = None,
+                    fitted_on: ImageSet | None = None) -> int:
+    """Evaluate a fitted detector on the dataset's test split, save it and register the run; `fitted_on`,
+    the images it was just fitted on, names the calibration images in the registry's scores.
 
     The model folder (with the test results: maps and masks, for views) is written first and the run row
     with all its scores in one transaction after it, so an interrupted run leaves nothing registered (and
@@ -123,12 +135,14 @@ def register_fitted(store: RunStore, dataset_id: int, dataset: ImageSet, det: De
         scores = [] if evaluation is None else [
             {"path": str(s.path), "split": s.split, "label": s.label, "defect": s.defect, "score": float(v)}
             for s, v in zip(test.samples, evaluation.scores)]
+        scores += [] if fitted_on is None else calibration_rows(det, fitted_on)
         timings = {"fit_seconds": det.fit_info_["fit_seconds"],
                    "score_ms_per_image": None if evaluation is None else 1000 * evaluation.seconds / len(test),
                    "memory_mb": model_memory_mb(det, model_path)}
         run = dict(dataset_id=dataset_id, detector=det.name, params=det.get_params(), model_path=str(model_path),
                    metrics={} if evaluation is None else evaluation.metrics, timings=timings,
-                   model_card=det.model_card(), scores=scores, thresholds=default_thresholds(evaluation), name=name)
+                   model_card=det.model_card(), scores=scores,
+                   thresholds=default_thresholds(evaluation, getattr(det, "calibration_", None)), name=name)
         for attempt in range(REGISTER_ATTEMPTS):
             try:
                 run_id = store.add_run(**run)
@@ -148,6 +162,20 @@ def register_fitted(store: RunStore, dataset_id: int, dataset: ImageSet, det: De
         raise
     claim.unlink(missing_ok=True)
     return run_id
+
+
+def calibration_rows(det: Detector, train: ImageSet) -> list[dict]:
+    """Registry rows of the calibration: each held-out (or cross-fitted) good training image's score, split
+    "calibration", and its synthetic defect's, split "synthetic" (label 1, the generator as the defect)."""
+    cal = getattr(det, "calibration_", None)
+    if cal is None:
+        return []
+    rows = []
+    for i, score, synthetic, kind in zip(cal.index, cal.scores, cal.synthetic_scores, cal.synthetic_kinds):
+        path = str(train.samples[i].path)
+        rows.append({"path": path, "split": "calibration", "label": 0, "defect": "good", "score": float(score)})
+        rows.append({"path": path, "split": "synthetic", "label": 1, "defect": kind, "score": float(synthetic)})
+    return rows
 
 
 def sweep_unregistered_models() -> list[Path]:

@@ -26,10 +26,15 @@ def test_train_run_registers_model_scores_and_thresholds(demo):
     run_id = train_run(store, dataset_id, demo, "patchcore", {"coreset_ratio": 0.05, "resize": 256},
                        progress=lambda stage, done, total: stages.add(stage))
     run = store.get_run(run_id)
-    assert stages == {"auto settings", "features", "coreset", "score"}   # score_border is left to "auto"
+    # score_border is left to "auto"; the 28 training images are too few to hold out, so they are cross-fitted
+    assert stages == {"auto settings", "features", "coreset", "calibration", "score"}
     assert run["metrics"]["image_auroc"] > 0.9
-    scores = store.run_scores(run_id)
-    assert len(scores) == 23 and scores["label"].sum() == 17
+    every = store.run_scores(run_id)
+    assert every["split"].value_counts().to_dict() == {"test": 23, "calibration": 28, "synthetic": 28}
+    calibration = every[every["split"] == "calibration"]
+    assert set(calibration["path"]) == {str(s.path) for s in demo.subset(split="train").samples}
+    scores = every[every["split"] == "test"]
+    assert scores["label"].sum() == 17
     t = run["thresholds"]
     assert t["preset"] == "f1_max" and t["image"] is not None and t["pixel"] is not None
     # The image threshold is the F1-max one: recomputing F1 at it from the stored scores gives f1_max.

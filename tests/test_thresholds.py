@@ -117,3 +117,62 @@ def test_a_model_holding_nan_is_refused_at_load_and_predict_refuses_a_nan_thresh
         load_detector(folder)
     assert main(["predict", "--model", str(folder), "--threshold", "1.0", image]) == 2
     assert "damaged" in capsys.readouterr().err
+
+
+# --- thresholds from good images alone -----------------------------------------------------------------
+def test_rank_threshold_matches_the_hand_computed_order_statistic():
+    from core.thresholds import normal_threshold
+    scores = np.random.default_rng(0).permutation(np.arange(1.0, 20.0))     # 1..19, shuffled
+    t = normal_threshold(scores, 0.05)
+    # k = ceil(20 * 0.95) = 19: the highest score; the rejected share is Beta(1, 19), mean 1/20.
+    assert (t.method, t.rank, t.threshold) == ("rank", 19, 19.0)
+    assert t.expected_rate == pytest.approx(0.05)
+    assert t.upper_rate == pytest.approx(1 - 0.05 ** (1 / 19))              # Beta(1, 19) 95% quantile
+    assert "19th lowest of 19" in t.describe()
+    # One new good image: rejected with probability 1/20, so the 95% central interval of the count is 0..1.
+    assert t.false_rejects_interval(1) == (0, 1)
+    t = normal_threshold(np.arange(1.0, 100.0), 0.10)                       # k = ceil(100 * 0.9) = 90
+    assert (t.rank, t.threshold) == (90, 90.0) and t.expected_rate == pytest.approx(0.10)
+
+
+def test_rank_bound_holds_at_its_stated_confidence():
+    """Coverage by simulation: over many calibration sets the real rejected share stays under the bound
+    about 95% of the time (exact for any continuous score law)."""
+    from scipy import stats
+
+    from core.thresholds import normal_threshold
+    rng = np.random.default_rng(3)
+    within = [stats.expon.sf((t := normal_threshold(rng.exponential(size=40), 0.1)).threshold) <= t.upper_rate
+              for _ in range(400)]
+    assert 0.92 <= np.mean(within) <= 0.98
+
+
+def test_tail_fit_extrapolates_below_one_over_n_and_bounds_by_the_highest_score():
+    from scipy import stats
+
+    from core.thresholds import normal_threshold
+    scores = np.random.default_rng(1).exponential(size=2000)
+    t = normal_threshold(scores, 1e-4)                                      # below 1 / 2001: no rank reaches it
+    assert t.method == "tail fit" and t.n_tail == 400
+    assert t.threshold == pytest.approx(-np.log(1e-4), rel=0.15)           # the exponential's true quantile
+    assert t.upper_rate == pytest.approx(stats.beta(1, 2000).ppf(0.95))
+    small = np.random.default_rng(2).normal(size=40)
+    assert normal_threshold(small, 0.001).threshold >= small.max()         # never below the highest score
+
+
+def test_normal_threshold_refuses_what_it_cannot_promise():
+    from core.thresholds import normal_threshold
+    with pytest.raises(ValueError, match="at least 30"):
+        normal_threshold(np.arange(20.0), 0.01)                            # 1% from 20 images needs a tail
+    with pytest.raises(ValueError, match="NaN"):
+        normal_threshold([1.0, np.nan, 2.0], 0.5)
+    with pytest.raises(ValueError, match="none"):
+        normal_threshold([], 0.5)
+    with pytest.raises(ValueError, match="false-reject rate"):
+        normal_threshold([1.0, 2.0], 0.0)
+
+
+def test_synthetic_miss_rate_counts_defects_scored_below_the_threshold():
+    from core.thresholds import synthetic_miss_rate
+    assert synthetic_miss_rate([1.0, 2.0, 3.0, 4.0], 3.0) == 0.5           # 3.0 is at the threshold: caught
+    assert synthetic_miss_rate([1.0, np.nan], 5.0) == 0.5                   # a NaN score is never a pass

@@ -309,6 +309,7 @@ class ReconstructionDetector(Detector):
     """
 
     square_input = True  # the DCGAN pyramid halves a square down to 4 x 4
+    cross_fit = False    # trained networks: five more trainings would be too dear
 
     @property
     def preprocess(self) -> Preprocess:

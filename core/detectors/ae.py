@@ -45,8 +45,8 @@ class AutoEncoder(ReconstructionDetector):
 
     def __init__(self, resize: int = 128, crop: int | None = None, latent_dim: int = 128, base_channels: int = 32,
                  max_channels: int = 256, epochs: int = 40, batch_size: int = 16, lr: float = 1e-3,
-                 ssim_weight: float = 0.0, blur_sigma: float = 4.0, score_topk: float = 0.01, seed: int = 0,
-                 device: str = "auto"):
+                 ssim_weight: float = 0.0, blur_sigma: float = 4.0, score_topk: float = 0.01,
+                 calibration_fraction: float = 0.1, seed: int = 0, device: str = "auto"):
         store_params(self, locals())
 
     def _build(self) -> nn.Module:

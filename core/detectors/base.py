@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 
 from ..backbones import FeatureExtractor
 from ..data import Preprocess, fit_frame
+from . import calibration
 
 # progress(stage, done, total); raising core.Cancelled from it stops the work.
 Progress = Callable[[str, int, int], None]
@@ -32,6 +33,11 @@ FORMAT_VERSION = 2
 # resize="auto": the longer side follows the training images' own size within these bounds (the lower one
 # is the backbones' pretraining scale; the upper one keeps CPU cost near 5x that of 224 px).
 AUTO_LONG_SIDE = (256, 512)
+
+
+# Keys of the calibration scores in fitted.safetensors (beside the detector's own tensors).
+CALIBRATION_SCORES = "calibration.scores"
+SYNTHETIC_SCORES = "calibration.synthetic_scores"
 
 
 class NotFittedError(RuntimeError):
@@ -72,6 +78,9 @@ class Detector:
     name: ClassVar[str] = ""
     family: ClassVar[str] = ""    # "representation" or "reconstruction"
     square_input: ClassVar[bool] = False  # True where the network needs a square input: the frame is square
+    # Whether a small set is cross-fitted for calibration (five more fits): yes where a fit is a pass over the
+    # features; detectors that train a network for minutes calibrate only on a held-out share.
+    cross_fit: ClassVar[bool] = True
 
     # --- parameters -------------------------------------------------------------------------------
     @classmethod
@@ -138,26 +147,38 @@ class Detector:
             raise ValueError("cannot fit on an empty set of images")
         progress = progress or no_progress
         start = time.perf_counter()
-        for attr in ("fit_info_", "input_frame_", "auto_settings_"):   # a refit starts from the parameters alone
+        for attr in ("fit_info_", "input_frame_", "auto_settings_", "calibration_"):   # a refit starts afresh
             self.__dict__.pop(attr, None)
-        sizes = images.sizes() if hasattr(images, "sizes") else [images[i].shape[:2] for i in range(len(images))]
+        seed = int(getattr(self, "seed", 0))
+        held = calibration.held_out_index(len(images), self.calibration_fraction, seed)
+        fitted_on = calibration.take(images, np.setdiff1d(np.arange(len(images)), held)) if len(held) else images
+        sizes = (fitted_on.sizes() if hasattr(fitted_on, "sizes")
+                 else [fitted_on[i].shape[:2] for i in range(len(fitted_on))])
         try:
-            self.auto_settings_ = self._auto_settings(images, sizes, progress)
+            self.auto_settings_ = self._auto_settings(fitted_on, sizes, progress)
             frame = self._fit_frame(sizes, self.auto_settings_.get("long_side"))
             Preprocess(resize=frame, crop=self.crop)  # refuses a crop larger than the frame before any work
             self.input_frame_ = frame
-            self._fit(images, progress)
+            self._fit(fitted_on, progress)
+            summary = fitted_on.summary() if hasattr(fitted_on, "summary") else {"n_images": len(fitted_on)}
+            self.fit_info_ = {"n_images": len(fitted_on), "training_set": summary, "input_frame_hw": list(frame),
+                              "aspect_stretch": _aspect_stretch(sizes, frame)}
+            if self.auto_settings_:
+                self.fit_info_["auto_settings"] = self.auto_settings_
+            self.calibration_ = calibration.calibrate(self, images, held, progress, seed)
         except BaseException:
-            for attr in ("input_frame_", "auto_settings_"):
+            for attr in ("input_frame_", "auto_settings_", "fit_info_", "calibration_"):
                 self.__dict__.pop(attr, None)
             raise
-        summary = images.summary() if hasattr(images, "summary") else {"n_images": len(images)}
-        self.fit_info_ = {"n_images": len(images), "fit_seconds": time.perf_counter() - start,
-                          "training_set": summary, "input_frame_hw": list(frame),
-                          "aspect_stretch": _aspect_stretch(sizes, frame)}
-        if self.auto_settings_:
-            self.fit_info_["auto_settings"] = self.auto_settings_
+        if self.calibration_ is not None:
+            self.fit_info_["calibration"] = self.calibration_.summary()
+        self.fit_info_["fit_seconds"] = time.perf_counter() - start
         return self
+
+    def fold_params(self) -> dict:
+        """Parameters that fit another model like this fitted one (the frame and every choice made from the
+        data fixed, no calibration of its own): the cross-fit's fold models."""
+        return {**self.get_params(), "resize": tuple(self.input_frame_), "calibration_fraction": 0.0}
 
     def score_maps(self, images: Sequence[np.ndarray], progress: Progress | None = None,
                    batch_size: int = 16) -> tuple[np.ndarray, np.ndarray]:
@@ -199,10 +220,15 @@ class Detector:
         tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
         try:
             tensors = {k: v.detach().cpu().contiguous() for k, v in self._fitted_tensors().items()}
-            save_file(tensors, tmp / "fitted.safetensors")
             config = {"format_version": FORMAT_VERSION, "detector": self.name, "params": self.get_params(),
                       "input_frame": list(self.input_frame_), "fit_info": self.fit_info_,
                       "fitted": self._fitted_json(), "card": self.model_card()}
+            cal = getattr(self, "calibration_", None)
+            if cal is not None:
+                tensors[CALIBRATION_SCORES] = torch.from_numpy(cal.scores)
+                tensors[SYNTHETIC_SCORES] = torch.from_numpy(cal.synthetic_scores)
+                config["calibration"] = cal.to_json()
+            save_file(tensors, tmp / "fitted.safetensors")
             (tmp / "config.json").write_text(json.dumps(config, indent=2, default=_json_default))
             if folder.exists():
                 old = folder.with_name(f".{folder.name}.old")
@@ -257,6 +283,10 @@ class Detector:
                 # A NaN in a memory bank or a statistic turns every score into NaN: refuse the model.
                 raise ModelFolderError(f"{folder}: the fitted tensor {key!r} holds NaN or infinite values; the "
                                        f"model file is damaged: train the model again or restore a good copy")
+        det.calibration_ = None   # models saved before calibration existed have none
+        if "calibration" in config:
+            det.calibration_ = calibration.Calibration.from_saved(
+                config["calibration"], tensors.pop(CALIBRATION_SCORES), tensors.pop(SYNTHETIC_SCORES))
         det._restore(tensors, config["fitted"])
         det.fit_info_ = config["fit_info"]
         return det

@@ -30,7 +30,8 @@ class DenoisingAutoEncoder(AutoEncoder):
     def __init__(self, resize: int = 128, crop: int | None = None, latent_dim: int = 128, base_channels: int = 32,
                  max_channels: int = 256, epochs: int = 40, batch_size: int = 16, lr: float = 1e-3,
                  noise_std: float = 0.1, mask_ratio: float = 0.25, mask_patch: int = 8, ssim_weight: float = 0.0,
-                 blur_sigma: float = 4.0, score_topk: float = 0.01, seed: int = 0, device: str = "auto"):
+                 blur_sigma: float = 4.0, score_topk: float = 0.01,
+                 calibration_fraction: float = 0.1, seed: int = 0, device: str = "auto"):
         store_params(self, locals())
 
     def _validate(self) -> None:

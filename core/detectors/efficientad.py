@@ -189,13 +189,15 @@ class EfficientAD(BackboneDetector):
     history_ : loss values every tenth of training.
     """
 
+    cross_fit = False    # a trained network: five more trainings would be too dear
+
     square_input = True  # the autoencoder decodes its 1 x 1 bottleneck to a square grid
 
     def __init__(self, backbone: str = DEFAULT_BACKBONE, stages: tuple = (1, 2), weights: str | None = None,
                  resize: int = 256, crop: int | None = None, steps: int = 1000, batch_size: int = 1,
                  lr: float = 1e-3, weight_decay: float = 1e-5, student_width: float = 0.25, ae_width: int = 64,
                  hard_quantile: float = 0.999, penalty_size: int = 128, val_fraction: float = 0.1,
-                 blur_sigma: float = 0.0, seed: int = 0, device: str = "auto"):
+                 blur_sigma: float = 0.0, calibration_fraction: float = 0.1, seed: int = 0, device: str = "auto"):
         self.backbone = backbone
         self.stages = stages
         self.weights = weights
@@ -211,6 +213,7 @@ class EfficientAD(BackboneDetector):
         self.penalty_size = penalty_size
         self.val_fraction = val_fraction
         self.blur_sigma = blur_sigma
+        self.calibration_fraction = calibration_fraction
         self.seed = seed
         self.device = device
 

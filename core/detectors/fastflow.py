@@ -167,11 +167,13 @@ class FastFlow(BackboneDetector):
     maximum of the map, so image scores and pixel maps share one scale.
     """
 
+    cross_fit = False    # a trained network: five more trainings would be too dear
+
     def __init__(self, backbone: str = DEFAULT_BACKBONE, stages: tuple = (2, 3, 4), weights: str | None = None,
                  resize: int | str | tuple = 256, crop: int | None = None, flow_steps: int = 8, hidden_ratio: float = 1.0,
                  clamp: float = 2.0, conv3x3_only: bool = True, epochs: int = 20, batch_size: int = 8,
                  lr: float = 1e-3, weight_decay: float = 1e-5, val_fraction: float = 0.1, blur_sigma: float = 4.0,
-                 seed: int = 0, device: str = "auto"):
+                 calibration_fraction: float = 0.1, seed: int = 0, device: str = "auto"):
         self.backbone = backbone
         self.stages = stages
         self.weights = weights
@@ -187,6 +189,7 @@ class FastFlow(BackboneDetector):
         self.weight_decay = weight_decay
         self.val_fraction = val_fraction
         self.blur_sigma = blur_sigma
+        self.calibration_fraction = calibration_fraction
         self.seed = seed
         self.device = device
 

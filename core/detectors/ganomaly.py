@@ -81,8 +81,8 @@ class Ganomaly(ReconstructionDetector):
     def __init__(self, resize: int = 128, crop: int | None = None, latent_dim: int = 100, base_channels: int = 32,
                  max_channels: int = 256, epochs: int = 15, batch_size: int = 16, lr: float = 2e-4,
                  beta1: float = 0.5, w_adv: float = 1.0, w_con: float = 50.0, w_enc: float = 1.0,
-                 latent_score: str = "standardized", ssim_weight: float = 0.0, blur_sigma: float = 4.0, score_topk: float = 0.01, seed: int = 0,
-                 device: str = "auto"):
+                 latent_score: str = "standardized", ssim_weight: float = 0.0, blur_sigma: float = 4.0,
+                 score_topk: float = 0.01, calibration_fraction: float = 0.1, seed: int = 0, device: str = "auto"):
         store_params(self, locals())
 
     def _validate(self) -> None:

@@ -110,7 +110,7 @@ class PatchCore(BackboneDetector):
                  resize: int | str | tuple = "auto", crop: int | None = None, coreset_ratio: float | str = "auto",
                  min_bank: int = 2000, projection_dim: int = 128, search: str = "auto", nprobe: int = 16,
                  ivf_min_bank: int = 20000, score_border: int | str = "auto", reweight: bool = True, n_reweight: int = 9,
-                 blur_sigma: float = 4.0, seed: int = 0, device: str = "auto"):
+                 blur_sigma: float = 4.0, calibration_fraction: float = 0.1, seed: int = 0, device: str = "auto"):
         self.backbone = backbone
         self.stages = stages
         self.weights = weights
@@ -126,6 +126,7 @@ class PatchCore(BackboneDetector):
         self.reweight = reweight
         self.n_reweight = n_reweight
         self.blur_sigma = blur_sigma
+        self.calibration_fraction = calibration_fraction
         self.seed = seed
         self.device = device
 
@@ -233,6 +234,10 @@ class PatchCore(BackboneDetector):
                            f"{chosen['separation']:.3f} (best candidate {max(r['separation'] for r in rows):.3f}; "
                            f"a cheaper setting wins unless a dearer one is better by more than the noise)")
         return settings
+
+    def fold_params(self) -> dict:
+        return {**super().fold_params(), "score_border": self.score_border_px_,
+                "coreset_ratio": self.auto_settings_.get("coreset_ratio", self.coreset_ratio)}
 
     def _compare_at(self, frame, images, fit_index, held, rng, tune: dict) -> list[dict]:
         """Separation of every candidate bank size and score border at this frame: one greedy run on patches

@@ -1,0 +1,107 @@
+"""The calibration split: good training images the model is not fitted on, scored after the fit, so that a
+threshold can be set from good images alone (:func:`core.thresholds.normal_threshold`) and what it would
+miss estimated on synthetic defects pasted into the same images.
+
+Sets of about 100 images and more hold out a share (`calibration_fraction`). Smaller sets cannot spare
+images, so they are cross-fitted: every image is scored by a model fitted on the other folds with the final
+model's settings, and the final model is fitted on every image. Detectors that train a network for minutes
+(`cross_fit = False`) are not refitted: on a small set they calibrate only if told to hold out ten images. Fold models see fewer images than the final
+one, so they score good images a little higher: a threshold set on their scores rejects slightly fewer good
+parts than it states, never more.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Sequence
+
+import numpy as np
+
+from ..synthetic import synthetic_defect
+
+if TYPE_CHECKING:
+    from .base import Detector, Progress
+
+MIN_HELD_OUT = 10    # fewest held-out images a split is worth; a set that would hold out fewer is cross-fitted
+MAX_HELD_OUT = 500   # enough for a 0.2% false-reject rate; more would only take images from the model
+FOLDS = 5
+MIN_IMAGES = 10      # below this every image is needed for the model and nothing is calibrated
+BATCH = 16
+
+
+@dataclass
+class Calibration:
+    """Scores of good images the scoring model never saw, and of one synthetic defect pasted into each."""
+    method: str                   # "held_out" or "cross_fit"
+    index: list[int]              # positions in the training images, in the order of the scores
+    scores: np.ndarray            # (n,) float32
+    synthetic_scores: np.ndarray  # (n,) float32
+    synthetic_kinds: list[str] = field(default_factory=list)
+
+    def summary(self) -> dict:
+        return {"method": self.method, "n_images": len(self.index),
+                **({"folds": FOLDS} if self.method == "cross_fit" else {})}
+
+    def to_json(self) -> dict:
+        return {"method": self.method, "index": self.index, "synthetic_kinds": self.synthetic_kinds}
+
+    @classmethod
+    def from_saved(cls, saved: dict, scores, synthetic_scores) -> "Calibration":
+        index = [int(i) for i in saved["index"]]
+        scores = np.asarray(scores, dtype=np.float32)
+        synthetic = np.asarray(synthetic_scores, dtype=np.float32)
+        if saved["method"] not in ("held_out", "cross_fit") or not (len(index) == len(scores) == len(synthetic)):
+            raise ValueError("the calibration record does not match its scores")
+        return cls(saved["method"], index, scores, synthetic, [str(k) for k in saved.get("synthetic_kinds", [])])
+
+
+def held_out_index(n: int, fraction: float, seed: int) -> np.ndarray:
+    """Positions of the images held out of the fit: empty where the set is cross-fitted or too small."""
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 <= fraction < 0.5:
+        raise ValueError(f"calibration_fraction must be a number in [0, 0.5), got {fraction!r}")
+    n_held = min(int(round(fraction * n)), MAX_HELD_OUT)
+    if fraction == 0 or n_held < MIN_HELD_OUT:
+        return np.zeros(0, dtype=int)
+    return np.sort(np.random.default_rng(seed).choice(n, n_held, replace=False))
+
+
+def take(images: Sequence[np.ndarray], index) -> Sequence[np.ndarray]:
+    """The images at these positions: a lazy subset of an ImageSet, a list otherwise."""
+    if hasattr(images, "samples"):
+        return images[np.asarray(index, dtype=int)]
+    return [images[int(i)] for i in index]
+
+
+def calibrate(detector: "Detector", images: Sequence[np.ndarray], held: np.ndarray, progress: "Progress",
+              seed: int) -> Calibration | None:
+    """Score the calibration images of a just-fitted detector (see the module docstring)."""
+    n = len(images)
+    rng = np.random.default_rng(seed + 1)
+    if len(held):
+        scores, synthetic, kinds = _score(detector, take(images, held), rng)
+        progress("calibration", 1, 1)
+        return Calibration("held_out", held.tolist(), scores, synthetic, kinds)
+    if detector.calibration_fraction == 0 or n < MIN_IMAGES or not detector.cross_fit:
+        return None
+    from .base import create_detector
+    order = np.random.default_rng(seed).permutation(n)
+    parts = []
+    for k, fold in enumerate(np.array_split(order, FOLDS)):
+        model = create_detector(detector.name, **detector.fold_params())
+        model.fit(take(images, np.setdiff1d(order, fold)))
+        parts.append((fold, *_score(model, take(images, fold), rng)))
+        progress("calibration", k + 1, FOLDS)
+    return Calibration("cross_fit", [int(i) for p in parts for i in p[0]],
+                       np.concatenate([p[1] for p in parts]), np.concatenate([p[2] for p in parts]),
+                       [kind for p in parts for kind in p[3]])
+
+
+def _score(detector: "Detector", images: Sequence[np.ndarray], rng: np.random.Generator):
+    """Image scores of these good images and of one synthetic defect in each (made a batch at a time)."""
+    scores, synthetic, kinds = [], [], []
+    for start in range(0, len(images), BATCH):
+        batch = [images[i] for i in range(start, min(start + BATCH, len(images)))]
+        defects = [synthetic_defect(image, rng) for image in batch]
+        scores.append(detector.score_maps(batch)[0])
+        synthetic.append(detector.score_maps([d[0] for d in defects])[0])
+        kinds += [d[2] for d in defects]
+    return (np.concatenate(scores).astype(np.float32), np.concatenate(synthetic).astype(np.float32), kinds)
