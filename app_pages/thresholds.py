@@ -5,21 +5,27 @@ The panel is a fragment over distributions computed once per run (ui.state.distr
 once per tab (core.figures.ThresholdFigures), so a slider move reruns only the panel and costs one binary
 search plus moving the markers.
 """
+import numpy as np
 import streamlit as st
 
-from core.figures import ThresholdFigures
+from core.figures import ThresholdFigures, tradeoff_figure
 from core.report import build_report, report_file_name
-from core.thresholds import PRESET_LABELS, ScoreDistribution
+from core.thresholds import PRESET_LABELS, ScoreDistribution, normal_threshold, synthetic_miss_rate
 from ui import state
 
 LEVEL_WORDS = {"image": "images", "pixel": "pixels"}
 
 st.title("Thresholds")
 run = state.require_run()
-results = state.require_results(run)
-image_dist, pixel_dist, _ = state.distributions(run["id"])
-st.caption(f"Run **{state.run_caption(run)}** · {image_dist.n_normal} normal and {image_dist.n_anomalous} "
-           f"anomalous test images. A test image is NG when its score is at or above the threshold.")
+calibration = state.calibration(run)
+results = state.results(run["id"]) if calibration is not None else state.require_results(run)
+image_dist, pixel_dist = state.distributions(run["id"])[:2] if results is not None else (None, None)
+if image_dist is not None:
+    st.caption(f"Run **{state.run_caption(run)}** · {image_dist.n_normal} normal and {image_dist.n_anomalous} "
+               f"anomalous test images. A test image is NG when its score is at or above the threshold.")
+else:
+    st.caption(f"Run **{state.run_caption(run)}** · no test set: the threshold comes from good images alone. "
+               "An image is NG when its score is at or above the threshold.")
 
 
 def apply_preset(run_id: int, level: str, dist: ScoreDistribution, name_key: str, value_key: str) -> None:
@@ -30,6 +36,59 @@ def apply_preset(run_id: int, level: str, dist: ScoreDistribution, name_key: str
     if name == "target_fpr" and value is not None:
         value = value / 100
     state.set_threshold(run_id, level, dist.preset(name, value), name)
+
+
+def save_threshold(run_id: int, level: str, value: float, preset: str) -> None:
+    state.store().set_threshold(run_id, **{level: value}, preset=preset)
+    state.forget_thresholds(run_id)
+    st.toast(f"Saved the {level} threshold {value:.4g}.", icon=":material/check_circle:")
+
+
+@st.fragment
+def good_images_panel(run: dict, calibration, test_dist: ScoreDistribution | None) -> None:
+    """A threshold from the held-out good images alone, what it promises, and what synthetic defects say it
+    would miss; beside the test set's real trade-off when there is one."""
+    run_id, n = run["id"], len(calibration.scores)
+    how = ("held out of training" if calibration.method == "held_out"
+           else f"each scored by a model fitted without it ({calibration.summary().get('folds')}-fold cross-fit)")
+    st.subheader("From good images only")
+    st.caption(f"Rests on **{n} good training images** {how}, and one synthetic defect pasted into each. "
+               "It needs no defect images: use it for a new line, and check it against real defects when "
+               "they come.")
+    left, middle = st.columns([1, 3], vertical_alignment="bottom")
+    lowest = 100 / (n + 1)
+    rate = left.number_input("Target false-reject rate, %", 0.01, 50.0, max(1.0, round(lowest + 0.005, 2)),
+                             step=0.5, key=f"false_reject_{run_id}",
+                             help="The share of good parts you accept to send to NG (or to review).")
+    try:
+        chosen = normal_threshold(calibration.scores, rate / 100)
+    except ValueError as exc:
+        st.warning(str(exc), icon=":material/warning:")
+        return
+    missed = synthetic_miss_rate(calibration.synthetic_scores, chosen.threshold)
+    cols = st.columns(4)
+    cols[0].metric("Threshold from good images", f"{chosen.threshold:.4g}")
+    cols[1].metric("Good parts rejected", f"{chosen.expected_rate:.2%}",
+                   help="Expected on new good parts like these" + (" (extrapolated by a tail fit)"
+                                                                  if chosen.method == "tail fit" else ""))
+    cols[2].metric(f"At most ({chosen.confidence:.0%} confidence)", f"{chosen.upper_rate:.2%}",
+                   help="Exact for any score distribution, given how many good images it rests on; more good "
+                        "images narrow it")
+    cols[3].metric("Synthetic defects missed", f"{missed:.1%}",
+                   help="An estimate from pasted-in defects: real ones may be subtler or plainer")
+    st.caption(f"This threshold {chosen.describe()}.")
+    synthetic = ScoreDistribution.from_scores(np.r_[np.zeros(n, int), np.ones(n, int)],
+                                              np.r_[calibration.scores, calibration.synthetic_scores])
+    st.plotly_chart(tradeoff_figure(synthetic, chosen.threshold, test_dist), key="tradeoff")
+    if test_dist is not None:
+        if middle.button("Use this threshold below", key=f"use_normal_{run_id}",
+                         help="Moves the image threshold below to it; save it there"):
+            state.set_threshold(run_id, "image", chosen.threshold, "false_reject_rate")
+            st.rerun(scope="app")
+    elif middle.button(f"Save threshold {chosen.threshold:.4g} with run #{run_id}", type="primary",
+                       key=f"save_normal_{run_id}", icon=":material/save:"):
+        save_threshold(run_id, "image", chosen.threshold, "false_reject_rate")
+        st.rerun(scope="app")
 
 
 def moved(run_id: int, level: str, slider_key: str) -> None:
@@ -98,10 +157,7 @@ def threshold_panel(run: dict, level: str, dist: ScoreDistribution) -> None:
     label = f"Save {level} threshold {t:.4g} with run #{run_id}"
     if st.button(label, type="primary" if unsaved else "secondary", disabled=not unsaved, key=f"save_{level}",
                  icon=":material/save:"):
-        preset_used = state.threshold_preset(run, level) or "manual"
-        state.store().set_threshold(run_id, **{level: t}, preset=preset_used)
-        state.forget_thresholds(run_id)
-        st.toast(f"Saved the {level} threshold {t:.4g}.", icon=":material/check_circle:")
+        save_threshold(run_id, level, t, state.threshold_preset(run, level) or "manual")
         st.rerun(scope="app")
     if not unsaved:
         st.caption(f"Saved with the run ({run['thresholds']['preset'] or 'manual'}, "
@@ -116,6 +172,10 @@ def threshold_panel(run: dict, level: str, dist: ScoreDistribution) -> None:
                  "Opens offline in any browser.", key="report")
 
 
+if calibration is not None:
+    good_images_panel(run, calibration, image_dist)
+if results is None:
+    st.stop()
 image_tab, pixel_tab = st.tabs(["Image threshold (OK / NG)", "Pixel threshold (defect region)"])
 with image_tab:
     threshold_panel(run, "image", image_dist)

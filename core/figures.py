@@ -67,6 +67,25 @@ def histogram_figure(dist: ScoreDistribution, threshold: float, what: str = "ima
                    xaxis=dict(title=unit), yaxis=dict(title=f"{what}", type="log" if what == "pixels" else None))
 
 
+def tradeoff_figure(synthetic: ScoreDistribution, threshold: float,
+                    test: ScoreDistribution | None = None) -> go.Figure:
+    """Defects missed against good images rejected at every threshold: estimated from the held-out good
+    images and their synthetic defects, and measured on the test set where it has real defects."""
+    fig = go.Figure()
+    curves = [(synthetic, "estimated from synthetic defects", "dash")]
+    if test is not None and test.has_both_classes:
+        curves.append((test, "measured on the test set", "solid"))
+    for dist, name, dash in curves:
+        rejected, caught = dist.roc()
+        at = dist.confusion(threshold)
+        fig.add_scatter(x=rejected, y=1 - caught, mode="lines", name=name, line=dict(color=NEUTRAL, dash=dash))
+        fig.add_scatter(x=[at["fpr"]], y=[1 - at["recall"]], mode="markers", showlegend=False, hoverinfo="x+y",
+                        marker=dict(size=13, color=THRESHOLD, line=dict(width=1, color="black")))
+    return _layout(fig, "Defects missed vs good parts rejected",
+                   xaxis=dict(title="good images rejected", range=[-0.02, 1.02]),
+                   yaxis=dict(title="defects missed", range=[-0.02, 1.02]))
+
+
 def _confusion_text(confusion: dict) -> list[list[str]]:
     counts = [[confusion["tn"], confusion["fp"]], [confusion["fn"], confusion["tp"]]]
     names = [["true negatives", "false positives"], ["missed defects", "caught defects"]]

@@ -13,6 +13,7 @@ from pathlib import Path
 import streamlit as st
 
 from core.detectors import Detector, ModelFolderError, load_detector
+from core.detectors.calibration import Calibration, load_calibration
 from core.embeddings import VIEWS_FILE, FeatureViews, load_views
 from core.inspection import warm_up
 from core.pipeline import run_results, sweep_unregistered_models
@@ -91,6 +92,22 @@ def detector(run: dict) -> Detector:
     except ModelFolderError as exc:
         st.error(f"Run #{run['id']} cannot be used: {exc}", icon=":material/error:")
         st.stop()
+
+
+@st.cache_resource(max_entries=16, show_spinner=False)
+def _calibration(model_path: str, modified: float) -> Calibration | None:
+    return load_calibration(model_path)
+
+
+def calibration(run: dict) -> Calibration | None:
+    """The run's held-out good images' scores (and their synthetic defects'); None for models saved before
+    calibration existed, and for a model folder that is gone or damaged (the pages that need the model say
+    so when they load it)."""
+    try:
+        config = Path(run["model_path"]) / "config.json"
+        return _calibration(run["model_path"], config.stat().st_mtime)
+    except Exception:  # noqa: BLE001 - a damaged folder is reported by the pages that load the model
+        return None
 
 
 # -- the selection in the sidebar ------------------------------------------------------------------------

@@ -35,11 +35,6 @@ FORMAT_VERSION = 2
 AUTO_LONG_SIDE = (256, 512)
 
 
-# Keys of the calibration scores in fitted.safetensors (beside the detector's own tensors).
-CALIBRATION_SCORES = "calibration.scores"
-SYNTHETIC_SCORES = "calibration.synthetic_scores"
-
-
 class NotFittedError(RuntimeError):
     pass
 
@@ -225,8 +220,8 @@ class Detector:
                       "fitted": self._fitted_json(), "card": self.model_card()}
             cal = getattr(self, "calibration_", None)
             if cal is not None:
-                tensors[CALIBRATION_SCORES] = torch.from_numpy(cal.scores)
-                tensors[SYNTHETIC_SCORES] = torch.from_numpy(cal.synthetic_scores)
+                tensors[calibration.CALIBRATION_SCORES] = torch.from_numpy(cal.scores)
+                tensors[calibration.SYNTHETIC_SCORES] = torch.from_numpy(cal.synthetic_scores)
                 config["calibration"] = cal.to_json()
             save_file(tensors, tmp / "fitted.safetensors")
             (tmp / "config.json").write_text(json.dumps(config, indent=2, default=_json_default))
@@ -285,8 +280,9 @@ class Detector:
                                        f"model file is damaged: train the model again or restore a good copy")
         det.calibration_ = None   # models saved before calibration existed have none
         if "calibration" in config:
-            det.calibration_ = calibration.Calibration.from_saved(
-                config["calibration"], tensors.pop(CALIBRATION_SCORES), tensors.pop(SYNTHETIC_SCORES))
+            det.calibration_ = calibration.Calibration.from_saved(config["calibration"],
+                                                                  tensors.pop(calibration.CALIBRATION_SCORES),
+                                                                  tensors.pop(calibration.SYNTHETIC_SCORES))
         det._restore(tensors, config["fitted"])
         det.fit_info_ = config["fit_info"]
         return det

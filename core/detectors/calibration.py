@@ -11,10 +11,13 @@ parts than it states, never more.
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
+from safetensors import safe_open
 
 from ..synthetic import synthetic_defect
 
@@ -26,6 +29,9 @@ MAX_HELD_OUT = 500   # enough for a 0.2% false-reject rate; more would only take
 FOLDS = 5
 MIN_IMAGES = 10      # below this every image is needed for the model and nothing is calibrated
 BATCH = 16
+# Keys of the calibration scores in a model's fitted.safetensors (beside the detector's own tensors).
+CALIBRATION_SCORES = "calibration.scores"
+SYNTHETIC_SCORES = "calibration.synthetic_scores"
 
 
 @dataclass
@@ -52,6 +58,17 @@ class Calibration:
         if saved["method"] not in ("held_out", "cross_fit") or not (len(index) == len(scores) == len(synthetic)):
             raise ValueError("the calibration record does not match its scores")
         return cls(saved["method"], index, scores, synthetic, [str(k) for k in saved.get("synthetic_kinds", [])])
+
+
+def load_calibration(folder) -> Calibration | None:
+    """A saved model's calibration without loading the model (None for models saved before calibration)."""
+    folder = Path(folder)
+    saved = json.loads((folder / "config.json").read_text()).get("calibration")
+    if saved is None:
+        return None
+    with safe_open(folder / "fitted.safetensors", framework="pt") as f:
+        return Calibration.from_saved(saved, f.get_tensor(CALIBRATION_SCORES).numpy(),
+                                      f.get_tensor(SYNTHETIC_SCORES).numpy())
 
 
 def held_out_index(n: int, fraction: float, seed: int) -> np.ndarray:

@@ -182,6 +182,49 @@ def synthetic_run(store: RunStore, tmp_path, n: int = 1000) -> int:
                          metrics={}, timings={}, model_card={}, scores=[], thresholds={"image": 1.5, "pixel": 1.5})
 
 
+def test_threshold_from_good_images_alone_beside_the_test_set(workspace):
+    from core.detectors.calibration import load_calibration
+    from core.thresholds import normal_threshold
+    store, run_id = workspace["store"], workspace["run_id"]
+    cal = load_calibration(store.get_run(run_id)["model_path"])
+    at = open_page("thresholds")
+    assert "From good images only" in texts(at) and "28 good training images" in texts(at)
+    # 28 cross-fitted images cannot show 1%: the rate starts at the lowest they can, 1 in 29.
+    expected = normal_threshold(cal.scores, 0.0345)
+    assert float(metric(at, "Threshold from good images")) == pytest.approx(expected.threshold, rel=1e-3)
+    assert metric(at, "Good parts rejected") == f"{expected.expected_rate:.2%}"
+    specs = " ".join(c.proto.spec for c in at.get("plotly_chart"))
+    assert "estimated from synthetic defects" in specs and "measured on the test set" in specs
+    at.number_input(key=f"false_reject_{run_id}").set_value(20.0).run()
+    lower = normal_threshold(cal.scores, 0.2)
+    assert float(metric(at, "Threshold from good images")) == pytest.approx(lower.threshold, rel=1e-3)
+    next(b for b in at.button if b.label == "Use this threshold below").click().run()
+    assert float(metric(at, "Threshold")) == pytest.approx(lower.threshold, rel=1e-3)
+    at.number_input(key=f"false_reject_{run_id}").set_value(0.5).run()
+    assert "tail fit needs at least 30" in texts(at)                       # said, not a traceback
+
+
+def test_a_run_without_a_test_set_is_thresholded_from_good_images(workspace):
+    from core.data import load_folder
+    from core.pipeline import register_dataset, train_run
+    store = workspace["store"]
+    normals = load_folder(DEMO / "train" / "good")
+    dataset_id = register_dataset(store, normals, "folder", "good nuts only")
+    run_id = train_run(store, dataset_id, normals, "patchcore", {"coreset_ratio": 0.05, "resize": 256,
+                                                                  "score_border": 0})
+    assert store.get_run(run_id)["thresholds"]["preset"] == "false_reject_rate"
+    at = AppTest.from_file(APP, default_timeout=120)
+    at.session_state["pending_selection"] = (dataset_id, run_id)
+    at.run()
+    at.switch_page("app_pages/thresholds.py").run()
+    assert not at.exception and "no test set" in texts(at)
+    at.number_input(key=f"false_reject_{run_id}").set_value(10.0).run()
+    shown = float(metric(at, "Threshold from good images"))
+    next(b for b in at.button if b.label.startswith("Save threshold")).click().run()
+    saved = store.get_run(run_id)["thresholds"]
+    assert saved["image"] == pytest.approx(shown, rel=1e-3) and saved["preset"] == "false_reject_rate"
+
+
 def test_threshold_move_for_1000_images_is_fast(workspace, tmp_path):
     run_id = synthetic_run(workspace["store"], tmp_path)
     at = AppTest.from_file(APP, default_timeout=60)
