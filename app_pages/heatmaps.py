@@ -7,7 +7,7 @@ import numpy as np
 import streamlit as st
 
 from core.render import heatmap_panel, region_panel, thumbnail
-from core.thresholds import is_anomalous
+from core.thresholds import is_anomalous, verdict
 from ui import state, widgets
 
 PAGE_SIZE = 24
@@ -56,12 +56,12 @@ if st.session_state.get("heatmap_image") not in shown:
 i = st.session_state["heatmap_image"]
 frame, amap, mask = results.frame(i), results.map(i), results.mask(i)
 score = float(results.scores[i])
-verdict = "NG" if is_anomalous(score, image_threshold) else "OK"
+label = verdict(score, image_threshold, state.review(run))
 head = st.columns([3, 1, 1, 1])
 head[0].subheader(results.name(i))
 head[1].metric("Score", f"{score:.4g}", delta=f"{score - image_threshold:+.3g} vs threshold",
                delta_color="inverse")
-head[2].metric("Verdict", verdict)
+head[2].metric("Verdict", label)
 head[3].metric("Truth", "good" if results.labels[i] == 0 else results.defects[i])
 controls = st.columns([2, 1])
 alpha = controls[0].slider("Heatmap opacity", 0.0, 1.0, 0.5, 0.05, key="heatmap_alpha")

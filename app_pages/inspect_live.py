@@ -6,6 +6,8 @@ from core.inspection import inspect_image
 from core.render import heatmap_panel, region_panel
 from ui import state, widgets
 
+VERDICT_COLOURS = {"OK": "green", "review": "orange", "NG": "red"}
+
 st.title("Inspect")
 record = state.current_dataset()
 run = state.store().deployed_run(record["id"]) if record else None
@@ -44,15 +46,17 @@ except ImageError as exc:
     st.error(f"That file cannot be inspected: {exc.reason}. Try a PNG, JPEG, BMP, TIFF or WebP image.")
     st.stop()
 
-verdict = inspect_image(detector, image, image_threshold)
-colour = "red" if verdict.anomalous else "green"
+verdict = inspect_image(detector, image, image_threshold, run["thresholds"]["review"])
+colour = VERDICT_COLOURS[verdict.label]
 left, right = st.columns([1, 2], vertical_alignment="center")
 with left:
     st.markdown(f"<div style='font-size:5rem;font-weight:800;color:{colour};line-height:1'>{verdict.label}</div>",
                 unsafe_allow_html=True)
     st.metric("Anomaly score", f"{verdict.score:.4g}", delta=f"{verdict.score - image_threshold:+.3g} vs threshold",
               delta_color="inverse")
-    st.caption(f"Threshold {image_threshold:.4g} · answered in {1000 * verdict.seconds:.0f} ms")
+    review = run["thresholds"]["review"]
+    st.caption(f"Threshold {image_threshold:.4g}" + (f", review from {review:.4g}" if review is not None else "")
+               + f" · answered in {1000 * verdict.seconds:.0f} ms")
 with right:
     panels = st.columns(2)
     panels[0].image(heatmap_panel(image, verdict.map, scale, 0.5), caption="Heatmap", width="stretch")

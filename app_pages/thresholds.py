@@ -38,10 +38,39 @@ def apply_preset(run_id: int, level: str, dist: ScoreDistribution, name_key: str
     state.set_threshold(run_id, level, dist.preset(name, value), name)
 
 
-def save_threshold(run_id: int, level: str, value: float, preset: str) -> None:
-    state.store().set_threshold(run_id, **{level: value}, preset=preset)
-    state.forget_thresholds(run_id)
+def save_threshold(run: dict, level: str, value: float, preset: str) -> None:
+    """Save one level's threshold; the image level saves its review band with it (or its removal)."""
+    extra = {}
+    if level == "image":
+        review = state.review(run)
+        extra = {"review": review} if review is not None and review < value else {"remove_review": True}
+    state.store().set_threshold(run["id"], **{level: value}, preset=preset, **extra)
+    state.forget_thresholds(run["id"])
     st.toast(f"Saved the {level} threshold {value:.4g}.", icon=":material/check_circle:")
+
+
+def review_band(run: dict, dist: ScoreDistribution, t: float, low: float) -> float | None:
+    """OK / review / NG: an optional lower threshold below the image threshold; scores between the two go to a
+    person. Returns the band's lower end, or None."""
+    run_id, current = run["id"], state.review(run)
+    on = st.toggle("Review band below the threshold", value=current is not None and current < t,
+                   key=f"review_on_{run_id}", help="Parts scoring just under the threshold go to a person "
+                                                     "(review) instead of passing as OK")
+    if not on:
+        if current is not None:
+            state.set_review(run_id, None)
+        return None
+    key = f"review_{run_id}"
+    start = current if current is not None and current < t else t - (t - low) / 10
+    st.session_state[key] = min(max(start, low), t)
+    value = st.slider("Review from", low, t, format="%.4g", key=key, help="Scores from here up to the "
+                      "threshold are 'review'; below it, OK")
+    state.set_review(run_id, value)
+    at_review, at_ng = dist.confusion(value), dist.confusion(t)
+    st.caption(f"Test images: **{at_review['tn']} good and {at_review['fn']} defective OK** · "
+               f"**{at_review['fp'] - at_ng['fp']} good and {at_review['tp'] - at_ng['tp']} defective to review** · "
+               f"**{at_ng['fp']} good and {at_ng['tp']} defective NG**.")
+    return value
 
 
 @st.fragment
@@ -87,7 +116,7 @@ def good_images_panel(run: dict, calibration, test_dist: ScoreDistribution | Non
             st.rerun(scope="app")
     elif middle.button(f"Save threshold {chosen.threshold:.4g} with run #{run_id}", type="primary",
                        key=f"save_normal_{run_id}", icon=":material/save:"):
-        save_threshold(run_id, "image", chosen.threshold, "false_reject_rate")
+        save_threshold(run, "image", chosen.threshold, "false_reject_rate")
         st.rerun(scope="app")
 
 
@@ -130,6 +159,7 @@ def threshold_panel(run: dict, level: str, dist: ScoreDistribution) -> None:
 
     t = st.slider(f"{level.capitalize()} threshold", low, high, step=step, format="%.4g", key=slider_key,
                   on_change=moved, args=(run_id, level, slider_key))
+    review = review_band(run, dist, t, low) if level == "image" else None
     plots = session_figures(run_id, level, dist)
     at = plots.at(t)
 
@@ -153,11 +183,11 @@ def threshold_panel(run: dict, level: str, dist: ScoreDistribution) -> None:
     columns[1].plotly_chart(plots.confusion, key=f"confusion_{level}")
 
     saved = run["thresholds"][level]
-    unsaved = saved is None or abs(saved - t) > 1e-12
+    unsaved = saved is None or abs(saved - t) > 1e-12 or (level == "image" and review != run["thresholds"]["review"])
     label = f"Save {level} threshold {t:.4g} with run #{run_id}"
     if st.button(label, type="primary" if unsaved else "secondary", disabled=not unsaved, key=f"save_{level}",
                  icon=":material/save:"):
-        save_threshold(run_id, level, t, state.threshold_preset(run, level) or "manual")
+        save_threshold(run, level, t, state.threshold_preset(run, level) or "manual")
         st.rerun(scope="app")
     if not unsaved:
         st.caption(f"Saved with the run ({run['thresholds']['preset'] or 'manual'}, "
@@ -167,7 +197,8 @@ def threshold_panel(run: dict, level: str, dist: ScoreDistribution) -> None:
         preset_now = state.threshold_preset(run, "image")
         st.download_button(
             "Download the report for stakeholders (HTML)", icon=":material/download:", mime="text/html",
-            data=lambda: build_report(run, results, t, pixel, preset_now), file_name=report_file_name(run),
+            data=lambda: build_report(run, results, t, pixel, preset_now, review=review),
+            file_name=report_file_name(run),
             help="One self-contained file: metrics, curves, this threshold and the worst images' heatmaps. "
                  "Opens offline in any browser.", key="report")
 

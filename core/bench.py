@@ -140,6 +140,42 @@ def normal_threshold_check(det, evaluation, log=print) -> list[dict]:
     return rows
 
 
+AUDIT_COLUMNS = ["dataset", "planted", "planted_in_top_15", "flagged", "planted_flagged", "clean_auroc",
+                 "dirty_auroc", "tolerant_auroc", "audit_seconds"]
+
+
+def run_audit_bench(data: str | Path, detector: str = "patchcore", params: dict | None = None, log=print) -> dict:
+    """A set with defects planted among its good training images (benchmarks/plant_defects.py names them
+    "planted_*"): image AUROC on its test set of a model fitted without them (clean), with them (dirty) and
+    by the tolerant fit, and where the audit ranks them."""
+    from .audit import fit_tolerant
+    dataset = load_mvtec(data)
+    train = dataset.subset(split="train", label=0)
+    test = dataset.subset(split="test")
+    planted = np.array([s.path.name.startswith("planted_") for s in train.samples])
+    if not planted.any():
+        raise ValueError(f"{data} has no planted_* training images: build it with benchmarks/plant_defects.py")
+    images = [train[i] for i in range(len(train))]
+    log(f"[bench] {dataset.name}: {len(train)} train ({planted.sum()} planted defects), {len(test)} test")
+
+    def auroc(det) -> float:
+        return float(evaluate(det, test).metrics["image_auroc"])
+    clean = create_detector(detector, **(params or {})).fit([im for im, p in zip(images, planted) if not p])
+    dirty = create_detector(detector, **(params or {})).fit(images)
+    start = time.perf_counter()
+    tolerant, found = fit_tolerant(create_detector(detector, **(params or {})), images)
+    seconds = time.perf_counter() - start
+    top = found.ranking[:15]
+    result = {"dataset": dataset.name, "planted": int(planted.sum()), "planted_in_top_15": int(planted[top].sum()),
+              "flagged": int(len(found.suspicious)), "planted_flagged": int(planted[found.suspicious].sum()),
+              "clean_auroc": auroc(clean), "dirty_auroc": auroc(dirty), "tolerant_auroc": auroc(tolerant),
+              "audit_seconds": seconds, "fence": found.fence,
+              "top_15": [[train.samples[i].path.name, float(found.scores[i])] for i in top]}
+    for name, score in result["top_15"]:
+        log(f"[bench]   {score:10.4g}  {name}")
+    return result
+
+
 def _search_quality(det, x: torch.Tensor) -> dict:
     """For an approximate nearest-neighbour index: recall@1 against exact search on test patches, and the
     relative error of the patch scores (an approximate neighbour is never closer than the true one)."""

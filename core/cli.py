@@ -99,10 +99,10 @@ def _detector_and_threshold(args):
     from .runs import RunStore
     if args.run is not None:
         run = RunStore(args.registry).get_run(args.run)
-        return load_detector(run["model_path"]), run["thresholds"]["image"]
+        return load_detector(run["model_path"]), run["thresholds"]
     if args.model is None:
         raise SystemExit("give --run ID (from the registry) or --model FOLDER")
-    return load_detector(args.model), None
+    return load_detector(args.model), {"image": None, "review": None}
 
 
 def cmd_evaluate(args) -> int:
@@ -129,11 +129,24 @@ def _image_paths(inputs: list[str]) -> list[Path]:
 def cmd_predict(args) -> int:
     from .data import IMAGE_SUFFIXES, ImageError, read_image
     from .viz import overlay, save_png
-    from .thresholds import check_threshold, is_anomalous
-    detector, threshold = _detector_and_threshold(args)
-    threshold = args.threshold if args.threshold is not None else threshold
+    from .thresholds import check_threshold, normal_threshold, verdict
+    detector, saved = _detector_and_threshold(args)
+    threshold = args.threshold if args.threshold is not None else saved["image"]
+    review = args.review_threshold if args.review_threshold is not None else saved["review"]
+    if args.false_reject_rate is not None:
+        if detector.calibration_ is None:
+            raise ValueError("--false-reject-rate needs a model saved with held-out good images; this one was "
+                             "saved before calibration existed or fitted on too few images: give --threshold")
+        chosen = normal_threshold(detector.calibration_.scores, args.false_reject_rate)
+        print(f"threshold {chosen.threshold:.6g}: {chosen.describe()}", file=sys.stderr)
+        threshold = chosen.threshold
     if threshold is not None:
         threshold = check_threshold(threshold, "image threshold")
+    if review is not None:
+        review = check_threshold(review, "review threshold")
+        if threshold is None or review >= threshold:
+            raise ValueError(f"the review threshold {review:.6g} must be below the image threshold "
+                             f"({'none' if threshold is None else format(threshold, '.6g')})")
     out = Path(args.out) if args.out else None
     if out:
         if out.exists() and not out.is_dir():
@@ -156,9 +169,9 @@ def cmd_predict(args) -> int:
             continue
         pred = detector.predict([image])
         score = float(pred.scores[0])
-        verdict = "" if threshold is None else ("NG" if is_anomalous(score, threshold) else "OK")
+        label = "" if threshold is None else verdict(score, threshold, review)
         if not out:
-            writer.writerow([str(path), f"{score:.6g}", verdict])
+            writer.writerow([str(path), f"{score:.6g}", label])
             continue
         # Images from different folders may share a name: never let one heatmap overwrite another.
         name, n = f"{path.stem}_heatmap.png", 1
@@ -166,28 +179,32 @@ def cmd_predict(args) -> int:
             n += 1
             name = f"{path.stem}_{n}_heatmap.png"
         used.add(name)
-        writer.writerow([str(path), f"{score:.6g}", verdict, str(out / name)])
+        writer.writerow([str(path), f"{score:.6g}", label, str(out / name)])
         vmax = scale_max if scale_max is not None else (2 * threshold if threshold else float(pred.maps[0].max()))
         save_png(overlay(image, pred.maps[0], 0.0, vmax), out / name)
     return 1 if failed else 0
 
 
 def cmd_bench(args) -> int:
-    from .bench import (COVERAGE_COLUMNS, SCALE_COLUMNS, format_table, run_bench, run_coverage, run_scale,
-                        write_json)
+    from .bench import (AUDIT_COLUMNS, COVERAGE_COLUMNS, SCALE_COLUMNS, format_table, run_audit_bench, run_bench,
+                        run_coverage, run_scale, write_json)
     results = []
     log = lambda m: print(m, file=sys.stderr)  # noqa: E731
     for data in args.data:
         for detector in args.detector:
             if args.coverage:
                 results.append(run_coverage(data, parse_overrides(args.set), log=log))
+            elif args.audit:
+                results.append(run_audit_bench(data, detector, parse_overrides(args.set), log=log))
             elif args.scale:
                 results.append(run_scale(data, args.scale, detector, parse_overrides(args.set), log=log))
             else:
                 results.append(run_bench(data, detector, parse_overrides(args.set), batch_size=args.batch_size,
                                          log=log))
                 print(format_table(results[-1:]), file=sys.stderr)
-    print(format_table(results, COVERAGE_COLUMNS if args.coverage else SCALE_COLUMNS if args.scale else None))
+    columns = (COVERAGE_COLUMNS if args.coverage else SCALE_COLUMNS if args.scale else AUDIT_COLUMNS if args.audit
+               else None)
+    print(format_table(results, columns))
     write_json(results, args.json)
     print(f"wrote {args.json}", file=sys.stderr)
     return 0
@@ -220,6 +237,11 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             p.add_argument("images", nargs="+", help="image files or folders")
             p.add_argument("--threshold", type=float, help="image threshold (default: the run's)")
+            p.add_argument("--review-threshold", type=float,
+                           help="scores from this up to the image threshold are 'review', not OK (default: the run's)")
+            p.add_argument("--false-reject-rate", type=float, metavar="RATE",
+                           help="set the image threshold from the model's held-out good images to reject this "
+                                "share of good parts (0.01 = 1%%)")
             p.add_argument("--out", help="folder for heatmap overlays")
             p.add_argument("--vmax", type=float, help="top of the heatmap colour scale (default: 2x threshold)")
             p.set_defaults(func=cmd_predict)
@@ -233,6 +255,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="only fit, on N augmented copies of the training images: time and peak memory")
     bench.add_argument("--coverage", action="store_true",
                        help="PatchCore's streamed coreset against one greedy pass: coverage radius and time")
+    bench.add_argument("--audit", action="store_true",
+                       help="on a set with planted_* defects among its good images (benchmarks/plant_defects.py): "
+                            "where the audit ranks them, and image AUROC clean, dirty and with the tolerant fit")
     bench.add_argument("--json", default="bench_results/bench.json", help="where to write the results")
     bench.set_defaults(func=cmd_bench)
     return parser

@@ -1,4 +1,4 @@
-"""The live demo's one call: an image in, OK or NG with its score, map and timing out."""
+"""The live demo's one call: an image in, OK, review or NG with its score, map and timing out."""
 from __future__ import annotations
 
 import time
@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .detectors import Detector
-from .thresholds import is_anomalous
+from .thresholds import verdict
 
 
 @dataclass(frozen=True)
@@ -16,20 +16,19 @@ class Verdict:
     threshold: float
     map: np.ndarray          # HxW at the image's own resolution, on the run's scale
     seconds: float           # detector time for this image
-
-    @property
-    def anomalous(self) -> bool:
-        return is_anomalous(self.score, self.threshold)
+    review: float | None = None   # lower end of the review band, if the run has one
 
     @property
     def label(self) -> str:
-        return "NG" if self.anomalous else "OK"
+        """"OK", "review" or "NG" (see core.thresholds.verdict)."""
+        return verdict(self.score, self.threshold, self.review)
 
 
-def inspect_image(detector: Detector, image: np.ndarray, threshold: float) -> Verdict:
+def inspect_image(detector: Detector, image: np.ndarray, threshold: float, review: float | None = None) -> Verdict:
     start = time.perf_counter()
     prediction = detector.predict([image])
-    return Verdict(float(prediction.scores[0]), float(threshold), prediction.maps[0], time.perf_counter() - start)
+    return Verdict(float(prediction.scores[0]), float(threshold), prediction.maps[0], time.perf_counter() - start,
+                   review)
 
 
 def warm_up(detector: Detector, size: int = 256) -> None:

@@ -17,7 +17,7 @@ from . import figures
 from .compare import run_label
 from .render import data_uri, heatmap_panel, region_panel
 from .results import RunResults
-from .thresholds import PRESET_LABELS, is_anomalous
+from .thresholds import PRESET_LABELS, is_anomalous, verdict
 
 WORST_IMAGES = 6
 
@@ -37,8 +37,9 @@ details pre { background: #f6f8fa; padding: 0.8rem; overflow-x: auto; font-size:
 
 
 def build_report(run: dict, results: RunResults, image_threshold: float, pixel_threshold: float | None = None,
-                 preset: str | None = None, worst: int = WORST_IMAGES) -> str:
-    """The HTML text. ``run`` is a registry row (:meth:`core.runs.RunStore.get_run`)."""
+                 preset: str | None = None, worst: int = WORST_IMAGES, review: float | None = None) -> str:
+    """The HTML text. ``run`` is a registry row (:meth:`core.runs.RunStore.get_run`); ``review`` the lower end
+    of a review band below the image threshold, if there is one."""
     pixel_threshold = image_threshold if pixel_threshold is None else pixel_threshold
     image_dist = results.image_distribution()
     pixel_dist = results.pixel_distribution()
@@ -47,7 +48,7 @@ def build_report(run: dict, results: RunResults, image_threshold: float, pixel_t
     parts = [f"<h1>{html.escape(run_label(run))} on {html.escape(run['dataset_name'])}</h1>",
              f"<p class='sub'>{html.escape(run['detector'])} · trained {run['created'][:16].replace('T', ' ')} UTC · "
              f"report made {dt.datetime.now().strftime('%Y-%m-%d %H:%M')}</p>",
-             _verdict(at, image_threshold, preset),
+             _verdict(at, image_threshold, preset), _bands(results, image_threshold, review),
              "<h2>Metrics</h2>", _metrics_table(run, at, image_threshold, pixel_threshold)]
 
     charts = []
@@ -95,6 +96,21 @@ def _verdict(at: dict, threshold: float, preset: str | None) -> str:
     caught = f"<b>{at['tp']} of {defects}</b> defective test images caught" if defects else "no defective test images"
     return (f"<p class='verdict'>At image threshold <b>{threshold:.4g}</b> ({html.escape(chosen)}): {caught}, "
             f"<b>{at['fp']} false alarm{'s' if at['fp'] != 1 else ''}</b> among {normals} good images.</p>")
+
+
+def _bands(results: RunResults, threshold: float, review: float | None) -> str:
+    """How the test images fall in the OK / review / NG bands, good and defective apart ('' without a band)."""
+    if review is None or review >= threshold:
+        return ""
+    labels = verdict(results.scores, threshold, review)
+    cells = []
+    for truth, name in ((0, "good"), (1, "defective")):
+        mine = labels[np.asarray(results.labels) == truth]
+        if len(mine):
+            counts = ", ".join(f"{int((mine == band).sum())} {band}" for band in ("OK", "review", "NG"))
+            cells.append(f"{len(mine)} {name} images: {counts}")
+    return (f"<p>Review band from <b>{review:.4g}</b> up to the threshold: scores in it go to a person. "
+            + "; ".join(cells) + ".</p>")
 
 
 def _metrics_table(run: dict, at: dict, image_threshold: float, pixel_threshold: float) -> str:

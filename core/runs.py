@@ -57,7 +57,8 @@ from core.workspace import workspace_dir
 
 __all__ = ["RunStore", "RegistryError", "RegistryLockedError", "SCHEMA_VERSION", "DATASET_KINDS", "REGISTRY_FILENAME", "to_json"]
 
-SCHEMA_VERSION = 1
+# 2: runs.threshold_review, the lower end of the OK / review / NG band (NULL: two bands only).
+SCHEMA_VERSION = 2
 
 
 class RegistryError(ValueError):
@@ -93,6 +94,7 @@ CREATE TABLE IF NOT EXISTS runs (
     model_card        TEXT    NOT NULL DEFAULT '{}',
     threshold_image   REAL,
     threshold_pixel   REAL,
+    threshold_review  REAL,
     threshold_preset  TEXT,
     threshold_updated TEXT,
     deployed          INTEGER NOT NULL DEFAULT 0 CHECK (deployed IN (0, 1)),
@@ -194,6 +196,15 @@ def _threshold(value: Any, what: str) -> float | None:
     if not math.isfinite(out):
         raise ValueError(f"{what} threshold must be finite, got {value!r}")
     return out
+
+
+def _review(review: float | None, image: float | None) -> float | None:
+    """The review threshold, which only makes sense below an image threshold."""
+    if review is not None and (image is None or review >= image):
+        raise ValueError(f"the review threshold ({review:.4g}) must be below the image threshold "
+                         f"({'none' if image is None else format(image, '.4g')}): scores from it up to the image "
+                         "threshold go to review")
+    return review
 
 
 def _score_row(run_id: int, i: int, row: dict) -> tuple:
@@ -310,7 +321,8 @@ class RunStore:
                     for statement in _SCHEMA.split(";"):
                         if statement.strip():
                             conn.execute(statement)
-                    # future migrations go here: `if version < 2: ...`
+                    if 0 < version < 2:   # tables made by version 1 lack the review threshold
+                        conn.execute("ALTER TABLE runs ADD COLUMN threshold_review REAL")
                     conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         finally:
             conn.close()
@@ -330,6 +342,7 @@ class RunStore:
             out[col] = _from_json(out[col])
         out["deployed"] = bool(out["deployed"])
         out["thresholds"] = {"image": out["threshold_image"], "pixel": out["threshold_pixel"],
+                             "review": out["threshold_review"],
                              "preset": out["threshold_preset"], "updated": out["threshold_updated"]}
         return out
 
@@ -419,11 +432,12 @@ class RunStore:
         if not isinstance(detector, str) or not detector:
             raise ValueError(f"detector must be a non-empty string, got {detector!r}")
         thresholds = dict(thresholds or {})
-        unknown = set(thresholds) - {"image", "pixel", "preset"}
+        unknown = set(thresholds) - {"image", "pixel", "review", "preset"}
         if unknown:
-            raise ValueError(f"unknown threshold keys {sorted(unknown)}; use 'image', 'pixel', 'preset'")
+            raise ValueError(f"unknown threshold keys {sorted(unknown)}; use 'image', 'pixel', 'review', 'preset'")
         t_image = _threshold(thresholds.get("image"), "image")
         t_pixel = _threshold(thresholds.get("pixel"), "pixel")
+        t_review = _review(_threshold(thresholds.get("review"), "review"), t_image)
         preset = thresholds.get("preset")
         now = _now()
         params_j, metrics_j, timings_j, card_j = (to_json(x) for x in (params, metrics, timings, model_card))
@@ -432,10 +446,10 @@ class RunStore:
                 raise KeyError(f"no dataset with id {dataset_id}")
             cur = conn.execute(
                 "INSERT INTO runs (dataset_id, name, detector, params, model_path, metrics, timings, "
-                "model_card, threshold_image, threshold_pixel, threshold_preset, threshold_updated, "
-                "created) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "model_card, threshold_image, threshold_pixel, threshold_review, threshold_preset, "
+                "threshold_updated, created) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (dataset_id, name, detector, params_j, str(model_path), metrics_j, timings_j, card_j,
-                 t_image, t_pixel, preset,
+                 t_image, t_pixel, t_review, preset,
                  now if (t_image is not None or t_pixel is not None or preset) else None, now))
             run_id = int(cur.lastrowid)
             self._insert_scores(conn, run_id, scores)
@@ -486,27 +500,34 @@ class RunStore:
         return df
 
     def set_threshold(self, run_id: int, image: float | None = None, pixel: float | None = None,
-                      preset: str | None = None) -> None:
+                      preset: str | None = None, review: float | None = None, remove_review: bool = False) -> None:
         """Update only the thresholds given (None = leave as is) and record the preset and when.
 
         ``preset`` names how they were chosen (``"f1_max"``, ``"fpr<=0.01"``, ...); if thresholds
-        change without one, ``"manual"`` is recorded. Values must be finite numbers.
+        change without one, ``"manual"`` is recorded. Values must be finite numbers. ``review`` is the
+        lower end of a review band below the image threshold (scores from it up to the image threshold are
+        "review", not OK); it must stay below the image threshold; ``remove_review`` drops the band.
         """
         run_id = _as_id(run_id, "run_id")
         t_image, t_pixel = _threshold(image, "image"), _threshold(pixel, "pixel")
-        if t_image is None and t_pixel is None and preset is None:
-            raise ValueError("set_threshold needs at least one of image, pixel or preset")
+        t_review = _threshold(review, "review")
+        if t_image is None and t_pixel is None and t_review is None and preset is None and not remove_review:
+            raise ValueError("set_threshold needs at least one of image, pixel, review or preset")
         sets, args = [], []
-        if t_image is not None:
-            sets.append("threshold_image = ?"), args.append(t_image)
-        if t_pixel is not None:
-            sets.append("threshold_pixel = ?"), args.append(t_pixel)
+        for column, value in (("threshold_image", t_image), ("threshold_pixel", t_pixel),
+                              ("threshold_review", t_review)):
+            if value is not None:
+                sets.append(f"{column} = ?"), args.append(value)
+        if remove_review:
+            sets.append("threshold_review = NULL")
         sets += ["threshold_preset = ?", "threshold_updated = ?"]
         args += [preset if preset is not None else "manual", _now()]
         with self._write() as conn:
             cur = conn.execute(f"UPDATE runs SET {', '.join(sets)} WHERE id = ?", (*args, run_id))
             if cur.rowcount == 0:
                 raise KeyError(f"no run with id {run_id}")
+            row = conn.execute("SELECT threshold_image, threshold_review FROM runs WHERE id = ?", (run_id,)).fetchone()
+            _review(row["threshold_review"], row["threshold_image"])   # raising rolls the update back
 
     def update_metrics(self, run_id: int, metrics: dict) -> None:
         """Merge ``metrics`` into the stored metrics (top-level keys; new values win)."""

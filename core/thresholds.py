@@ -35,6 +35,17 @@ def is_anomalous(scores, threshold: float):
     flagged = ~np.isfinite(scores) | (scores >= check_threshold(threshold))
     return bool(flagged) if flagged.ndim == 0 else flagged
 
+def verdict(scores, threshold: float, review: float | None = None):
+    """"NG" at or above the image threshold (and for any score that is not a finite number), "review" from
+    the review threshold up to it, "OK" below: one string for a score, an array of them for an array. A
+    review threshold at or above the image threshold leaves two bands."""
+    ng = is_anomalous(scores, threshold)
+    out = np.where(ng, "NG", "OK").astype(object)
+    if review is not None and check_threshold(review, "review threshold") < threshold:
+        out[np.asarray(is_anomalous(scores, review)) & ~np.asarray(ng)] = "review"
+    return out.item() if out.ndim == 0 else out
+
+
 # How each preset is shown to users; the keys are what the run registry stores as `threshold_preset`.
 PRESET_LABELS = {
     "f1_max": "F1-max on the test set",

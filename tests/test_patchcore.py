@@ -59,7 +59,7 @@ def test_streamed_coreset_keeps_its_share_per_chunk_and_bounds_the_coverage(rng)
 def test_ivf_search_matches_exact_on_the_demo_and_survives_save_load(demo, tmp_path):
     from core.detectors import load_detector
     train, test = demo.subset(split="train"), demo.subset(split="test")
-    params = dict(resize=192, coreset_ratio=0.5, nprobe=64, seed=1)
+    params = dict(resize=192, coreset_ratio=0.5, nprobe=64, seed=1, score_border=0, calibration_fraction=0)
     exact = create_detector("patchcore", search="exact", **params).fit(train)
     ivf = create_detector("patchcore", search="ivf", **params).fit(train)
     assert ivf.model_card()["memory_bank"]["search"].startswith("ivf")
@@ -79,8 +79,9 @@ def test_upsample_blur_equals_bilinear_then_gaussian(rng):
 
 def test_eq7_reweighting_only_shrinks_scores(demo):
     train, test = demo.subset(split="train"), demo.subset(split="test")
-    plain = create_detector("patchcore", resize=256, coreset_ratio=0.05, reweight=False).fit(train)
-    weighted = create_detector("patchcore", resize=256, coreset_ratio=0.05, reweight=True).fit(train)
+    fixed = dict(resize=256, coreset_ratio=0.05, score_border=0, calibration_fraction=0)
+    plain = create_detector("patchcore", reweight=False, **fixed).fit(train)
+    weighted = create_detector("patchcore", reweight=True, **fixed).fit(train)
     s_plain, m_plain = plain.score_maps(test)
     s_weighted, m_weighted = weighted.score_maps(test)
     np.testing.assert_array_equal(m_plain, m_weighted)         # the map is never reweighted

@@ -80,6 +80,19 @@ def test_cli_train_list_predict_evaluate(tmp_path, capsys):
     heat = Image.open(out / "00_heatmap.png")
     assert heat.size == Image.open(bad).size
 
+    # A review band saved with the run: the good image's score now falls in it.
+    run = RunStore().get_run(trained["run_id"])
+    RunStore().set_threshold(trained["run_id"], review=float(rows[0]["score"]) * 0.99)
+    assert main(["predict", "--run", str(trained["run_id"]), str(good), str(bad)]) == 0
+    assert [r["verdict"] for r in csv.DictReader(io.StringIO(capsys.readouterr().out))] == ["review", "NG"]
+    with pytest.raises(ValueError, match="below the image threshold"):
+        RunStore().set_threshold(trained["run_id"], review=run["thresholds"]["image"] * 2)
+    # The threshold from the model's own held-out good images, with what it promises.
+    assert main(["predict", "--model", run["model_path"], "--false-reject-rate", "0.2", str(good)]) == 0
+    captured = capsys.readouterr()
+    assert "good parts rejected" in captured.err and "28 held-out good images" in captured.err
+    assert list(csv.DictReader(io.StringIO(captured.out)))[0]["verdict"] in ("OK", "NG")
+
     assert main(["evaluate", "--run", str(trained["run_id"]), "--data", str(DEMO)]) == 0
     evaluated = json.loads(capsys.readouterr().out)
     assert evaluated["image_auroc"] == pytest.approx(trained["metrics"]["image_auroc"])

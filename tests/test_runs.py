@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from core.runs import SCHEMA_VERSION, RegistryError, RunStore, to_json
+from core.runs import SCHEMA_VERSION, RegistryError, RunStore, to_json, _SCHEMA
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -204,7 +204,8 @@ def test_nan_metric_stored_as_none(store, ds):
 
 def test_set_threshold_updates_only_given_values(store, ds):
     rid = add_run(store, ds)
-    assert store.get_run(rid)["thresholds"] == {"image": None, "pixel": None, "preset": None, "updated": None}
+    assert store.get_run(rid)["thresholds"] == {"image": None, "pixel": None, "review": None, "preset": None,
+                                                "updated": None}
     store.set_threshold(rid, image=np.float32(0.5), preset="f1_max")
     t = store.get_run(rid)["thresholds"]
     assert t["image"] == 0.5 and t["pixel"] is None and t["preset"] == "f1_max" and t["updated"]
@@ -392,3 +393,35 @@ def test_one_run_with_damaged_json_does_not_hide_the_others(tmp_path):
     runs = {r["id"]: r for r in RunStore(path).list_runs()}
     assert runs[good]["metrics"] == {"image_auroc": 0.9} and runs[good]["params"] == {"k": 1}
     assert "damaged JSON" in runs[bad]["metrics"]["unreadable"] and "unreadable" in runs[bad]["params"]
+
+
+def test_review_band_is_saved_below_the_image_threshold_and_removable(store, ds):
+    rid = add_run(store, ds, thresholds={"image": 2.0, "review": 1.5, "preset": "f1_max"})
+    assert store.get_run(rid)["thresholds"]["review"] == 1.5
+    with pytest.raises(ValueError, match="below the image threshold"):
+        store.set_threshold(rid, image=1.0)                 # would leave the review band above the threshold
+    assert store.get_run(rid)["thresholds"]["image"] == 2.0  # rolled back
+    store.set_threshold(rid, image=1.0, remove_review=True)
+    t = store.get_run(rid)["thresholds"]
+    assert (t["image"], t["review"]) == (1.0, None)
+    with pytest.raises(ValueError, match="below the image threshold"):
+        add_run(store, ds, thresholds={"review": 1.0})      # a review band needs an image threshold
+
+
+def test_a_version_1_registry_gains_the_review_column_and_keeps_its_runs(tmp_path):
+    path = tmp_path / "old.sqlite"
+    conn = sqlite3.connect(path)
+    old_schema = _SCHEMA.replace("    threshold_review  REAL,\n", "")
+    assert "threshold_review" not in old_schema
+    conn.executescript(old_schema)
+    conn.execute("INSERT INTO datasets (name, source, kind, created) VALUES ('d', '/d', 'folder', 'now')")
+    conn.execute("INSERT INTO runs (dataset_id, detector, model_path, threshold_image, created) "
+                 "VALUES (1, 'patchcore', '/m', 3.0, 'now')")
+    conn.execute("PRAGMA user_version = 1")
+    conn.commit()
+    conn.close()
+    store = RunStore(path)
+    t = store.get_run(1)["thresholds"]
+    assert (t["image"], t["review"]) == (3.0, None)
+    store.set_threshold(1, review=2.0)
+    assert store.get_run(1)["thresholds"]["review"] == 2.0

@@ -26,6 +26,7 @@ from core.workspace import workspace_dir
 DATASET_KEY, RUN_KEY = "dataset_id", "run_id"
 _PENDING = "pending_selection"
 _THRESHOLDS = "thresholds"
+_REVIEWS = "review_thresholds"
 
 
 # -- the registry and cached loads ----------------------------------------------------------------------
@@ -210,6 +211,17 @@ def threshold(run: dict, level: str) -> float:
     return distributions(run["id"])[0].normal_quantile(0.99)
 
 
+def review(run: dict) -> float | None:
+    """The lower end of the review band this tab is working with (moved but unsaved, else the run's); None
+    for two bands only."""
+    moved = st.session_state.get(_REVIEWS, {})
+    return moved[run["id"]] if run["id"] in moved else run["thresholds"].get("review")
+
+
+def set_review(run_id: int, value: float | None) -> None:
+    st.session_state.setdefault(_REVIEWS, {})[run_id] = None if value is None else float(value)
+
+
 def set_threshold(run_id: int, level: str, value: float, preset: str) -> None:
     st.session_state.setdefault(_THRESHOLDS, {})[(run_id, level)] = float(value)
     st.session_state.setdefault("threshold_presets", {})[(run_id, level)] = preset
@@ -224,6 +236,7 @@ def forget_thresholds(run_id: int) -> None:
     for key in (_THRESHOLDS, "threshold_presets"):
         for level in ("image", "pixel"):
             st.session_state.get(key, {}).pop((run_id, level), None)
+    st.session_state.get(_REVIEWS, {}).pop(run_id, None)
 
 
 # -- feature views: computed on request, then read from the model folder -----------------------------------

@@ -99,17 +99,23 @@ def calibrate(detector: "Detector", images: Sequence[np.ndarray], held: np.ndarr
         return Calibration("held_out", held.tolist(), scores, synthetic, kinds)
     if detector.calibration_fraction == 0 or n < MIN_IMAGES or not detector.cross_fit:
         return None
-    from .base import create_detector
-    order = np.random.default_rng(seed).permutation(n)
     parts = []
-    for k, fold in enumerate(np.array_split(order, FOLDS)):
-        model = create_detector(detector.name, **detector.fold_params())
-        model.fit(take(images, np.setdiff1d(order, fold)))
+    for k, (fold, model) in enumerate(fold_models(detector, images, seed)):
         parts.append((fold, *_score(model, take(images, fold), rng)))
         progress("calibration", k + 1, FOLDS)
     return Calibration("cross_fit", [int(i) for p in parts for i in p[0]],
                        np.concatenate([p[1] for p in parts]), np.concatenate([p[2] for p in parts]),
                        [kind for p in parts for kind in p[3]])
+
+
+def fold_models(detector: "Detector", images: Sequence[np.ndarray], seed: int, folds: int = FOLDS):
+    """(positions, model) per fold: a model with the fitted `detector`'s settings, fitted on every image but
+    those at the positions, made one at a time."""
+    from .base import create_detector
+    order = np.random.default_rng(seed).permutation(len(images))
+    for fold in np.array_split(order, folds):
+        model = create_detector(detector.name, **detector.fold_params())
+        yield fold, model.fit(take(images, np.setdiff1d(order, fold)))
 
 
 def _score(detector: "Detector", images: Sequence[np.ndarray], rng: np.random.Generator):

@@ -107,7 +107,8 @@ def shot(page, name: str) -> None:
 
 
 def metric(page, label: str) -> str:
-    box = page.get_by_test_id("stMetric").filter(has_text=label).first
+    exact = page.get_by_test_id("stMetricLabel").get_by_text(label, exact=True)
+    box = page.get_by_test_id("stMetric").filter(has=exact).first
     return box.get_by_test_id("stMetricValue").inner_text()
 
 

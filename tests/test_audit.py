@@ -1,0 +1,45 @@
+"""Dirty training sets: the audit ranks defects filed as good at the top, and the tolerant fit drops them."""
+import numpy as np
+import pytest
+
+from core.audit import audit, outlier_fence, fit_tolerant
+from core.detectors import create_detector
+
+FIXED = {"resize": 256, "coreset_ratio": 0.1, "score_border": 0, "calibration_fraction": 0}
+
+
+@pytest.fixture(scope="module")
+def dirty(demo):
+    """The demo's 28 good training images with 3 of its defective test images filed among them."""
+    good = [demo[i] for i in range(len(demo)) if demo.samples[i].split == "train"]
+    defects = [demo[i] for i in range(len(demo)) if demo.samples[i].label == 1][::6][:3]
+    images = good[:10] + defects[:1] + good[10:20] + defects[1:2] + good[20:] + defects[2:]
+    planted = [10, 21, 30]
+    return images, planted
+
+
+def test_the_fence_is_tukeys_outlier_one():
+    scores = np.arange(1.0, 9.0)                 # Q1 2.75, Q3 6.25: fence 6.25 + 1.5 * 3.5
+    assert outlier_fence(scores) == pytest.approx(11.5)
+
+
+def test_audit_ranks_planted_defects_first_and_the_tolerant_fit_drops_them(dirty):
+    images, planted = dirty
+    det = create_detector("patchcore", **FIXED).fit(images)
+    found = audit(det, images)
+    assert sorted(found.ranking[:3].tolist()) == planted
+    assert set(found.maps) >= set(planted) and found.maps[planted[0]].shape == det.frame()
+    # Each score is that of a model fitted without the image: far above the fitted model's own scores.
+    assert np.all(found.scores > det.score_maps(images)[0])
+    tolerant, again = fit_tolerant(create_detector("patchcore", **FIXED), images)
+    dropped = tolerant.fit_info_["audit"]["dropped"]
+    assert set(planted) <= set(dropped) and len(dropped) <= 6
+    assert tolerant.fit_info_["n_images"] == len(images) - len(dropped)
+
+
+def test_audit_refuses_what_it_cannot_do(dirty):
+    images, _ = dirty
+    with pytest.raises(ValueError, match="at least 10"):
+        audit(create_detector("patchcore", **FIXED).fit(images[:5]), images[:5])
+    with pytest.raises(ValueError, match="trains a network"):
+        audit(create_detector("fastflow", resize=64, epochs=1).fit(images[:12]), images[:12])
