@@ -49,6 +49,10 @@ def save_threshold(run: dict, level: str, value: float, preset: str) -> None:
     st.toast(f"Saved the {level} threshold {value:.4g}.", icon=":material/check_circle:")
 
 
+def moved_review(run_id: int, key: str) -> None:
+    state.set_review(run_id, st.session_state[key])
+
+
 def review_band(run: dict, dist: ScoreDistribution, t: float, low: float) -> float | None:
     """OK / review / NG: an optional lower threshold below the image threshold; scores between the two go to a
     person. Returns the band's lower end, or None."""
@@ -61,11 +65,12 @@ def review_band(run: dict, dist: ScoreDistribution, t: float, low: float) -> flo
             state.set_review(run_id, None)
         return None
     key = f"review_{run_id}"
-    start = current if current is not None and current < t else t - (t - low) / 10
-    st.session_state[key] = min(max(start, low), t)
-    value = st.slider("Review from", low, t, format="%.4g", key=key, help="Scores from here up to the "
-                      "threshold are 'review'; below it, OK")
-    state.set_review(run_id, value)
+    if current is None or current >= t:       # just switched on, or the threshold moved below the band
+        current = t - (t - low) / 10
+        state.set_review(run_id, current)
+    st.session_state[key] = min(max(current, low), t)
+    value = st.slider("Review from", low, t, format="%.4g", key=key, on_change=moved_review, args=(run_id, key),
+                      help="Scores from here up to the threshold are 'review'; below it, OK")
     at_review, at_ng = dist.confusion(value), dist.confusion(t)
     st.caption(f"Test images: **{at_review['tn']} good and {at_review['fn']} defective OK** · "
                f"**{at_review['fp'] - at_ng['fp']} good and {at_review['tp'] - at_ng['tp']} defective to review** · "

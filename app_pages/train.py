@@ -5,7 +5,7 @@ import pandas as pd
 import streamlit as st
 
 from core.backbones import OFFLINE_WEIGHTS
-from core.detectors import list_detectors
+from core.detectors import get_detector_class, list_detectors
 from core.training import TrainingJob, chosen_settings, param_specs, parse_value
 from ui import state, widgets
 
@@ -42,6 +42,17 @@ if trained:
                icon=":material/check_circle:")
     for line in chosen_settings(run["model_card"] or {}):
         st.caption(line)
+    audited = (run["model_card"] or {}).get("audit")
+    if audited:
+        dropped = audited.get("dropped_files", [])
+        st.caption(f"Audit of the {audited['n_images']} training images: "
+                   + (f"{len(dropped)} left out as suspicious ({', '.join(dropped)})." if dropped
+                      else "none looked defective, all were used."))
+        if dropped:
+            rows = state.store().run_scores(run["id"]).query("split == 'audit' and defect == 'dropped'")
+            rows = rows.sort_values("score", ascending=False).head(12)
+            st.image([str(p) for p in rows["path"]], width=120,
+                     caption=[f"{Path(p).name} · {v:.3g}" for p, v in zip(rows["path"], rows["score"])])
     candidates = (run["model_card"] or {}).get("auto_settings", {}).get("candidates")
     if candidates:
         with st.expander("Settings compared on held-out images with synthetic defects"):
@@ -101,8 +112,15 @@ with new_model:
                     shown = spec.default if isinstance(spec.default, str) else repr(spec.default)
                     params[spec.name] = parse_value(spec, st.text_input(spec.name, shown, help=spec.help, key=key))
     run_name = st.text_input("Run name (optional)", placeholder=f"{detector} baseline")
+    auditable = get_detector_class(detector).cross_fit
+    drop = st.checkbox("Leave out suspicious training images", key="drop_suspicious", disabled=not auditable,
+                       help="Scores every good training image with a model fitted without it (five more fits) and "
+                            "leaves out those far above the rest: a defect filed as good would otherwise teach "
+                            "the model that it is normal." + ("" if auditable else
+                                                              f" Not for {detector}, which trains a network."))
     if st.button("Train", type="primary", icon=":material/play_arrow:", disabled=n_train == 0):
-        widgets.start_job(TrainingJob(state.store(), record["id"], dataset, detector, params, name=run_name or None))
+        widgets.start_job(TrainingJob(state.store(), record["id"], dataset, detector, params, name=run_name or None,
+                                      drop_suspicious=drop and auditable))
         st.rerun()
 
 with saved_model:

@@ -53,11 +53,7 @@ def outlier_fence(scores: np.ndarray) -> float:
 def audit(detector: Detector, images: Sequence[np.ndarray], progress: Progress = no_progress, seed: int = 0,
           shown: int = SHOWN) -> Audit:
     """Out-of-fold scores of the images a fitted `detector` was (or would be) trained on, with its settings."""
-    if len(images) < MIN_IMAGES:
-        raise ValueError(f"an audit needs at least {MIN_IMAGES} training images, got {len(images)}")
-    if not detector.cross_fit:
-        raise ValueError(f"{detector.name} trains a network: an audit would train it {FOLDS} more times. Audit "
-                         "with patchcore or padim; the images they flag are suspicious for any detector")
+    _check_auditable(detector, len(images))
     scores = np.full(len(images), np.nan, dtype=np.float64)
     maps: dict[int, np.ndarray] = {}
     for k, (fold, model) in enumerate(fold_models(detector, images, seed)):
@@ -73,11 +69,20 @@ def audit(detector: Detector, images: Sequence[np.ndarray], progress: Progress =
     return Audit(scores, outlier_fence(scores), maps)
 
 
+def _check_auditable(detector: Detector, n: int) -> None:
+    if n < MIN_IMAGES:
+        raise ValueError(f"an audit needs at least {MIN_IMAGES} training images, got {n}")
+    if not detector.cross_fit:
+        raise ValueError(f"{detector.name} trains a network: an audit would train it {FOLDS} more times. Audit "
+                         "with patchcore or padim; the images they flag are suspicious for any detector")
+
+
 def fit_tolerant(detector: Detector, images: Sequence[np.ndarray], progress: Progress = no_progress,
                  seed: int = 0) -> tuple[Detector, Audit]:
     """Fit, audit the images, drop the suspicious ones and fit again with the settings chosen the first time
     (so the refit does not choose them again on a cleaner set). Returns the final model and the audit; the
     model's `fit_info_["audit"]` records what was dropped."""
+    _check_auditable(detector, len(images))   # before the first fit, not after it
     detector.fit(images, progress)
     found = audit(detector, images, progress, seed)
     dropped = found.suspicious

@@ -140,8 +140,9 @@ def normal_threshold_check(det, evaluation, log=print) -> list[dict]:
     return rows
 
 
-AUDIT_COLUMNS = ["dataset", "planted", "planted_in_top_15", "flagged", "planted_flagged", "clean_auroc",
-                 "dirty_auroc", "tolerant_auroc", "audit_seconds"]
+AUDIT_COLUMNS = [("dataset", "{}"), ("planted", "{}"), ("planted_in_top_15", "{}"), ("flagged", "{}"),
+                 ("planted_flagged", "{}"), ("clean_auroc", "{:.4f}"), ("dirty_auroc", "{:.4f}"),
+                 ("tolerant_auroc", "{:.4f}"), ("audit_seconds", "{:.1f}")]
 
 
 def run_audit_bench(data: str | Path, detector: str = "patchcore", params: dict | None = None, log=print) -> dict:

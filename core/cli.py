@@ -87,7 +87,8 @@ def cmd_train(args) -> int:
     store = RunStore(args.registry)
     dataset, kind = _load_any(args.data)
     dataset_id = register_dataset(store, dataset, kind, args.dataset_name)
-    run_id = train_run(store, dataset_id, dataset, args.detector, parse_overrides(args.set), LogProgress(), args.name)
+    run_id = train_run(store, dataset_id, dataset, args.detector, parse_overrides(args.set), LogProgress(), args.name,
+                       drop_suspicious=args.drop_suspicious)
     run = store.get_run(run_id)
     print(json.dumps({"run_id": run_id, "model_path": run["model_path"], "metrics": run["metrics"],
                       "thresholds": run["thresholds"], "timings": run["timings"]}, indent=2))
@@ -202,11 +203,11 @@ def cmd_bench(args) -> int:
                 results.append(run_bench(data, detector, parse_overrides(args.set), batch_size=args.batch_size,
                                          log=log))
                 print(format_table(results[-1:]), file=sys.stderr)
+    write_json(results, args.json)   # first: a long run's numbers survive a formatting slip
+    print(f"wrote {args.json}", file=sys.stderr)
     columns = (COVERAGE_COLUMNS if args.coverage else SCALE_COLUMNS if args.scale else AUDIT_COLUMNS if args.audit
                else None)
     print(format_table(results, columns))
-    write_json(results, args.json)
-    print(f"wrote {args.json}", file=sys.stderr)
     return 0
 
 
@@ -224,6 +225,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="detector parameters")
     train.add_argument("--name", help="a name for the run")
     train.add_argument("--dataset-name", help="registry name of the dataset (default: folder name)")
+    train.add_argument("--drop-suspicious", action="store_true",
+                       help="audit the good training images first (five more fits, patchcore and padim) and leave "
+                            "out those that look defective to models fitted without them")
     train.set_defaults(func=cmd_train)
 
     for name, helptext in [("evaluate", "metrics of a saved model on a labelled test split"),

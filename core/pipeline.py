@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from . import metrics
+from .audit import fit_tolerant
 from .compare import model_memory_mb
 from .data import ImageSet, load_dataset
 from .detectors import Detector, create_detector, load_detector
@@ -101,17 +102,31 @@ def report_dict(dataset: ImageSet) -> dict:
 
 
 def train_run(store: RunStore, dataset_id: int, dataset: ImageSet, detector: str, params: dict | None = None,
-              progress: Progress | None = None, name: str | None = None) -> int:
-    """Fit on the dataset's normal training images, then evaluate, save and register (see register_fitted)."""
+              progress: Progress | None = None, name: str | None = None, drop_suspicious: bool = False) -> int:
+    """Fit on the dataset's normal training images, then evaluate, save and register (see register_fitted).
+
+    With `drop_suspicious` the training images are audited first (core.audit.fit_tolerant): those that look
+    defective to models fitted without them are left out of the final fit, and every image's audit score is
+    registered (split "audit"; defect "dropped" for the ones left out).
+    """
     det = create_detector(detector, **(params or {}))
     train = dataset.subset(split="train", label=0)
-    det.fit(train, progress or no_progress)
-    return register_fitted(store, dataset_id, dataset, det, progress, name, fitted_on=train)
+    extra = []
+    if drop_suspicious:
+        det, found = fit_tolerant(det, train, progress or no_progress)
+        dropped = set(found.suspicious.tolist())
+        det.fit_info_["audit"]["dropped_files"] = [train.samples[i].path.name for i in sorted(dropped)]
+        extra = [{"path": str(s.path), "split": "audit", "defect": "dropped" if i in dropped else None,
+                  "score": float(found.scores[i])} for i, s in enumerate(train.samples)]
+        train = train[[i for i in range(len(train)) if i not in dropped]]
+    else:
+        det.fit(train, progress or no_progress)
+    return register_fitted(store, dataset_id, dataset, det, progress, name, fitted_on=train, extra_scores=extra)
 
 
 def register_fitted(store: RunStore, dataset_id: int, dataset: ImageSet, det: Detector,
                     progress: Progress | None = None, name: str | None = None,
-                    fitted_on: ImageSet | None = None) -> int:
+                    fitted_on: ImageSet | None = None, extra_scores: list[dict] | None = None) -> int:
     """Evaluate a fitted detector on the dataset's test split, save it and register the run; `fitted_on`,
     the images it was just fitted on, names the calibration images in the registry's scores.
 
@@ -136,6 +151,7 @@ def register_fitted(store: RunStore, dataset_id: int, dataset: ImageSet, det: De
             {"path": str(s.path), "split": s.split, "label": s.label, "defect": s.defect, "score": float(v)}
             for s, v in zip(test.samples, evaluation.scores)]
         scores += [] if fitted_on is None else calibration_rows(det, fitted_on)
+        scores += extra_scores or []
         timings = {"fit_seconds": det.fit_info_["fit_seconds"],
                    "score_ms_per_image": None if evaluation is None else 1000 * evaluation.seconds / len(test),
                    "memory_mb": model_memory_mb(det, model_path)}

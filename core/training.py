@@ -28,7 +28,9 @@ STAGE_LABELS = {"features": "Extracting features", "coreset": "Selecting the cor
                 "score": "Scoring the test set", "load": "Loading images", "train": "Training epochs",
                 "epoch": "Training epochs", "gaussians": "Fitting the Gaussians",
                 "layout": "Laying out the maps (UMAP)",
-                "auto settings": "Choosing settings on held-out images with synthetic defects"}
+                "auto settings": "Choosing settings on held-out images with synthetic defects",
+                "calibration": "Scoring held-out good images and synthetic defects (for thresholds)",
+                "audit": "Auditing the training images (each scored by a model fitted without it)"}
 
 
 # Parameters most detectors share, for docstrings that leave them out.
@@ -143,6 +145,7 @@ class TrainingJob:
     params: dict = field(default_factory=dict)
     model_folder: str | Path | None = None   # ... or register this saved model instead
     name: str | None = None
+    drop_suspicious: bool = False        # audit the training images and leave out the suspicious ones
 
     def __post_init__(self):
         if (self.detector is None) == (self.model_folder is None):
@@ -187,7 +190,7 @@ class TrainingJob:
                 run_id = register_fitted(self.store, self.dataset_id, self.dataset, det, self._progress, self.name)
             else:
                 run_id = train_run(self.store, self.dataset_id, self.dataset, self.detector, self.params,
-                                   self._progress, self.name)
+                                   self._progress, self.name, drop_suspicious=self.drop_suspicious)
             status, error = "done", None
         except Cancelled:
             run_id, status, error = None, "cancelled", None

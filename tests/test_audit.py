@@ -43,3 +43,30 @@ def test_audit_refuses_what_it_cannot_do(dirty):
         audit(create_detector("patchcore", **FIXED).fit(images[:5]), images[:5])
     with pytest.raises(ValueError, match="trains a network"):
         audit(create_detector("fastflow", resize=64, epochs=1).fit(images[:12]), images[:12])
+
+
+def test_training_with_drop_suspicious_leaves_planted_defects_out_and_registers_the_audit(tmp_path):
+    import shutil
+
+    from conftest import DEMO
+    from core.data import load_mvtec
+    from core.pipeline import register_dataset, train_run
+    from core.runs import RunStore
+    root = tmp_path / "nuts"
+    shutil.copytree(DEMO, root)
+    planted = []
+    for source in sorted((root / "test" / "colour").iterdir())[::6][:3]:
+        planted.append(f"planted_{source.name}")
+        shutil.move(source, root / "train" / "good" / planted[-1])
+        (root / "ground_truth" / "colour" / f"{source.stem}.png").unlink(missing_ok=True)
+    dataset = load_mvtec(root)
+    store = RunStore()
+    run_id = train_run(store, register_dataset(store, dataset, "mvtec"), dataset, "patchcore", FIXED,
+                       drop_suspicious=True)
+    card = store.get_run(run_id)["model_card"]
+    assert set(planted) <= set(card["audit"]["dropped_files"]) and card["n_images"] == 31 - len(card["audit"]["dropped_files"])
+    audit_rows = store.run_scores(run_id).query("split == 'audit'")
+    assert len(audit_rows) == 31 and set(audit_rows.query("defect == 'dropped'")["path"].map(lambda p: p.split("/")[-1])) \
+        == set(card["audit"]["dropped_files"])
+    with pytest.raises(ValueError, match="trains a network"):
+        train_run(store, 1, dataset, "fastflow", {"epochs": 1}, drop_suspicious=True)

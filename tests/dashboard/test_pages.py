@@ -182,6 +182,27 @@ def synthetic_run(store: RunStore, tmp_path, n: int = 1000) -> int:
                          metrics={}, timings={}, model_card={}, scores=[], thresholds={"image": 1.5, "pixel": 1.5})
 
 
+def test_review_band_is_set_saved_and_shown_on_the_heatmaps(workspace):
+    store, run_id = workspace["store"], workspace["run_id"]
+    at = open_page("thresholds")
+    assert metric(at, "Recall") == "1.000" and metric(at, "False alarms") == "0"   # at the saved F1-max threshold
+    at.toggle(key=f"review_on_{run_id}").set_value(True).run()
+    low = at.slider(key=f"review_{run_id}").min
+    at.slider(key=f"review_{run_id}").set_value(low).run()      # everything under the threshold goes to review
+    assert "6 good and 0 defective to review" in texts(at) and "0 good and 17 defective NG" in texts(at)
+    next(b for b in at.button if b.label.startswith("Save image threshold")).click().run()
+    saved = store.get_run(run_id)["thresholds"]
+    assert saved["review"] == pytest.approx(low, rel=1e-3) and saved["review"] < saved["image"]
+    at.switch_page("app_pages/heatmaps.py").run()
+    buttons = [b for b in at.button if b.key and b.key.startswith("open_")]
+    buttons[-1].click().run()                                  # a good image: under the threshold, in the band
+    assert metric(at, "Verdict") == "review"
+    at.switch_page("app_pages/thresholds.py").run()
+    at.toggle(key=f"review_on_{run_id}").set_value(False).run()
+    next(b for b in at.button if b.label.startswith("Save image threshold")).click().run()
+    assert store.get_run(run_id)["thresholds"]["review"] is None
+
+
 def test_threshold_from_good_images_alone_beside_the_test_set(workspace):
     from core.detectors.calibration import load_calibration
     from core.thresholds import normal_threshold
