@@ -4,10 +4,10 @@ miss estimated on synthetic defects pasted into the same images.
 
 Sets of about 100 images and more hold out a share (`calibration_fraction`). Smaller sets cannot spare
 images, so they are cross-fitted: every image is scored by a model fitted on the other folds with the final
-model's settings, and the final model is fitted on every image. Detectors that train a network for minutes
-(`cross_fit = False`) are not refitted: on a small set they calibrate only if told to hold out ten images. Fold models see fewer images than the final
+model's settings, and the final model is fitted on every image. Fold models see fewer images than the final
 one, so they score good images a little higher: a threshold set on their scores rejects slightly fewer good
-parts than it states, never more.
+parts than it states, never more. Detectors that train a network for minutes (`cross_fit = False`) are not
+refitted: on a small set they calibrate only if told to hold out ten images.
 """
 from __future__ import annotations
 
