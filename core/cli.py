@@ -95,20 +95,20 @@ def cmd_train(args) -> int:
     return 0
 
 
-def _detector_and_threshold(args):
+def _detector_and_run(args):
     from .detectors import load_detector
     from .runs import RunStore
     if args.run is not None:
         run = RunStore(args.registry).get_run(args.run)
-        return load_detector(run["model_path"]), run["thresholds"]
+        return load_detector(run["model_path"]), run
     if args.model is None:
         raise SystemExit("give --run ID (from the registry) or --model FOLDER")
-    return load_detector(args.model), {"image": None, "review": None}
+    return load_detector(args.model), {"thresholds": {"image": None, "pixel": None, "review": None}}
 
 
 def cmd_evaluate(args) -> int:
     from .pipeline import evaluate
-    detector, _ = _detector_and_threshold(args)
+    detector, _ = _detector_and_run(args)
     dataset, _ = _load_any(args.data)
     result = evaluate(detector, dataset.subset(split="test"), LogProgress())
     print(json.dumps(result.metrics, indent=2))
@@ -127,11 +127,25 @@ def _image_paths(inputs: list[str]) -> list[Path]:
     return paths
 
 
+def _rules(args, run: dict):
+    """The run's defect rules, with what the command line gives instead."""
+    from .data import read_mask
+    from .rules import DefectRules
+    saved = DefectRules.of_run(run)
+    roi = saved.roi if args.roi is None else read_mask(args.roi)
+    min_area = saved.min_area if args.min_area is None else args.min_area
+    return DefectRules(roi, min_area, saved.mm_per_px if args.mm_per_px is None else args.mm_per_px)
+
+
 def cmd_predict(args) -> int:
     from .data import IMAGE_SUFFIXES, ImageError, read_image
+    from .rules import decide
     from .viz import overlay, save_png
-    from .thresholds import check_threshold, normal_threshold, verdict
-    detector, saved = _detector_and_threshold(args)
+    from .thresholds import check_threshold, normal_threshold
+    detector, run = _detector_and_run(args)
+    saved = run["thresholds"]
+    rules = _rules(args, run)
+    pixel = args.pixel_threshold if args.pixel_threshold is not None else saved["pixel"]
     threshold = args.threshold if args.threshold is not None else saved["image"]
     review = args.review_threshold if args.review_threshold is not None else saved["review"]
     if args.false_reject_rate is not None:
@@ -148,6 +162,11 @@ def cmd_predict(args) -> int:
         if threshold is None or review >= threshold:
             raise ValueError(f"the review threshold {review:.6g} must be below the image threshold "
                              f"({'none' if threshold is None else format(threshold, '.6g')})")
+    if not rules.empty:
+        if threshold is None:
+            raise ValueError("defect rules (--roi, --min-area) need an image threshold: give --threshold")
+        # Regions are found at the pixel threshold; a run without one uses the image threshold (as the dashboard).
+        pixel = check_threshold(pixel if pixel is not None else threshold, "pixel threshold")
     out = Path(args.out) if args.out else None
     if out:
         if out.exists() and not out.is_dir():
@@ -157,7 +176,7 @@ def cmd_predict(args) -> int:
     if not paths:
         raise ValueError(f"no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) in {' '.join(args.images)}")
     writer = csv.writer(sys.stdout)
-    writer.writerow(["path", "score", "verdict", *(["heatmap"] if out else [])])
+    writer.writerow(["path", "score", "verdict", "reason", *(["heatmap"] if out else [])])
     scale_max = args.vmax
     failed = 0
     used: set[str] = set()
@@ -170,9 +189,12 @@ def cmd_predict(args) -> int:
             continue
         pred = detector.predict([image])
         score = float(pred.scores[0])
-        label = "" if threshold is None else verdict(score, threshold, review)
+        label = reason = ""
+        if threshold is not None:
+            decision = decide(score, pred.maps[0], threshold, review, pixel, rules)
+            label, reason = decision.label, decision.rule
         if not out:
-            writer.writerow([str(path), f"{score:.6g}", label])
+            writer.writerow([str(path), f"{score:.6g}", label, reason])
             continue
         # Images from different folders may share a name: never let one heatmap overwrite another.
         name, n = f"{path.stem}_heatmap.png", 1
@@ -180,7 +202,7 @@ def cmd_predict(args) -> int:
             n += 1
             name = f"{path.stem}_{n}_heatmap.png"
         used.add(name)
-        writer.writerow([str(path), f"{score:.6g}", label, str(out / name)])
+        writer.writerow([str(path), f"{score:.6g}", label, reason, str(out / name)])
         vmax = scale_max if scale_max is not None else (2 * threshold if threshold else float(pred.maps[0].max()))
         save_png(overlay(image, pred.maps[0], 0.0, vmax), out / name)
     return 1 if failed else 0
@@ -231,7 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(func=cmd_train)
 
     for name, helptext in [("evaluate", "metrics of a saved model on a labelled test split"),
-                           ("predict", "score images: CSV of path, score, verdict; heatmap PNGs with --out")]:
+                           ("predict", "score images: CSV of path, score, verdict and its reason; heatmap PNGs with --out")]:
         p = sub.add_parser(name, help=helptext)
         p.add_argument("--run", type=int, help="run id in the registry (uses its model and threshold)")
         p.add_argument("--model", help="a saved model folder instead of a run")
@@ -246,6 +268,14 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--false-reject-rate", type=float, metavar="RATE",
                            help="set the image threshold from the model's held-out good images to reject this "
                                 "share of good parts (0.01 = 1%%)")
+            p.add_argument("--pixel-threshold", type=float,
+                           help="map level where defect regions start, for the rules (default: the run's, else the "
+                                "image threshold)")
+            p.add_argument("--roi", metavar="MASK",
+                           help="region of interest: a mask image, nonzero where defects count (default: the run's)")
+            p.add_argument("--min-area", type=float, metavar="PIXELS",
+                           help="smallest defect region that counts, in image pixels (default: the run's)")
+            p.add_argument("--mm-per-px", type=float, help="the images' scale, to report areas in mm²")
             p.add_argument("--out", help="folder for heatmap overlays")
             p.add_argument("--vmax", type=float, help="top of the heatmap colour scale (default: 2x threshold)")
             p.set_defaults(func=cmd_predict)

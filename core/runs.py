@@ -58,7 +58,8 @@ from core.workspace import workspace_dir
 __all__ = ["RunStore", "RegistryError", "RegistryLockedError", "SCHEMA_VERSION", "DATASET_KINDS", "REGISTRY_FILENAME", "to_json"]
 
 # 2: runs.threshold_review, the lower end of the OK / review / NG band (NULL: two bands only).
-SCHEMA_VERSION = 2
+# 3: runs.rules (JSON: minimum defect area, scale) and runs.roi (the region of interest as a PNG); see core.rules.
+SCHEMA_VERSION = 3
 
 
 class RegistryError(ValueError):
@@ -97,6 +98,8 @@ CREATE TABLE IF NOT EXISTS runs (
     threshold_review  REAL,
     threshold_preset  TEXT,
     threshold_updated TEXT,
+    rules             TEXT    NOT NULL DEFAULT '{}',
+    roi               BLOB,
     deployed          INTEGER NOT NULL DEFAULT 0 CHECK (deployed IN (0, 1)),
     created           TEXT    NOT NULL
 );
@@ -121,7 +124,7 @@ SELECT r.*, d.name AS dataset_name,
 FROM runs r JOIN datasets d ON d.id = r.dataset_id
 """
 
-_JSON_RUN_COLUMNS = ("params", "metrics", "timings", "model_card")
+_JSON_RUN_COLUMNS = ("params", "metrics", "timings", "model_card", "rules")
 _JSON_DATASET_COLUMNS = ("summary", "report")
 
 
@@ -323,6 +326,9 @@ class RunStore:
                             conn.execute(statement)
                     if 0 < version < 2:   # tables made by version 1 lack the review threshold
                         conn.execute("ALTER TABLE runs ADD COLUMN threshold_review REAL")
+                    if 0 < version < 3:   # and those made before version 3 the defect rules
+                        conn.execute("ALTER TABLE runs ADD COLUMN rules TEXT NOT NULL DEFAULT '{}'")
+                        conn.execute("ALTER TABLE runs ADD COLUMN roi BLOB")
                     conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         finally:
             conn.close()
@@ -528,6 +534,18 @@ class RunStore:
                 raise KeyError(f"no run with id {run_id}")
             row = conn.execute("SELECT threshold_image, threshold_review FROM runs WHERE id = ?", (run_id,)).fetchone()
             _review(row["threshold_review"], row["threshold_image"])   # raising rolls the update back
+
+    def set_rules(self, run_id: int, rules) -> None:
+        """Save the run's defect rules (a :class:`core.rules.DefectRules`; None removes them)."""
+        from core.rules import DefectRules
+        run_id = _as_id(run_id, "run_id")
+        if rules is not None and not isinstance(rules, DefectRules):
+            raise TypeError(f"rules must be a core.rules.DefectRules or None, got {type(rules).__name__}")
+        settings, roi = ({}, None) if rules is None or rules.empty else (rules.settings(), rules.roi_png())
+        with self._write() as conn:
+            cur = conn.execute("UPDATE runs SET rules = ?, roi = ? WHERE id = ?", (to_json(settings), roi, run_id))
+            if cur.rowcount == 0:
+                raise KeyError(f"no run with id {run_id}")
 
     def update_metrics(self, run_id: int, metrics: dict) -> None:
         """Merge ``metrics`` into the stored metrics (top-level keys; new values win)."""

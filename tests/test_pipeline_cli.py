@@ -11,6 +11,7 @@ from PIL import Image
 
 from core import Cancelled
 from core.cli import main
+from core.rules import DefectRules
 from core.pipeline import models_dir, register_dataset, train_run
 from core.runs import RunStore
 
@@ -88,6 +89,23 @@ def test_cli_train_list_predict_evaluate(tmp_path, capsys):
     assert [r["verdict"] for r in csv.DictReader(io.StringIO(capsys.readouterr().out))] == ["review", "NG"]
     with pytest.raises(ValueError, match="below the image threshold"):
         RunStore().set_threshold(trained["run_id"], review=run["thresholds"]["image"] * 2)
+    # Defect rules: the colour defect lies in the middle of the image; a region of interest on its left
+    # quarter leaves it out, a minimum area larger than the image rules out every region.
+    roi = np.zeros((64, 64), np.uint8)
+    roi[:, :16] = 255
+    Image.fromarray(roi).save(tmp_path / "roi.png")
+    assert main(["predict", "--run", str(trained["run_id"]), str(bad), "--roi", str(tmp_path / "roi.png")]) == 0
+    [row] = csv.DictReader(io.StringIO(capsys.readouterr().out))
+    assert row["verdict"] == "OK" and row["reason"] == "every region above the pixel threshold is outside the region of interest"
+    RunStore().set_rules(trained["run_id"], DefectRules(min_area=512 * 512 + 1))
+    assert main(["predict", "--run", str(trained["run_id"]), str(bad)]) == 0
+    [row] = csv.DictReader(io.StringIO(capsys.readouterr().out))
+    assert row["verdict"] == "OK" and "smaller than the minimum area" in row["reason"]
+    assert main(["predict", "--run", str(trained["run_id"]), str(bad), "--min-area", "20"]) == 0
+    [row] = csv.DictReader(io.StringIO(capsys.readouterr().out))
+    assert row["verdict"] == "NG" and row["reason"].startswith("defect region at x=")
+    RunStore().set_rules(trained["run_id"], None)
+
     # The threshold from the model's own held-out good images, with what it promises.
     assert main(["predict", "--model", run["model_path"], "--false-reject-rate", "0.2", str(good)]) == 0
     captured = capsys.readouterr()

@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from core.rules import DefectRules
 from core.runs import SCHEMA_VERSION, RegistryError, RunStore, to_json, _SCHEMA
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -408,11 +409,13 @@ def test_review_band_is_saved_below_the_image_threshold_and_removable(store, ds)
         add_run(store, ds, thresholds={"review": 1.0})      # a review band needs an image threshold
 
 
-def test_a_version_1_registry_gains_the_review_column_and_keeps_its_runs(tmp_path):
+def test_a_version_1_registry_gains_the_review_and_rules_columns_and_keeps_its_runs(tmp_path):
     path = tmp_path / "old.sqlite"
     conn = sqlite3.connect(path)
-    old_schema = _SCHEMA.replace("    threshold_review  REAL,\n", "")
-    assert "threshold_review" not in old_schema
+    old_schema = (_SCHEMA.replace("    threshold_review  REAL,\n", "")
+                  .replace("    rules             TEXT    NOT NULL DEFAULT '{}',\n", "")
+                  .replace("    roi               BLOB,\n", ""))
+    assert "threshold_review" not in old_schema and "rules " not in old_schema and "roi " not in old_schema
     conn.executescript(old_schema)
     conn.execute("INSERT INTO datasets (name, source, kind, created) VALUES ('d', '/d', 'folder', 'now')")
     conn.execute("INSERT INTO runs (dataset_id, detector, model_path, threshold_image, created) "
@@ -425,3 +428,6 @@ def test_a_version_1_registry_gains_the_review_column_and_keeps_its_runs(tmp_pat
     assert (t["image"], t["review"]) == (3.0, None)
     store.set_threshold(1, review=2.0)
     assert store.get_run(1)["thresholds"]["review"] == 2.0
+    assert (store.get_run(1)["rules"], store.get_run(1)["roi"]) == ({}, None)
+    store.set_rules(1, DefectRules(min_area=5))
+    assert store.get_run(1)["rules"]["min_area"] == 5
