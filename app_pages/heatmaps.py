@@ -7,11 +7,21 @@ import numpy as np
 import streamlit as st
 
 from core.render import heatmap_panel, region_panel, thumbnail
-from core.thresholds import is_anomalous, verdict
+from core.rules import DefectRules
+from core.thresholds import is_anomalous
 from ui import state, widgets
 
 PAGE_SIZE = 24
 OUTCOMES = {"caught defect": "TP", "false alarm": "FP", "missed defect": "FN", "correct OK": "TN"}
+
+
+@st.cache_data(max_entries=16, show_spinner="Applying the defect rules…")
+def verdicts(registry: str, run_id: int, threshold: float, pixel_threshold: float, roi_png: bytes | None,
+             settings: dict) -> list[str]:
+    """Every test image's verdict under the rules (two bands: the outcome filter is OK / NG)."""
+    found, rules = state.results(run_id), DefectRules.from_saved(settings, roi_png)
+    return [found.decide(i, threshold, None, pixel_threshold, rules).label for i in range(len(found))]
+
 
 st.title("Heatmaps")
 run = state.require_run()
@@ -22,7 +32,14 @@ unsaved = (image_threshold != run["thresholds"]["image"]) or (pixel_threshold !=
 st.caption(f"Run **{state.run_caption(run)}** · image threshold {image_threshold:.4g}, pixel threshold "
            f"{pixel_threshold:.4g}" + (" (moved on the Thresholds page, not saved yet)" if unsaved else ""))
 
-flagged = is_anomalous(results.scores, image_threshold)
+rules = DefectRules.of_run(run)
+review = state.review(run)
+if rules.empty:
+    flagged = is_anomalous(results.scores, image_threshold)
+else:   # the rules may clear NG scores: the outcome follows the verdicts
+    st.caption(f"Defect rules: {rules.describe()} (set on the Thresholds page).")
+    flagged = np.array([label == "NG" for label in verdicts(str(state.store().path), run["id"], image_threshold,
+                                                            pixel_threshold, rules.roi_png(), rules.settings())])
 anomalous = results.labels == 1
 outcome = np.where(anomalous, np.where(flagged, "TP", "FN"), np.where(flagged, "FP", "TN"))
 
@@ -56,12 +73,12 @@ if st.session_state.get("heatmap_image") not in shown:
 i = st.session_state["heatmap_image"]
 frame, amap, mask = results.frame(i), results.map(i), results.mask(i)
 score = float(results.scores[i])
-label = verdict(score, image_threshold, state.review(run))
+decision = results.decide(i, image_threshold, review, pixel_threshold, rules)
 head = st.columns([3, 1, 1, 1])
 head[0].subheader(results.name(i))
 head[1].metric("Score", f"{score:.4g}", delta=f"{score - image_threshold:+.3g} vs threshold",
                delta_color="inverse")
-head[2].metric("Verdict", label)
+head[2].metric("Verdict", decision.label, help=decision.rule)
 head[3].metric("Truth", "good" if results.labels[i] == 0 else results.defects[i])
 controls = st.columns([2, 1])
 alpha = controls[0].slider("Heatmap opacity", 0.0, 1.0, 0.5, 0.05, key="heatmap_alpha")
@@ -71,8 +88,11 @@ panels = st.columns(3)
 panels[0].image(frame, caption="Image", width="stretch")
 panels[1].image(heatmap_panel(frame, amap, scale, alpha, truth), width="stretch",
                 caption="Heatmap" + (" · ground truth in green" if truth is not None and truth.any() else ""))
-panels[2].image(region_panel(frame, amap, pixel_threshold, truth), width="stretch",
-                caption=f"Predicted region at pixel threshold {pixel_threshold:.4g} (cyan)")
+roi = rules.roi_at(amap.shape, results.preprocess)
+panels[2].image(region_panel(frame, amap, pixel_threshold, truth, roi), width="stretch",
+                caption=f"Predicted region at pixel threshold {pixel_threshold:.4g} (cyan)"
+                        + ("" if roi is None else ", inside the region of interest (yellow)"))
+st.caption(f"Verdict **{decision.label}**: {decision.rule}.")
 widgets.colour_legend(scale, image_threshold, pixel_threshold)
 st.divider()
 st.subheader("All test images, by score")

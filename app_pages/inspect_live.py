@@ -4,6 +4,7 @@ import streamlit as st
 from core.data import IMAGE_SUFFIXES, ImageError, read_image
 from core.inspection import inspect_image
 from core.render import heatmap_panel, region_panel
+from core.rules import DefectRules
 from ui import state, widgets
 
 VERDICT_COLOURS = {"OK": "green", "review": "orange", "NG": "red"}
@@ -46,20 +47,26 @@ except ImageError as exc:
     st.error(f"That file cannot be inspected: {exc.reason}. Try a PNG, JPEG, BMP, TIFF or WebP image.")
     st.stop()
 
-verdict = inspect_image(detector, image, image_threshold, run["thresholds"]["review"])
-colour = VERDICT_COLOURS[verdict.label]
+rules = DefectRules.of_run(run)
+verdict = inspect_image(detector, image, image_threshold, run["thresholds"]["review"], pixel_threshold, rules)
+decision = verdict.decision
+colour = VERDICT_COLOURS[decision.label]
 left, right = st.columns([1, 2], vertical_alignment="center")
 with left:
-    st.markdown(f"<div style='font-size:5rem;font-weight:800;color:{colour};line-height:1'>{verdict.label}</div>",
+    st.markdown(f"<div style='font-size:5rem;font-weight:800;color:{colour};line-height:1'>{decision.label}</div>",
                 unsafe_allow_html=True)
+    st.markdown(f"Why: {decision.rule}.")
     st.metric("Anomaly score", f"{verdict.score:.4g}", delta=f"{verdict.score - image_threshold:+.3g} vs threshold",
               delta_color="inverse")
     review = run["thresholds"]["review"]
     st.caption(f"Threshold {image_threshold:.4g}" + (f", review from {review:.4g}" if review is not None else "")
-               + f" · answered in {1000 * verdict.seconds:.0f} ms")
+               + f" · answered in {1000 * verdict.seconds:.0f} ms"
+               + ("" if rules.empty else f" · rules: {rules.describe()}"))
 with right:
     panels = st.columns(2)
     panels[0].image(heatmap_panel(image, verdict.map, scale, 0.5), caption="Heatmap", width="stretch")
-    panels[1].image(region_panel(image, verdict.map, pixel_threshold), width="stretch",
-                    caption=f"Region at or above the pixel threshold {pixel_threshold:.4g}")
+    roi = rules.roi_at(image.shape[:2])
+    panels[1].image(region_panel(image, verdict.map, pixel_threshold, roi=roi), width="stretch",
+                    caption=f"Region at or above the pixel threshold {pixel_threshold:.4g}"
+                            + ("" if roi is None else ", inside the region of interest (yellow)"))
 widgets.colour_legend(scale, image_threshold, pixel_threshold)

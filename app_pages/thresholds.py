@@ -8,8 +8,11 @@ search plus moving the markers.
 import numpy as np
 import streamlit as st
 
-from core.figures import ThresholdFigures, tradeoff_figure
+from core.data import IMAGE_SUFFIXES, ImageError, read_image, read_mask
+from core.figures import ThresholdFigures, roi_figure, tradeoff_figure
+from core.render import region_panel, thumbnail
 from core.report import build_report, report_file_name
+from core.rules import DefectRules, decide, roi_from_shapes
 from core.thresholds import PRESET_LABELS, ScoreDistribution, normal_threshold, synthetic_miss_rate
 from ui import state
 
@@ -202,22 +205,127 @@ def threshold_panel(run: dict, level: str, dist: ScoreDistribution) -> None:
         preset_now = state.threshold_preset(run, "image")
         st.download_button(
             "Download the report for stakeholders (HTML)", icon=":material/download:", mime="text/html",
-            data=lambda: build_report(run, results, t, pixel, preset_now, review=review),
+            data=lambda: build_report(run, results, t, pixel, preset_now, review=review,
+                                      rules=DefectRules.of_run(run)),
             file_name=report_file_name(run),
             help="One self-contained file: metrics, curves, this threshold and the worst images' heatmaps. "
                  "Opens offline in any browser.", key="report")
 
 
+ROI_SOURCES = ["Whole image", "Draw on an image", "Upload a mask"]
+DRAWN_PICTURE = 640     # the drawing shows the image at most this wide or high; the ROI keeps its full size
+
+
+def reference_images(run: dict, results) -> list[str]:
+    """Images to draw the ROI on and preview the rules with: the test images, highest score first, else the
+    training images."""
+    if results is not None:
+        return [results.paths[i] for i in np.argsort(-results.scores, kind="stable")]
+    dataset = state.dataset_images(state.store().get_dataset(run["dataset_id"]))
+    return [str(p) for p in dataset.subset(split="train").paths]
+
+
+@st.cache_data(max_entries=16, show_spinner="Scoring the image…")
+def scored_image(registry: str, run_id: int, model_path: str, path: str) -> tuple[np.ndarray, np.ndarray, float]:
+    image = read_image(path)
+    prediction = state.detector(state.store().get_run(run_id)).predict([image])
+    return image, prediction.maps[0], float(prediction.scores[0])
+
+
+def drawn_roi(run_id: int, image: np.ndarray) -> np.ndarray | None:
+    st.caption("Drag a box over the area where defects count, or pick the lasso in the chart's toolbar; hold "
+               "Shift to add more shapes, double-click to start again.")
+    event = st.plotly_chart(roi_figure(thumbnail(image, DRAWN_PICTURE), image.shape[:2]), on_select="rerun",
+                            selection_mode=("box", "lasso"), key=f"roi_drawing_{run_id}",
+                            config={"displayModeBar": True, "displaylogo": False})
+    return roi_from_shapes(event.selection.get("box", []), event.selection.get("lasso", []), image.shape[:2])
+
+
+def uploaded_roi(run_id: int) -> np.ndarray | None:
+    file = st.file_uploader("Mask image: white (nonzero) where defects count", key=f"roi_mask_{run_id}",
+                            type=sorted(s.lstrip(".") for s in IMAGE_SUFFIXES))
+    if file is None:
+        return None
+    try:
+        mask = read_mask(file.getvalue())
+    except ImageError as exc:
+        st.error(f"That mask cannot be used: {exc.reason}")
+        return None
+    if not mask.any():
+        st.error("That mask is black everywhere: it would ignore every defect. White marks where defects count.")
+        return None
+    return mask
+
+
+def rules_panel(run: dict, results) -> None:
+    """Where a defect counts and how big it must be, drawn or uploaded, previewed on an image and saved with
+    the run; the Inspect and Heatmaps pages, the report and `predict` apply them."""
+    run_id = run["id"]
+    st.subheader("Defect rules")
+    image_threshold = state.threshold(run, "image") if results is not None else run["thresholds"]["image"]
+    if image_threshold is None:
+        st.info("Save an image threshold first: the rules decide which NG verdicts stand.")
+        return
+    pixel_threshold = (state.threshold(run, "pixel") if results is not None
+                       else run["thresholds"]["pixel"] or image_threshold)
+    saved = DefectRules.of_run(run)
+    st.caption(f"Saved: {saved.describe()}. Regions are the parts of the heatmap at or above the pixel threshold "
+               f"{pixel_threshold:.4g}. Rules only clear verdicts: a review or NG part is OK when every region lies "
+               "outside the region of interest or is smaller than the minimum area.")
+    paths = reference_images(run, results)
+    if not paths:
+        st.info("This run's dataset has no images to draw on.")
+        return
+    left, right = st.columns([3, 2])
+    with left:
+        path = st.selectbox("Image", paths, format_func=lambda p: "/".join(p.split("/")[-2:]),
+                            key=f"rules_image_{run_id}", help="Test images with the highest scores come first")
+        image, amap, score = scored_image(str(state.store().path), run_id, run["model_path"], path)
+        source = st.radio("Region of interest", ROI_SOURCES, horizontal=True, key=f"roi_source_{run_id}",
+                          index=0 if saved.roi is None else 1)
+        roi = None
+        if source != ROI_SOURCES[0]:
+            made = drawn_roi(run_id, image) if source == ROI_SOURCES[1] else uploaded_roi(run_id)
+            roi = made if made is not None else saved.roi
+            if made is None and saved.roi is not None:
+                st.caption("Until you draw or upload a new one, the saved region of interest applies.")
+    with right:
+        min_area = st.number_input("Minimum defect area, image pixels", 0.0, float(image.shape[0] * image.shape[1]),
+                                   float(saved.min_area), step=10.0, key=f"min_area_{run_id}",
+                                   help="A region of the heatmap smaller than this does not count")
+        scale = st.number_input("Scale, mm per pixel (0: unknown)", 0.0, 1000.0, float(saved.mm_per_px or 0.0),
+                                step=0.01, format="%.4f", key=f"mm_per_px_{run_id}",
+                                help="Only to show areas in mm²")
+        rules = DefectRules(roi, min_area, scale or None)
+        decision = decide(score, amap, image_threshold, state.review(run), pixel_threshold, rules)
+        st.image(region_panel(image, amap, pixel_threshold, roi=rules.roi_at(image.shape[:2])), width="stretch",
+                 caption="Region of interest outlined in yellow, defect regions inside it in cyan")
+        st.markdown(f"On this image: **{decision.label}**, {decision.rule}.")
+        changed = rules.settings() != saved.settings() or not _same_roi(rules.roi, saved.roi)
+        if st.button(f"Save rules with run #{run_id}", type="primary" if changed else "secondary",
+                     disabled=not changed, icon=":material/save:", key=f"save_rules_{run_id}"):
+            state.store().set_rules(run_id, rules)
+            st.toast("Saved the defect rules.", icon=":material/check_circle:")
+            st.rerun()
+
+
+def _same_roi(a: np.ndarray | None, b: np.ndarray | None) -> bool:
+    if a is None or b is None:
+        return a is b
+    return a.shape == b.shape and bool(np.array_equal(a, b))
+
+
 if calibration is not None:
     good_images_panel(run, calibration, image_dist)
-if results is None:
-    st.stop()
-image_tab, pixel_tab = st.tabs(["Image threshold (OK / NG)", "Pixel threshold (defect region)"])
-with image_tab:
-    threshold_panel(run, "image", image_dist)
-with pixel_tab:
-    if pixel_dist is None or not pixel_dist.has_both_classes:
-        st.info("Pixel thresholds need ground-truth masks of defective test images; this test set has none. "
-                "The heatmaps outline the region at or above the image threshold until then.")
-    else:
-        threshold_panel(run, "pixel", pixel_dist)
+if results is not None:
+    image_tab, pixel_tab = st.tabs(["Image threshold (OK / NG)", "Pixel threshold (defect region)"])
+    with image_tab:
+        threshold_panel(run, "image", image_dist)
+    with pixel_tab:
+        if pixel_dist is None or not pixel_dist.has_both_classes:
+            st.info("Pixel thresholds need ground-truth masks of defective test images; this test set has none. "
+                    "The heatmaps outline the region at or above the image threshold until then.")
+        else:
+            threshold_panel(run, "pixel", pixel_dist)
+st.divider()
+rules_panel(run, results)

@@ -210,3 +210,22 @@ def latency_figure(table: pd.DataFrame) -> go.Figure:
         hovertemplate="%{text}<br>%{x:.1f} ms/image<br>image AUROC %{y:.3f}<extra></extra>"))
     return _layout(fig, "Speed and accuracy (bubble size: model size)",
                    xaxis=dict(title="ms per image (test set)"), yaxis=dict(title="image AUROC"))
+
+
+# Invisible points under an image make box and lasso selection work on it (an image trace is not selectable).
+ROI_GRID = 40
+
+
+def roi_figure(picture: np.ndarray, image_hw: tuple[int, int]) -> go.Figure:
+    """A picture of an image (any size) on axes in the image's own pixels, for drawing a region of interest
+    with box or lasso selection."""
+    h, w = image_hw
+    fig = go.Figure(go.Image(z=picture, dx=w / picture.shape[1], dy=h / picture.shape[0], hoverinfo="skip"))
+    ys, xs = np.meshgrid(np.linspace(0, h - 1, ROI_GRID), np.linspace(0, w - 1, ROI_GRID), indexing="ij")
+    fig.add_trace(go.Scatter(x=xs.ravel(), y=ys.ravel(), mode="markers", marker={"opacity": 0, "size": 4},
+                             hoverinfo="skip", showlegend=False))
+    fig.update_xaxes(range=[0, w], showgrid=False, zeroline=False, constrain="domain")
+    fig.update_yaxes(range=[h, 0], showgrid=False, zeroline=False, scaleanchor="x")
+    fig.update_layout(dragmode="select", height=480, margin={"l": 10, "r": 10, "t": 10, "b": 10})
+    return fig
+

@@ -15,6 +15,8 @@ from .viz import draw_outline, overlay
 
 GROUND_TRUTH = (0, 255, 0)
 PREDICTED = (0, 220, 255)
+REGION_OF_INTEREST = (255, 200, 0)
+OUTSIDE_DIMMING = 0.35
 
 
 def predicted_region(amap: np.ndarray, pixel_threshold: float) -> np.ndarray:
@@ -30,10 +32,15 @@ def heatmap_panel(image: np.ndarray, amap: np.ndarray, scale: tuple[float, float
 
 
 def region_panel(image: np.ndarray, amap: np.ndarray, pixel_threshold: float,
-                 mask: np.ndarray | None = None) -> np.ndarray:
-    """The image with the predicted region tinted and outlined, and the ground truth outlined."""
+                 mask: np.ndarray | None = None, roi: np.ndarray | None = None) -> np.ndarray:
+    """The image with the predicted region tinted and outlined, and the ground truth outlined; with a region
+    of interest (in the image's frame), what lies outside it is dimmed and never tinted."""
     region = predicted_region(amap, pixel_threshold)
     out = image.copy()
+    if roi is not None:
+        region &= roi
+        out[~roi] = (out[~roi] * OUTSIDE_DIMMING).astype(np.uint8)
+        out = draw_outline(out, roi, REGION_OF_INTEREST, _line(image))
     if region.any():
         tint = np.array(PREDICTED, dtype=np.float32)
         out[region] = (out[region].astype(np.float32) * 0.55 + tint * 0.45).astype(np.uint8)

@@ -8,7 +8,6 @@ from __future__ import annotations
 import datetime as dt
 import html
 import json
-from pathlib import Path
 
 import numpy as np
 from plotly.offline import get_plotlyjs
@@ -17,7 +16,8 @@ from . import figures
 from .compare import run_label
 from .render import data_uri, heatmap_panel, region_panel
 from .results import RunResults
-from .thresholds import PRESET_LABELS, is_anomalous, verdict
+from .rules import Decision, DefectRules
+from .thresholds import PRESET_LABELS, is_anomalous
 
 WORST_IMAGES = 6
 
@@ -31,16 +31,19 @@ table.metrics td, table.metrics th { border-bottom: 1px solid #ddd; padding: 0.3
 .card { border: 1px solid #e3e3e3; border-radius: 8px; padding: 0.8rem; margin-bottom: 1rem; }
 .card img { width: 32%; margin-right: 1%; border-radius: 4px; }
 .ng { color: #c62828; font-weight: 700; } .ok { color: #2e7d32; font-weight: 700; }
+.review { color: #ef6c00; font-weight: 700; }
 .verdict { font-size: 1.15rem; padding: 0.8rem 1rem; background: #f6f8fa; border-radius: 8px; }
 details pre { background: #f6f8fa; padding: 0.8rem; overflow-x: auto; font-size: 0.8rem; }
 """
 
 
 def build_report(run: dict, results: RunResults, image_threshold: float, pixel_threshold: float | None = None,
-                 preset: str | None = None, worst: int = WORST_IMAGES, review: float | None = None) -> str:
+                 preset: str | None = None, worst: int = WORST_IMAGES, review: float | None = None,
+                 rules: DefectRules | None = None) -> str:
     """The HTML text. ``run`` is a registry row (:meth:`core.runs.RunStore.get_run`); ``review`` the lower end
-    of a review band below the image threshold, if there is one."""
+    of a review band below the image threshold, if there is one; ``rules`` the run's defect rules."""
     pixel_threshold = image_threshold if pixel_threshold is None else pixel_threshold
+    decisions = [results.decide(i, image_threshold, review, pixel_threshold, rules) for i in range(len(results))]
     image_dist = results.image_distribution()
     pixel_dist = results.pixel_distribution()
     at = image_dist.confusion(image_threshold)
@@ -48,7 +51,7 @@ def build_report(run: dict, results: RunResults, image_threshold: float, pixel_t
     parts = [f"<h1>{html.escape(run_label(run))} on {html.escape(run['dataset_name'])}</h1>",
              f"<p class='sub'>{html.escape(run['detector'])} · trained {run['created'][:16].replace('T', ' ')} UTC · "
              f"report made {dt.datetime.now().strftime('%Y-%m-%d %H:%M')}</p>",
-             _verdict(at, image_threshold, preset), _bands(results, image_threshold, review),
+             _verdict(at, image_threshold, preset), _bands(results, decisions, review, rules),
              "<h2>Metrics</h2>", _metrics_table(run, at, image_threshold, pixel_threshold)]
 
     charts = []
@@ -69,7 +72,8 @@ def build_report(run: dict, results: RunResults, image_threshold: float, pixel_t
     for title, indices in _image_sections(results, image_threshold, worst):
         if len(indices):
             parts.append(f"<h3>{title}</h3>")
-            parts += [_image_card(results, i, image_threshold, pixel_threshold, scale) for i in indices]
+            parts += [_image_card(results, i, decisions[i], image_threshold, pixel_threshold, scale, rules)
+                      for i in indices]
 
     parts.append("<h2>Model</h2><details><summary>Model card and parameters</summary><pre>"
                  f"{html.escape(json.dumps(run['model_card'], indent=2, default=str))}</pre></details>")
@@ -77,13 +81,6 @@ def build_report(run: dict, results: RunResults, image_threshold: float, pixel_t
             f"<title>AnomalyScope report: {html.escape(run_label(run))}</title>"
             f"<style>{_CSS}</style><script type='text/javascript'>{get_plotlyjs()}</script></head><body>"
             + "\n".join(parts) + "</body></html>")
-
-
-def write_report(path: str | Path, run: dict, results: RunResults, image_threshold: float,
-                 pixel_threshold: float | None = None, preset: str | None = None) -> Path:
-    path = Path(path)
-    path.write_text(build_report(run, results, image_threshold, pixel_threshold, preset), encoding="utf-8")
-    return path
 
 
 def report_file_name(run: dict) -> str:
@@ -98,19 +95,24 @@ def _verdict(at: dict, threshold: float, preset: str | None) -> str:
             f"<b>{at['fp']} false alarm{'s' if at['fp'] != 1 else ''}</b> among {normals} good images.</p>")
 
 
-def _bands(results: RunResults, threshold: float, review: float | None) -> str:
-    """How the test images fall in the OK / review / NG bands, good and defective apart ('' without a band)."""
-    if review is None or review >= threshold:
+def _bands(results: RunResults, decisions: list[Decision], review: float | None, rules: DefectRules | None) -> str:
+    """How the test images fall in the OK / review / NG verdicts, good and defective apart ('' with neither a
+    review band nor rules)."""
+    with_rules = rules is not None and not rules.empty
+    if review is None and not with_rules:
         return ""
-    labels = verdict(results.scores, threshold, review)
+    labels = np.array([d.label for d in decisions])
     cells = []
     for truth, name in ((0, "good"), (1, "defective")):
         mine = labels[np.asarray(results.labels) == truth]
         if len(mine):
             counts = ", ".join(f"{int((mine == band).sum())} {band}" for band in ("OK", "review", "NG"))
             cells.append(f"{len(mine)} {name} images: {counts}")
-    return (f"<p>Review band from <b>{review:.4g}</b> up to the threshold: scores in it go to a person. "
-            + "; ".join(cells) + ".</p>")
+    said = [] if review is None else [f"Review band from <b>{review:.4g}</b> up to the threshold: scores in it go "
+                                      "to a person."]
+    if with_rules:
+        said.append(f"Defect rules: {html.escape(rules.describe())}.")
+    return f"<p>{' '.join(said)} " + "; ".join(cells) + ".</p>"
 
 
 def _metrics_table(run: dict, at: dict, image_threshold: float, pixel_threshold: float) -> str:
@@ -143,13 +145,15 @@ def _image_sections(results: RunResults, threshold: float, worst: int) -> list[t
             ("False alarms (good images above the threshold)", np.array(false_alarms[:worst], dtype=int))]
 
 
-def _image_card(results: RunResults, i: int, image_threshold: float, pixel_threshold: float, scale) -> str:
+def _image_card(results: RunResults, i: int, decision: Decision, image_threshold: float, pixel_threshold: float,
+                scale, rules: DefectRules | None) -> str:
     frame, amap, mask = results.frame(i), results.map(i), results.mask(i)
-    verdict = "NG" if is_anomalous(results.scores[i], image_threshold) else "OK"
     truth = "good" if results.labels[i] == 0 else f"defect: {results.defects[i]}"
+    roi = None if rules is None else rules.roi_at(amap.shape, results.preprocess)
     images = [data_uri(frame), data_uri(heatmap_panel(frame, amap, scale, 0.5, mask)),
-              data_uri(region_panel(frame, amap, pixel_threshold, mask))]
+              data_uri(region_panel(frame, amap, pixel_threshold, mask, roi))]
     return (f"<div class='card'><p><b>{html.escape(results.name(i))}</b> · score {results.scores[i]:.4g} "
-            f"vs threshold {image_threshold:.4g} · <span class='{verdict.lower()}'>{verdict}</span> · {truth}</p>"
+            f"vs threshold {image_threshold:.4g} · <span class='{decision.label.lower()}'>{decision.label}</span> "
+            f"({html.escape(decision.rule)}) · {truth}</p>"
             + "".join(f"<img src='{src}' alt='{alt}'>" for src, alt in
                       zip(images, ("image", "heatmap", "predicted region"))) + "</div>")

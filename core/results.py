@@ -14,7 +14,8 @@ from typing import Sequence
 
 import numpy as np
 
-from .data import Preprocess, Sample, read_image
+from .data import Preprocess, Sample, image_size, read_image
+from .rules import Decision, DefectRules, decide
 from .thresholds import ScoreDistribution
 
 RESULTS_FILE = "test_results.npz"
@@ -64,6 +65,14 @@ class RunResults:
 
     def colour_scale(self) -> tuple[float, float]:
         return colour_scale(self.maps, self.labels)
+
+    def decide(self, i: int, threshold: float, review: float | None = None, pixel_threshold: float | None = None,
+               rules: DefectRules | None = None) -> Decision:
+        """Test image i's verdict and the rule that decided it (core.rules.decide on its map in the model
+        frame; areas and positions in the image's own pixels)."""
+        with_rules = rules is not None and not rules.empty and pixel_threshold is not None
+        return decide(float(self.scores[i]), self.map(i), threshold, review, pixel_threshold, rules, self.preprocess,
+                      image_size(self.paths[i]) if with_rules else None)
 
 
 def colour_scale(maps: np.ndarray, labels: np.ndarray) -> tuple[float, float]:

@@ -19,7 +19,7 @@ import io
 from dataclasses import dataclass, field
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw
 from scipy import ndimage
 
 from .thresholds import verdict
@@ -102,6 +102,21 @@ class DefectRules:
     def of_run(cls, run: dict) -> "DefectRules":
         """The rules saved with a run of the registry (:meth:`core.runs.RunStore.set_rules`)."""
         return cls.from_saved(run.get("rules"), run.get("roi"))
+
+
+def roi_from_shapes(boxes: list[dict], lassos: list[dict], hw: tuple[int, int]) -> np.ndarray | None:
+    """An HxW ROI: the union of rectangles ``{"x": [x0, x1], "y": [y0, y1]}`` and polygons ``{"x": [...], "y":
+    [...]}`` in image pixels (what a box or lasso selection on a plot of the image gives); None if none."""
+    canvas = Image.new("L", (hw[1], hw[0]), 0)
+    draw = ImageDraw.Draw(canvas)
+    for box in boxes:
+        (x0, x1), (y0, y1) = sorted(box["x"]), sorted(box["y"])
+        draw.rectangle([x0, y0, x1, y1], fill=255)
+    for lasso in lassos:
+        if len(lasso["x"]) >= 3:
+            draw.polygon(list(zip(lasso["x"], lasso["y"])), fill=255)
+    roi = np.asarray(canvas) > 0
+    return roi if roi.any() else None
 
 
 @dataclass(frozen=True)

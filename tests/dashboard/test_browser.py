@@ -181,3 +181,34 @@ def test_upload_train_tune_and_inspect_in_a_browser(page):
     settle(page)
     assert page.get_by_text("NG", exact=True).is_visible()
     shot(page, "8_inspect")
+
+    # Two thresholds and a region of interest drawn in the browser: the defect is in the middle of the nut,
+    # the region a box over the image's left fifth, so the verdict turns from NG to OK.
+    go(page, "Thresholds")
+    page.get_by_role("button", name="Apply preset").first.click()          # back to F1-max from the lowest
+    settle(page)
+    page.get_by_text("Review band below the threshold").click()
+    settle(page)
+    page.get_by_role("button", name=re.compile("Save image threshold")).click()
+    page.get_by_text("Saved with the run (f1_max").first.wait_for()
+    page.get_by_text("Draw on an image").click()
+    settle(page)
+    drawing = page.locator(".js-plotly-plot").last.locator(".nsewdrag").first
+    drawing.scroll_into_view_if_needed()
+    box = drawing.bounding_box()
+    page.mouse.move(box["x"] + 3, box["y"] + 3)
+    page.mouse.down()
+    page.mouse.move(box["x"] + 0.2 * box["width"], box["y"] + box["height"] - 3, steps=12)
+    page.mouse.up()
+    settle(page)
+    page.get_by_role("button", name=re.compile("Save rules with run")).click()
+    page.get_by_text(re.compile(r"Saved: region of interest \(\d+% of the image\)")).wait_for()
+    shot(page, "9_defect_rules")
+
+    go(page, "Inspect")
+    page.locator("[data-testid='stFileUploader'] input[type=file]").first.set_input_files(str(bad))
+    page.get_by_text(re.compile(r"answered in \d+ ms")).wait_for()
+    settle(page)
+    assert page.get_by_text("OK", exact=True).is_visible()
+    assert page.get_by_text(re.compile("outside the region of interest")).is_visible()
+    shot(page, "10_inspect_with_roi")

@@ -6,6 +6,7 @@ import zipfile
 
 import numpy as np
 import pytest
+from PIL import Image
 from streamlit.testing.v1 import AppTest
 
 from core import embeddings
@@ -360,3 +361,37 @@ def test_a_damaged_model_folder_is_explained_on_the_page_not_a_traceback(workspa
         conn.execute("UPDATE runs SET model_path = ? WHERE id = ?", (str(damaged), run["id"]))
     at = open_page("inspect_live")
     assert f"Run #{run['id']} cannot be used" in at.error[0].value and str(damaged) in at.error[0].value
+
+
+def test_defect_rules_are_set_saved_and_clear_a_verdict_outside_the_roi(workspace):
+    from core.rules import DefectRules
+    store, run_id = workspace["store"], workspace["run_id"]
+    bad = DEMO / "test" / "colour" / "00.jpg"          # its defect is in the middle of the nut
+    at = open_page("inspect_live")
+    at.file_uploader(key="inspect_upload").set_value((bad.name, bad.read_bytes(), "image/jpeg")).run()
+    assert ">NG<" in texts(at) and "Why: defect" not in texts(at)     # no rules: the score decides
+    at.switch_page("app_pages/thresholds.py").run()
+    assert "Defect rules" in texts(at) and "Saved: no defect rules" in texts(at)
+    at.radio(key=f"roi_source_{run_id}").set_value("Upload a mask").run()
+    black = io.BytesIO()
+    Image.fromarray(np.zeros((64, 64), np.uint8)).save(black, format="PNG")
+    at.file_uploader(key=f"roi_mask_{run_id}").set_value(("black.png", black.getvalue(), "image/png")).run()
+    assert "black everywhere" in at.error[0].value
+    left_quarter = np.zeros((64, 64), np.uint8)
+    left_quarter[:, :16] = 255
+    mask = io.BytesIO()
+    Image.fromarray(left_quarter).save(mask, format="PNG")
+    at.file_uploader(key=f"roi_mask_{run_id}").set_value(("roi.png", mask.getvalue(), "image/png")).run()
+    at.number_input(key=f"min_area_{run_id}").set_value(30.0).run()
+    assert not at.exception, at.exception
+    next(b for b in at.button if b.label.startswith("Save rules")).click().run()
+    saved = DefectRules.of_run(store.get_run(run_id))
+    assert saved.min_area == 30 and saved.roi[:, :16].all() and not saved.roi[:, 16:].any()
+    assert "Saved: region of interest (25% of the image), minimum defect area 30 px" in texts(at)
+
+    at.switch_page("app_pages/inspect_live.py").run()
+    at.file_uploader(key="inspect_upload").set_value((bad.name, bad.read_bytes(), "image/jpeg")).run()
+    assert ">OK<" in texts(at) and "outside the region of interest" in texts(at)
+    at.switch_page("app_pages/heatmaps.py").run()
+    assert not at.exception, at.exception
+    assert "Defect rules: region of interest (25% of the image)" in texts(at)
