@@ -1,11 +1,18 @@
-"""Datasets: create one from uploads or a server folder; see its images, counts and load report."""
+"""Datasets: create one from uploads or a server folder; see its images, counts and load report; find the
+training images that look defective and leave them out."""
+from pathlib import Path
+
+import numpy as np
 import pandas as pd
 import streamlit as st
 
+from core.audit import load_audit_maps
 from core.data import IMAGE_SUFFIXES, EmptyDatasetError, read_image
-from core.render import thumbnail
+from core.render import heatmap_panel, thumbnail
+from core.results import colour_scale
+from core.training import TrainingJob
 from core.uploads import create_from_uploads, register_folder
-from ui import state
+from ui import state, widgets
 
 IMAGE_TYPES = sorted(s.lstrip(".") for s in IMAGE_SUFFIXES)
 THUMBNAILS_PER_GROUP = 12
@@ -130,6 +137,89 @@ with right:
 def thumbnails(paths: tuple[str, ...]) -> list:
     return [thumbnail(read_image(p), 160) for p in paths]
 
+
+def audited_run(dataset_id: int) -> dict | None:
+    """The newest run of the dataset that audited its training images."""
+    return next((r for r in state.store().list_runs(dataset_id) if (r["model_card"] or {}).get("audit")), None)
+
+
+@st.cache_data(max_entries=8, show_spinner="Drawing the audit's heatmaps…")
+def audit_tiles(registry: str, run_id: int, paths: tuple[str, ...]) -> list[np.ndarray]:
+    """Each image beside its heatmap from the models fitted without it, on one colour scale."""
+    run = state.store().get_run(run_id)
+    maps = load_audit_maps(run["model_path"])
+    preprocess = state.detector(run).preprocess
+    shown = [p for p in paths if p in maps]
+    scale = colour_scale(np.stack([maps[p] for p in shown]), np.zeros(len(shown))) if shown else (0.0, 1.0)
+    tiles = []
+    for p in paths:
+        frame = preprocess.image_to_frame(read_image(p))
+        heat = heatmap_panel(frame, maps[p], scale, 0.5) if p in maps else np.zeros_like(frame)
+        tiles.append(thumbnail(np.concatenate([frame, heat], axis=1), 320))
+    return tiles
+
+
+def leave_out_and_refit(record: dict, dataset, run: dict, chosen: list[str]) -> None:
+    """Record the images as left out and train the audited run's detector again without them."""
+    state.store().set_excluded(record["id"], [*record["excluded"], *chosen])
+    name = f"{run['name'] or run['detector']} without {len(chosen)} suspicious"
+    widgets.start_job(TrainingJob(state.store(), record["id"], dataset, run["detector"], run["params"], name=name))
+    st.switch_page("app_pages/train.py")
+
+
+def suspicious_panel(record: dict, dataset) -> None:
+    """The audit's ranking of the training images with their heatmaps; leave out a choice of them and refit in
+    one click, or restore images left out before."""
+    st.subheader("Suspicious training images")
+    st.caption("A defect filed among the good images teaches the model that it is normal. The audit scores each "
+               "training image with models fitted without it (five folds) and ranks them; those far above the rest "
+               "(beyond Tukey's outlier fence) are suspicious. Leaving an image out never deletes its file.")
+    run = audited_run(record["id"])
+    if run is None:
+        st.info("No audit of this dataset yet. Checking trains PatchCore with the automatic settings, plus five "
+                "more fits for the audit.")
+        if st.button("Check the training images", icon=":material/search:", key="check_training_images",
+                     disabled=widgets.running_job() is not None):
+            widgets.start_job(TrainingJob(state.store(), record["id"], dataset, "patchcore", {}, audit="flag",
+                                          name="audit"))
+            st.switch_page("app_pages/train.py")
+        return
+    rows = state.store().run_scores(run["id"]).query("split == 'audit'").sort_values("score", ascending=False)
+    excluded = set(record["excluded"])
+    maps = load_audit_maps(run["model_path"])
+    ranked = [p for p in rows["path"] if p in maps and p not in excluded]
+    flagged = set(rows.query("defect in ('suspicious', 'dropped')")["path"])
+    fence = run["model_card"]["audit"]["fence"]
+    st.caption(f"From run #{run['id']} ({run['detector']}): {len(rows)} images audited, "
+               f"**{len(flagged)} suspicious** (score above {fence:.4g}). The most suspicious, highest first:")
+    chosen = []
+    tiles = audit_tiles(str(state.store().path), run["id"], tuple(ranked))
+    grid = st.columns(3)
+    for k, (path, tile) in enumerate(zip(ranked, tiles)):
+        score = float(rows.loc[rows["path"] == path, "score"].iloc[0])
+        with grid[k % 3]:
+            st.image(tile, width="stretch", caption=f"{Path(path).name} · audit score {score:.4g}"
+                                                   + (" · suspicious" if path in flagged else ""))
+            if st.checkbox("Leave out", value=path in flagged, key=f"leave_out_{run['id']}_{path}"):
+                chosen.append(path)
+    if st.button(f"Leave out {len(chosen)} image{'s' if len(chosen) != 1 else ''} and refit", type="primary",
+                 icon=":material/cleaning_services:", disabled=not chosen or widgets.running_job() is not None,
+                 key="leave_out_and_refit", help=f"Trains {run['detector']} again with the same parameters, "
+                                                 "without them"):
+        leave_out_and_refit(record, dataset, run, chosen)
+    if excluded:
+        st.markdown(f"**Left out of training: {len(excluded)}**")
+        names = sorted(excluded)
+        st.image(thumbnails(tuple(names[:THUMBNAILS_PER_GROUP])), width=110,
+                 caption=[Path(p).name for p in names[:THUMBNAILS_PER_GROUP]])
+        back = st.multiselect("Restore", names, format_func=lambda p: Path(p).name, key="restore_images")
+        if st.button("Restore to training", disabled=not back, key="restore_button",
+                     help="They are used again from the next training on"):
+            state.store().set_excluded(record["id"], excluded - set(back))
+            st.rerun()
+
+
+suspicious_panel(record, dataset)
 
 st.subheader("Images")
 for split, per in counts.items():

@@ -11,6 +11,7 @@ from ui import state, widgets
 
 # Parameters with widgets of their own (the backbone is chosen above the others).
 DEVICE_CHOICES = ["auto", "cpu", "cuda"]
+AUDIT_CHOICES = {"Use them all": "off", "Check and list them": "flag", "Leave them out": "drop"}
 OTHER_BACKBONE = "another timm model…"
 
 st.title("Train")
@@ -45,14 +46,19 @@ if trained:
     audited = (run["model_card"] or {}).get("audit")
     if audited:
         dropped = audited.get("dropped_files", [])
-        st.caption(f"Audit of the {audited['n_images']} training images: "
-                   + (f"{len(dropped)} left out as suspicious ({', '.join(dropped)})." if dropped
-                      else "none looked defective, all were used."))
         if dropped:
+            st.caption(f"Audit of the {audited['n_images']} training images: {len(dropped)} left out as suspicious "
+                       f"({', '.join(dropped)}).")
             rows = state.store().run_scores(run["id"]).query("split == 'audit' and defect == 'dropped'")
             rows = rows.sort_values("score", ascending=False).head(12)
             st.image([str(p) for p in rows["path"]], width=120,
                      caption=[f"{Path(p).name} · {v:.3g}" for p, v in zip(rows["path"], rows["score"])])
+        else:
+            flagged = len(audited.get("suspicious", []))
+            st.caption(f"Audit of the {audited['n_images']} training images: "
+                       + (f"{flagged} look suspicious." if flagged else "none looked defective."))
+            st.page_link("app_pages/datasets.py", label="Review the suspicious training images",
+                         icon=":material/search:")
     candidates = (run["model_card"] or {}).get("auto_settings", {}).get("candidates")
     if candidates:
         with st.expander("Settings compared on held-out images with synthetic defects"):
@@ -70,7 +76,9 @@ if record is None:
     st.stop()
 dataset = state.dataset_images(record)
 n_train = len(dataset.subset(split="train", label=0))
-st.caption(f"Dataset **{record['name']}**: {n_train} normal training images, "
+left_out = len(record["excluded"])
+st.caption(f"Dataset **{record['name']}**: {n_train} normal training images"
+           + (f" ({left_out} left out on the Datasets page)" if left_out else "") + ", "
            f"{len(dataset.subset(split='test'))} test images. Change it in the sidebar.")
 
 new_model, saved_model = st.tabs(["Train a new model", "Load a saved model"])
@@ -113,14 +121,15 @@ with new_model:
                     params[spec.name] = parse_value(spec, st.text_input(spec.name, shown, help=spec.help, key=key))
     run_name = st.text_input("Run name (optional)", placeholder=f"{detector} baseline")
     auditable = get_detector_class(detector).cross_fit
-    drop = st.checkbox("Leave out suspicious training images", key="drop_suspicious", disabled=not auditable,
-                       help="Scores every good training image with a model fitted without it (five more fits) and "
-                            "leaves out those far above the rest: a defect filed as good would otherwise teach "
-                            "the model that it is normal." + ("" if auditable else
-                                                              f" Not for {detector}, which trains a network."))
+    audit = st.radio("Suspicious training images", list(AUDIT_CHOICES), key="audit_mode", horizontal=True,
+                     disabled=not auditable,
+                     help="A defect filed as good teaches the model that it is normal. Checking scores every good "
+                          "training image with models fitted without it (five more fits) and lists those far above "
+                          "the rest on the Datasets page; or leaves them out at once."
+                          + ("" if auditable else f" Not for {detector}, which trains a network."))
     if st.button("Train", type="primary", icon=":material/play_arrow:", disabled=n_train == 0):
         widgets.start_job(TrainingJob(state.store(), record["id"], dataset, detector, params, name=run_name or None,
-                                      drop_suspicious=drop and auditable))
+                                      audit=AUDIT_CHOICES[audit] if auditable else "off"))
         st.rerun()
 
 with saved_model:

@@ -11,7 +11,9 @@ so the fence is the ordinary one rather than the far-out one (3 IQR).
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -22,6 +24,7 @@ from .detectors.calibration import FOLDS, MIN_IMAGES, fold_models, take
 
 FENCE_IQR = 1.5
 SHOWN = 15      # the audit keeps the anomaly maps of this many top-ranked images, for people to look at
+MAPS_FILE = "audit_maps.npz"
 
 
 @dataclass
@@ -53,7 +56,7 @@ def outlier_fence(scores: np.ndarray) -> float:
 def audit(detector: Detector, images: Sequence[np.ndarray], progress: Progress = no_progress, seed: int = 0,
           shown: int = SHOWN) -> Audit:
     """Out-of-fold scores of the images a fitted `detector` was (or would be) trained on, with its settings."""
-    _check_auditable(detector, len(images))
+    check_auditable(detector, len(images))
     scores = np.full(len(images), np.nan, dtype=np.float64)
     maps: dict[int, np.ndarray] = {}
     for k, (fold, model) in enumerate(fold_models(detector, images, seed)):
@@ -69,7 +72,7 @@ def audit(detector: Detector, images: Sequence[np.ndarray], progress: Progress =
     return Audit(scores, outlier_fence(scores), maps)
 
 
-def _check_auditable(detector: Detector, n: int) -> None:
+def check_auditable(detector: Detector, n: int) -> None:
     if n < MIN_IMAGES:
         raise ValueError(f"an audit needs at least {MIN_IMAGES} training images, got {n}")
     if not detector.cross_fit:
@@ -82,7 +85,7 @@ def fit_tolerant(detector: Detector, images: Sequence[np.ndarray], progress: Pro
     """Fit, audit the images, drop the suspicious ones and fit again with the settings chosen the first time
     (so the refit does not choose them again on a cleaner set). Returns the final model and the audit; the
     model's `fit_info_["audit"]` records what was dropped."""
-    _check_auditable(detector, len(images))   # before the first fit, not after it
+    check_auditable(detector, len(images))   # before the first fit, not after it
     detector.fit(images, progress)
     found = audit(detector, images, progress, seed)
     dropped = found.suspicious
@@ -95,3 +98,23 @@ def fit_tolerant(detector: Detector, images: Sequence[np.ndarray], progress: Pro
             detector.fit_info_["auto_settings"] = auto
     detector.fit_info_["audit"] = {**found.summary(), "dropped": dropped.tolist()}
     return detector, found
+
+
+def save_audit_maps(folder: str | Path, maps: dict[str, np.ndarray]) -> Path:
+    """Write the audit's maps (training image path -> map in the model frame, float16) into a model folder."""
+    path = Path(folder) / MAPS_FILE
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        np.savez(f, maps=np.stack(list(maps.values())).astype(np.float16), paths=np.array(json.dumps(list(maps))))
+    tmp.replace(path)
+    return path
+
+
+def load_audit_maps(folder: str | Path) -> dict[str, np.ndarray]:
+    """The audit maps saved with a model ({} when it was trained without an audit)."""
+    path = Path(folder) / MAPS_FILE
+    if not path.is_file():
+        return {}
+    with np.load(path, allow_pickle=False) as data:
+        return dict(zip(json.loads(str(data["paths"])), data["maps"].astype(np.float32)))
+

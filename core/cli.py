@@ -88,7 +88,7 @@ def cmd_train(args) -> int:
     dataset, kind = _load_any(args.data)
     dataset_id = register_dataset(store, dataset, kind, args.dataset_name)
     run_id = train_run(store, dataset_id, dataset, args.detector, parse_overrides(args.set), LogProgress(), args.name,
-                       drop_suspicious=args.drop_suspicious)
+                       audit=args.audit)
     run = store.get_run(run_id)
     print(json.dumps({"run_id": run_id, "model_path": run["model_path"], "metrics": run["metrics"],
                       "thresholds": run["thresholds"], "timings": run["timings"]}, indent=2))
@@ -247,9 +247,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="detector parameters")
     train.add_argument("--name", help="a name for the run")
     train.add_argument("--dataset-name", help="registry name of the dataset (default: folder name)")
-    train.add_argument("--drop-suspicious", action="store_true",
-                       help="audit the good training images first (five more fits, patchcore and padim) and leave "
-                            "out those that look defective to models fitted without them")
+    train.add_argument("--audit", choices=["off", "flag", "drop"], default="off",
+                       help="audit the good training images (five more fits, patchcore and padim): 'flag' registers "
+                            "each one's score from models fitted without it and marks the suspicious ones; 'drop' "
+                            "also leaves those out of the final fit")
     train.set_defaults(func=cmd_train)
 
     for name, helptext in [("evaluate", "metrics of a saved model on a labelled test split"),

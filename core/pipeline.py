@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 
 from . import metrics
-from .audit import fit_tolerant
+from .audit import audit as audit_images
+from .audit import check_auditable, fit_tolerant, save_audit_maps
 from .compare import model_memory_mb
 from .data import ImageSet, load_dataset
 from .detectors import Detector, create_detector, load_detector
@@ -101,34 +102,67 @@ def report_dict(dataset: ImageSet) -> dict:
             "warnings": [list(x) for x in dataset.report.warnings], "summary": dataset.report.summary()}
 
 
-def train_run(store: RunStore, dataset_id: int, dataset: ImageSet, detector: str, params: dict | None = None,
-              progress: Progress | None = None, name: str | None = None, drop_suspicious: bool = False) -> int:
-    """Fit on the dataset's normal training images, then evaluate, save and register (see register_fitted).
+# What train_run does about dirty training sets: nothing, list the suspicious images, or also leave them out.
+AUDIT_MODES = ("off", "flag", "drop")
 
-    With `drop_suspicious` the training images are audited first (core.audit.fit_tolerant): those that look
-    defective to models fitted without them are left out of the final fit, and every image's audit score is
-    registered (split "audit"; defect "dropped" for the ones left out).
-    """
-    det = create_detector(detector, **(params or {}))
+
+def training_images(store: RunStore, dataset_id: int, dataset: ImageSet) -> ImageSet:
+    """The dataset's good training images, less those the user left out (:meth:`RunStore.set_excluded`)."""
     train = dataset.subset(split="train", label=0)
-    extra = []
-    if drop_suspicious:
-        det, found = fit_tolerant(det, train, progress or no_progress)
-        dropped = set(found.suspicious.tolist())
-        det.fit_info_["audit"]["dropped_files"] = [train.samples[i].path.name for i in sorted(dropped)]
-        extra = [{"path": str(s.path), "split": "audit", "defect": "dropped" if i in dropped else None,
-                  "score": float(found.scores[i])} for i, s in enumerate(train.samples)]
-        train = train[[i for i in range(len(train)) if i not in dropped]]
+    excluded = set(store.get_dataset(dataset_id)["excluded"])
+    return train[[i for i, s in enumerate(train.samples) if str(s.path) not in excluded]] if excluded else train
+
+
+def train_run(store: RunStore, dataset_id: int, dataset: ImageSet, detector: str, params: dict | None = None,
+              progress: Progress | None = None, name: str | None = None, audit: str = "off") -> int:
+    """Fit on the dataset's good training images (less those the user left out), then evaluate, save and
+    register (see register_fitted).
+
+    `audit` "flag" audits the training images after the fit (core.audit): every image's out-of-fold score is
+    registered (split "audit"; defect "suspicious" beyond the outlier fence) and the maps of the highest are
+    saved with the model, for the Datasets page to show. "drop" also leaves the suspicious ones out of the
+    final fit (core.audit.fit_tolerant; defect "dropped").
+    """
+    if audit not in AUDIT_MODES:
+        raise ValueError(f"audit must be one of {AUDIT_MODES}, got {audit!r}")
+    progress = progress or no_progress
+    det = create_detector(detector, **(params or {}))
+    train = training_images(store, dataset_id, dataset)
+    if not len(train):
+        raise ValueError("every training image of this dataset was left out: restore some on the Datasets page")
+    if audit != "off":
+        check_auditable(det, len(train))   # before the fit, not after it
+    left_out = len(dataset.subset(split="train", label=0)) - len(train)
+    extra, maps = [], {}
+    if audit == "off":
+        det.fit(train, progress)
     else:
-        det.fit(train, progress or no_progress)
-    return register_fitted(store, dataset_id, dataset, det, progress, name, fitted_on=train, extra_scores=extra)
+        if audit == "drop":
+            det, found = fit_tolerant(det, train, progress)
+        else:
+            found = audit_images(det.fit(train, progress), train, progress)
+            det.fit_info_["audit"] = {**found.summary(), "dropped": []}
+        flagged = set(found.suspicious.tolist())
+        dropped = flagged if audit == "drop" else set()
+        det.fit_info_["audit"]["dropped_files"] = [train.samples[i].path.name for i in sorted(dropped)]
+        extra = [{"path": str(s.path), "split": "audit", "score": float(found.scores[i]),
+                  "defect": "dropped" if i in dropped else "suspicious" if i in flagged else None}
+                 for i, s in enumerate(train.samples)]
+        maps = {str(train.samples[i].path): m for i, m in found.maps.items()}
+        train = train[[i for i in range(len(train)) if i not in dropped]]
+    if left_out:
+        det.fit_info_["left_out_by_user"] = left_out
+    return register_fitted(store, dataset_id, dataset, det, progress, name, fitted_on=train, extra_scores=extra,
+                           audit_maps=maps)
 
 
 def register_fitted(store: RunStore, dataset_id: int, dataset: ImageSet, det: Detector,
                     progress: Progress | None = None, name: str | None = None,
-                    fitted_on: ImageSet | None = None, extra_scores: list[dict] | None = None) -> int:
+                    fitted_on: ImageSet | None = None, extra_scores: list[dict] | None = None,
+                    audit_maps: dict[str, np.ndarray] | None = None) -> int:
     """Evaluate a fitted detector on the dataset's test split, save it and register the run; `fitted_on`,
-    the images it was just fitted on, names the calibration images in the registry's scores.
+    the images it was just fitted on, names the calibration images in the registry's scores; `audit_maps`
+    (training image path -> out-of-fold map) are saved with the model.
 
     The model folder (with the test results: maps and masks, for views) is written first and the run row
     with all its scores in one transaction after it, so an interrupted run leaves nothing registered (and
@@ -147,6 +181,8 @@ def register_fitted(store: RunStore, dataset_id: int, dataset: ImageSet, det: De
         det.save(model_path)
         if evaluation is not None:
             save_results(model_path, test.samples, evaluation, det.preprocess)
+        if audit_maps:
+            save_audit_maps(model_path, audit_maps)
         scores = [] if evaluation is None else [
             {"path": str(s.path), "split": s.split, "label": s.label, "defect": s.defect, "score": float(v)}
             for s, v in zip(test.samples, evaluation.scores)]

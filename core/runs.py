@@ -58,7 +58,8 @@ from core.workspace import workspace_dir
 __all__ = ["RunStore", "RegistryError", "RegistryLockedError", "SCHEMA_VERSION", "DATASET_KINDS", "REGISTRY_FILENAME", "to_json"]
 
 # 2: runs.threshold_review, the lower end of the OK / review / NG band (NULL: two bands only).
-# 3: runs.rules (JSON: minimum defect area, scale) and runs.roi (the region of interest as a PNG); see core.rules.
+# 3: runs.rules (JSON: minimum defect area, scale) and runs.roi (the region of interest as a PNG), see core.rules;
+#    datasets.excluded (JSON list of training image paths the user left out).
 SCHEMA_VERSION = 3
 
 
@@ -81,6 +82,7 @@ CREATE TABLE IF NOT EXISTS datasets (
     kind     TEXT    NOT NULL CHECK (kind IN ('mvtec', 'folder', 'zip', 'upload')),
     summary  TEXT    NOT NULL DEFAULT '{}',
     report   TEXT    NOT NULL DEFAULT '{}',
+    excluded TEXT    NOT NULL DEFAULT '[]',
     created  TEXT    NOT NULL
 );
 CREATE TABLE IF NOT EXISTS runs (
@@ -125,7 +127,7 @@ FROM runs r JOIN datasets d ON d.id = r.dataset_id
 """
 
 _JSON_RUN_COLUMNS = ("params", "metrics", "timings", "model_card", "rules")
-_JSON_DATASET_COLUMNS = ("summary", "report")
+_JSON_DATASET_COLUMNS = ("summary", "report", "excluded")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -329,6 +331,7 @@ class RunStore:
                     if 0 < version < 3:   # and those made before version 3 the defect rules
                         conn.execute("ALTER TABLE runs ADD COLUMN rules TEXT NOT NULL DEFAULT '{}'")
                         conn.execute("ALTER TABLE runs ADD COLUMN roi BLOB")
+                        conn.execute("ALTER TABLE datasets ADD COLUMN excluded TEXT NOT NULL DEFAULT '[]'")
                     conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         finally:
             conn.close()
@@ -376,13 +379,24 @@ class RunStore:
             return int(cur.lastrowid)
 
     def get_dataset(self, dataset_id: int) -> dict:
-        """``{"id", "name", "source", "kind", "summary", "report", "created"}``; KeyError if missing."""
+        """``{"id", "name", "source", "kind", "summary", "report", "excluded", "created"}``; KeyError if missing.
+        ``excluded`` lists the training images the user left out (see :meth:`set_excluded`)."""
         dataset_id = _as_id(dataset_id, "dataset_id")
         with self._read() as conn:
             row = conn.execute("SELECT * FROM datasets WHERE id = ?", (dataset_id,)).fetchone()
         if row is None:
             raise KeyError(f"no dataset with id {dataset_id}")
         return self._dataset_dict(row)
+
+    def set_excluded(self, dataset_id: int, paths: Iterable[str]) -> None:
+        """Replace the dataset's list of training images left out of every later fit (the files stay where
+        they are: restoring one is removing it from the list)."""
+        dataset_id = _as_id(dataset_id, "dataset_id")
+        paths = sorted({str(p) for p in paths})
+        with self._write() as conn:
+            cur = conn.execute("UPDATE datasets SET excluded = ? WHERE id = ?", (to_json(paths), dataset_id))
+            if cur.rowcount == 0:
+                raise KeyError(f"no dataset with id {dataset_id}")
 
     def find_dataset(self, name: str) -> dict | None:
         """The dataset with exactly this name, or None."""

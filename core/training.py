@@ -145,7 +145,7 @@ class TrainingJob:
     params: dict = field(default_factory=dict)
     model_folder: str | Path | None = None   # ... or register this saved model instead
     name: str | None = None
-    drop_suspicious: bool = False        # audit the training images and leave out the suspicious ones
+    audit: str = "off"                   # "flag" or "drop" suspicious training images (core.pipeline.train_run)
 
     def __post_init__(self):
         if (self.detector is None) == (self.model_folder is None):
@@ -190,7 +190,7 @@ class TrainingJob:
                 run_id = register_fitted(self.store, self.dataset_id, self.dataset, det, self._progress, self.name)
             else:
                 run_id = train_run(self.store, self.dataset_id, self.dataset, self.detector, self.params,
-                                   self._progress, self.name, drop_suspicious=self.drop_suspicious)
+                                   self._progress, self.name, audit=self.audit)
             status, error = "done", None
         except Cancelled:
             run_id, status, error = None, "cancelled", None

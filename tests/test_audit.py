@@ -45,10 +45,11 @@ def test_audit_refuses_what_it_cannot_do(dirty):
         audit(create_detector("fastflow", resize=64, epochs=1).fit(images[:12]), images[:12])
 
 
-def test_training_with_drop_suspicious_leaves_planted_defects_out_and_registers_the_audit(tmp_path):
+def test_training_flags_or_drops_suspicious_images_and_honours_the_users_exclusions(tmp_path):
     import shutil
 
     from conftest import DEMO
+    from core.audit import load_audit_maps
     from core.data import load_mvtec
     from core.pipeline import register_dataset, train_run
     from core.runs import RunStore
@@ -61,12 +62,36 @@ def test_training_with_drop_suspicious_leaves_planted_defects_out_and_registers_
         (root / "ground_truth" / "colour" / f"{source.stem}.png").unlink(missing_ok=True)
     dataset = load_mvtec(root)
     store = RunStore()
-    run_id = train_run(store, register_dataset(store, dataset, "mvtec"), dataset, "patchcore", FIXED,
-                       drop_suspicious=True)
+    dataset_id = register_dataset(store, dataset, "mvtec")
+    name = lambda path: path.split("/")[-1]  # noqa: E731
+
+    # Drop: the planted defects are left out of the final fit, every image's audit score registered.
+    run_id = train_run(store, dataset_id, dataset, "patchcore", FIXED, audit="drop")
     card = store.get_run(run_id)["model_card"]
     assert set(planted) <= set(card["audit"]["dropped_files"]) and card["n_images"] == 31 - len(card["audit"]["dropped_files"])
     audit_rows = store.run_scores(run_id).query("split == 'audit'")
-    assert len(audit_rows) == 31 and set(audit_rows.query("defect == 'dropped'")["path"].map(lambda p: p.split("/")[-1])) \
+    assert len(audit_rows) == 31 and set(audit_rows.query("defect == 'dropped'")["path"].map(name)) \
         == set(card["audit"]["dropped_files"])
+
+    # Flag: the same list, nothing left out; the most suspicious images' maps are saved with the model.
+    run_id = train_run(store, dataset_id, dataset, "patchcore", FIXED, audit="flag")
+    run = store.get_run(run_id)
+    assert run["model_card"]["n_images"] == 31 and run["model_card"]["audit"]["dropped_files"] == []
+    suspicious = store.run_scores(run_id).query("split == 'audit' and defect == 'suspicious'")["path"].tolist()
+    assert set(map(name, suspicious)) == set(card["audit"]["dropped_files"])
+    maps = load_audit_maps(run["model_path"])
+    assert set(suspicious) <= set(maps) and next(iter(maps.values())).shape == (256, 256)
+
+    # The user leaves them out: every later fit goes without them until they are restored.
+    store.set_excluded(dataset_id, suspicious)
+    run_id = train_run(store, dataset_id, dataset, "patchcore", FIXED)
+    card = store.get_run(run_id)["model_card"]
+    assert card["n_images"] == 31 - len(suspicious) and card["left_out_by_user"] == len(suspicious)
+    store.set_excluded(dataset_id, [str(p) for p in dataset.subset(split="train").paths])
+    with pytest.raises(ValueError, match="every training image of this dataset was left out"):
+        train_run(store, dataset_id, dataset, "patchcore", FIXED)
     with pytest.raises(ValueError, match="trains a network"):
-        train_run(store, 1, dataset, "fastflow", {"epochs": 1}, drop_suspicious=True)
+        store.set_excluded(dataset_id, [])
+        train_run(store, dataset_id, dataset, "fastflow", {"epochs": 1}, audit="drop")
+    with pytest.raises(ValueError, match="audit must be one of"):
+        train_run(store, dataset_id, dataset, "patchcore", FIXED, audit="yes")

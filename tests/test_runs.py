@@ -106,7 +106,7 @@ def test_dataset_round_trip(store):
     got = store.get_dataset(ds)
     assert got == {"id": ds, "name": "bottle", "source": "/data/bottle", "kind": "mvtec",
                    "summary": {"n_train": 209, "size": [900, 900], "mean": 0.5, "classes": ["good"]},
-                   "report": {"warnings": []}, "created": got["created"]}
+                   "report": {"warnings": []}, "excluded": [], "created": got["created"]}
     created = dt.datetime.fromisoformat(got["created"])
     assert created.utcoffset() == dt.timedelta(0)
     assert store.find_dataset("bottle") == got
@@ -414,8 +414,9 @@ def test_a_version_1_registry_gains_the_review_and_rules_columns_and_keeps_its_r
     conn = sqlite3.connect(path)
     old_schema = (_SCHEMA.replace("    threshold_review  REAL,\n", "")
                   .replace("    rules             TEXT    NOT NULL DEFAULT '{}',\n", "")
-                  .replace("    roi               BLOB,\n", ""))
-    assert "threshold_review" not in old_schema and "rules " not in old_schema and "roi " not in old_schema
+                  .replace("    roi               BLOB,\n", "")
+                  .replace("    excluded TEXT    NOT NULL DEFAULT '[]',\n", ""))
+    assert not any(c in old_schema for c in ("threshold_review", "rules ", "roi ", "excluded"))
     conn.executescript(old_schema)
     conn.execute("INSERT INTO datasets (name, source, kind, created) VALUES ('d', '/d', 'folder', 'now')")
     conn.execute("INSERT INTO runs (dataset_id, detector, model_path, threshold_image, created) "
@@ -431,3 +432,6 @@ def test_a_version_1_registry_gains_the_review_and_rules_columns_and_keeps_its_r
     assert (store.get_run(1)["rules"], store.get_run(1)["roi"]) == ({}, None)
     store.set_rules(1, DefectRules(min_area=5))
     assert store.get_run(1)["rules"]["min_area"] == 5
+    assert store.get_dataset(1)["excluded"] == []
+    store.set_excluded(1, ["/d/b.png", "/d/a.png", "/d/a.png"])
+    assert store.get_dataset(1)["excluded"] == ["/d/a.png", "/d/b.png"]

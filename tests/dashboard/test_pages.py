@@ -395,3 +395,46 @@ def test_defect_rules_are_set_saved_and_clear_a_verdict_outside_the_roi(workspac
     at.switch_page("app_pages/heatmaps.py").run()
     assert not at.exception, at.exception
     assert "Defect rules: region of interest (25% of the image)" in texts(at)
+
+
+def test_suspicious_training_images_are_listed_left_out_and_restored(workspace, tmp_path):
+    from core.data import load_mvtec
+    from core.pipeline import register_dataset, train_run
+    store = workspace["store"]
+    at = open_page("datasets")
+    assert "No audit of this dataset yet" in texts(at)
+    assert any(b.label == "Check the training images" for b in at.button)
+
+    root = tmp_path / "nuts"
+    shutil.copytree(DEMO, root)
+    planted = sorted((root / "test" / "colour").iterdir())[:2]
+    for source in planted:
+        shutil.move(source, root / "train" / "good" / f"planted_{source.name}")
+    dataset = load_mvtec(root)
+    dataset_id = register_dataset(store, dataset, "mvtec", "dirty nuts")
+    params = {"resize": 256, "coreset_ratio": 0.1, "score_border": 0, "calibration_fraction": 0}
+    run_id = train_run(store, dataset_id, dataset, "patchcore", params, audit="flag")
+    at = AppTest.from_file(APP, default_timeout=180)
+    at.session_state["pending_selection"] = (dataset_id, run_id)
+    at.run()
+    at.switch_page("app_pages/datasets.py").run()
+    assert not at.exception, at.exception
+    assert "Suspicious training images" in texts(at) and f"From run #{run_id}" in texts(at)
+    ticked = [c.key.split("_", 3)[-1] for c in at.checkbox if c.key.startswith("leave_out_") and c.value]
+    assert {p.split("/")[-1] for p in ticked} >= {f"planted_{s.name}" for s in planted}
+    refit = next(b for b in at.button if b.key == "leave_out_and_refit")
+    assert refit.label == f"Leave out {len(ticked)} image{'s' if len(ticked) != 1 else ''} and refit"
+    refit.click().run()
+    assert at.title[0].value == "Train" and "Training…" in texts(at)     # the job's progress, where it is shown
+    assert set(store.get_dataset(dataset_id)["excluded"]) == set(ticked)
+    at.switch_page("app_pages/train.py")     # AppTest reruns the page it was told last, not the one switched to
+    wait_for_job(at)
+    new_run = store.list_runs(dataset_id)[0]
+    assert new_run["id"] != run_id and new_run["model_card"]["n_images"] == 30 - len(ticked)
+    assert new_run["model_card"]["left_out_by_user"] == len(ticked)
+
+    at.switch_page("app_pages/datasets.py").run()
+    assert f"Left out of training: {len(ticked)}" in texts(at)
+    at.multiselect(key="restore_images").set_value(ticked[:1]).run()
+    next(b for b in at.button if b.key == "restore_button").click().run()
+    assert set(store.get_dataset(dataset_id)["excluded"]) == set(ticked[1:])
