@@ -24,6 +24,9 @@ from .detectors.calibration import Calibration
 from .results import RunResults, load_results, save_results
 from .runs import RegistryLockedError, RunStore
 from .thresholds import DEFAULT_FALSE_REJECT, MIN_TAIL_IMAGES, normal_threshold
+
+# Without ground-truth masks, defect regions start at the map level this share of good pixels reach.
+GOOD_PIXEL_SHARE = 0.001
 from .workspace import workspace_dir
 
 
@@ -57,15 +60,18 @@ def default_thresholds(evaluation: Evaluation | None, calibration: Calibration |
 
     The pixel threshold is F1-max over the pixels of every image with a mask (subsampled evenly to at most
     `max_pixels`). Without labels of both kinds the image threshold comes from the held-out good images
-    alone (a 1% false-reject rate, or the lowest rate they can show), and without those nothing is chosen.
+    alone (a 1% false-reject rate, or the lowest rate they can show); without masks the pixel threshold is
+    the level one in a thousand of their pixels reach (GOOD_PIXEL_SHARE). Without either, nothing is chosen.
     """
+    from_good_pixels = None if calibration is None else calibration.pixel_level(GOOD_PIXEL_SHARE)
     if evaluation is None or "f1_threshold" not in evaluation.metrics:
         image = None
         if calibration is not None:
             n = len(calibration.scores)
             rate = DEFAULT_FALSE_REJECT if n >= MIN_TAIL_IMAGES else max(DEFAULT_FALSE_REJECT, 1 / (n + 1))
             image = normal_threshold(calibration.scores, rate).threshold
-        return {"image": image, "pixel": None, "preset": None if image is None else "false_reject_rate"}
+        return {"image": image, "pixel": from_good_pixels if image is not None else None,
+                "preset": None if image is None else "false_reject_rate"}
     with_mask = [i for i, m in enumerate(evaluation.masks) if m is not None]
     pixel = None
     if with_mask:
@@ -74,7 +80,8 @@ def default_thresholds(evaluation: Evaluation | None, calibration: Calibration |
         stride = max(1, truth.size // max_pixels)
         if truth[::stride].any() and not truth[::stride].all():
             pixel = metrics.f1_max(truth[::stride].astype(int), values[::stride])[1]
-    return {"image": evaluation.metrics["f1_threshold"], "pixel": pixel, "preset": "f1_max"}
+    return {"image": evaluation.metrics["f1_threshold"], "pixel": pixel if pixel is not None else from_good_pixels,
+            "preset": "f1_max"}
 
 
 # Marks a model folder saved but not yet registered; the file holds the training process's id.

@@ -31,6 +31,10 @@ def test_a_large_set_holds_out_a_share_the_model_never_sees(train_images, tmp_pa
     again = load_detector(tmp_path / "m").calibration_
     assert again.index == cal.index and again.synthetic_kinds == cal.synthetic_kinds
     assert np.array_equal(again.scores, cal.scores) and np.array_equal(again.synthetic_scores, cal.synthetic_scores)
+    # Every 2nd pixel of each 128 x 128 map: a sample of the good pixels' values, 64 x 64 per image.
+    maps = det.score_maps([images[i] for i in cal.index])[1]
+    assert cal.maps.shape == (11, 64, 64) and np.allclose(cal.maps, maps[:, ::2, ::2], rtol=1e-3)
+    assert np.array_equal(again.maps, cal.maps)
 
 
 def test_a_small_set_is_cross_fitted_and_every_image_scored_by_a_model_without_it(train_images):
@@ -73,7 +77,10 @@ def test_a_run_without_labelled_defects_gets_its_threshold_from_good_images(trai
     cal = create_detector("padim", resize=128).fit(train_images).calibration_
     chosen = default_thresholds(None, cal)
     # 28 images cannot show 1% (1 in 29 at best), so the default is the lowest rate they can: the top score.
-    assert chosen == {"image": normal_threshold(cal.scores, 1 / 29).threshold, "pixel": None,
+    # Defect regions start where one in a thousand of the good pixels reach.
+    pixel = np.quantile(cal.maps.astype(np.float32), 0.999)
+    assert chosen == {"image": normal_threshold(cal.scores, 1 / 29).threshold, "pixel": pytest.approx(pixel),
                       "preset": "false_reject_rate"}
+    assert np.mean(cal.maps >= chosen["pixel"]) == pytest.approx(0.001, abs=2e-4)
     assert chosen["image"] == cal.scores.max()
     assert default_thresholds(None, None) == {"image": None, "pixel": None, "preset": None}

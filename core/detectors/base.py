@@ -222,6 +222,8 @@ class Detector:
             if cal is not None:
                 tensors[calibration.CALIBRATION_SCORES] = torch.from_numpy(cal.scores)
                 tensors[calibration.SYNTHETIC_SCORES] = torch.from_numpy(cal.synthetic_scores)
+                if cal.maps is not None:
+                    tensors[calibration.CALIBRATION_MAPS] = torch.from_numpy(cal.maps)
                 config["calibration"] = cal.to_json()
             save_file(tensors, tmp / "fitted.safetensors")
             (tmp / "config.json").write_text(json.dumps(config, indent=2, default=_json_default))
@@ -282,7 +284,8 @@ class Detector:
         if "calibration" in config:
             det.calibration_ = calibration.Calibration.from_saved(config["calibration"],
                                                                   tensors.pop(calibration.CALIBRATION_SCORES),
-                                                                  tensors.pop(calibration.SYNTHETIC_SCORES))
+                                                                  tensors.pop(calibration.SYNTHETIC_SCORES),
+                                                                  tensors.pop(calibration.CALIBRATION_MAPS, None))
         det._restore(tensors, config["fitted"])
         det.fit_info_ = config["fit_info"]
         return det

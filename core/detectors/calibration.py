@@ -32,6 +32,10 @@ BATCH = 16
 # Keys of the calibration scores in a model's fitted.safetensors (beside the detector's own tensors).
 CALIBRATION_SCORES = "calibration.scores"
 SYNTHETIC_SCORES = "calibration.synthetic_scores"
+CALIBRATION_MAPS = "calibration.maps"
+# The calibration maps are kept as every k-th pixel, k chosen so the long side is at most this: an unbiased
+# sample of the good pixels' values (4,096 per image, 4 MB for 500 images in float16), not a picture.
+MAP_SAMPLE_SIDE = 64
 
 
 @dataclass
@@ -42,6 +46,13 @@ class Calibration:
     scores: np.ndarray            # (n,) float32
     synthetic_scores: np.ndarray  # (n,) float32
     synthetic_kinds: list[str] = field(default_factory=list)
+    maps: np.ndarray | None = None   # (n, h, w) float16: each good image's map, every k-th pixel (MAP_SAMPLE_SIDE)
+
+    def pixel_level(self, share: float) -> float | None:
+        """The map value that this share of the good images' pixels reach (None without maps)."""
+        if self.maps is None:
+            return None
+        return float(np.quantile(self.maps.astype(np.float32), 1 - share))
 
     def summary(self) -> dict:
         return {"method": self.method, "n_images": len(self.index),
@@ -51,13 +62,16 @@ class Calibration:
         return {"method": self.method, "index": self.index, "synthetic_kinds": self.synthetic_kinds}
 
     @classmethod
-    def from_saved(cls, saved: dict, scores, synthetic_scores) -> "Calibration":
+    def from_saved(cls, saved: dict, scores, synthetic_scores, maps=None) -> "Calibration":
         index = [int(i) for i in saved["index"]]
         scores = np.asarray(scores, dtype=np.float32)
         synthetic = np.asarray(synthetic_scores, dtype=np.float32)
         if saved["method"] not in ("held_out", "cross_fit") or not (len(index) == len(scores) == len(synthetic)):
             raise ValueError("the calibration record does not match its scores")
-        return cls(saved["method"], index, scores, synthetic, [str(k) for k in saved.get("synthetic_kinds", [])])
+        if maps is not None and len(maps) != len(scores):
+            raise ValueError("the calibration maps do not match its scores")
+        return cls(saved["method"], index, scores, synthetic, [str(k) for k in saved.get("synthetic_kinds", [])],
+                   None if maps is None else np.asarray(maps, dtype=np.float16))
 
 
 def load_calibration(folder) -> Calibration | None:
@@ -67,8 +81,9 @@ def load_calibration(folder) -> Calibration | None:
     if saved is None:
         return None
     with safe_open(folder / "fitted.safetensors", framework="pt") as f:
+        maps = f.get_tensor(CALIBRATION_MAPS).numpy() if CALIBRATION_MAPS in f.keys() else None
         return Calibration.from_saved(saved, f.get_tensor(CALIBRATION_SCORES).numpy(),
-                                      f.get_tensor(SYNTHETIC_SCORES).numpy())
+                                      f.get_tensor(SYNTHETIC_SCORES).numpy(), maps)
 
 
 def held_out_index(n: int, fraction: float, seed: int) -> np.ndarray:
@@ -94,9 +109,9 @@ def calibrate(detector: "Detector", images: Sequence[np.ndarray], held: np.ndarr
     n = len(images)
     rng = np.random.default_rng(seed + 1)
     if len(held):
-        scores, synthetic, kinds = _score(detector, take(images, held), rng)
+        scores, synthetic, kinds, maps = _score(detector, take(images, held), rng)
         progress("calibration", 1, 1)
-        return Calibration("held_out", held.tolist(), scores, synthetic, kinds)
+        return Calibration("held_out", held.tolist(), scores, synthetic, kinds, maps)
     if detector.calibration_fraction == 0 or n < MIN_IMAGES or not detector.cross_fit:
         return None
     parts = []
@@ -105,7 +120,7 @@ def calibrate(detector: "Detector", images: Sequence[np.ndarray], held: np.ndarr
         progress("calibration", k + 1, FOLDS)
     return Calibration("cross_fit", [int(i) for p in parts for i in p[0]],
                        np.concatenate([p[1] for p in parts]), np.concatenate([p[2] for p in parts]),
-                       [kind for p in parts for kind in p[3]])
+                       [kind for p in parts for kind in p[3]], np.concatenate([p[4] for p in parts]))
 
 
 def fold_models(detector: "Detector", images: Sequence[np.ndarray], seed: int, folds: int = FOLDS):
@@ -119,12 +134,17 @@ def fold_models(detector: "Detector", images: Sequence[np.ndarray], seed: int, f
 
 
 def _score(detector: "Detector", images: Sequence[np.ndarray], rng: np.random.Generator):
-    """Image scores of these good images and of one synthetic defect in each (made a batch at a time)."""
-    scores, synthetic, kinds = [], [], []
+    """Image scores and sampled maps of these good images, and the score of one synthetic defect in each (made
+    a batch at a time)."""
+    scores, synthetic, kinds, maps = [], [], [], []
     for start in range(0, len(images), BATCH):
         batch = [images[i] for i in range(start, min(start + BATCH, len(images)))]
         defects = [synthetic_defect(image, rng) for image in batch]
-        scores.append(detector.score_maps(batch)[0])
+        batch_scores, batch_maps = detector.score_maps(batch)
+        step = max(1, -(-max(batch_maps.shape[1:]) // MAP_SAMPLE_SIDE))
+        scores.append(batch_scores)
+        maps.append(batch_maps[:, ::step, ::step].astype(np.float16))
         synthetic.append(detector.score_maps([d[0] for d in defects])[0])
         kinds += [d[2] for d in defects]
-    return (np.concatenate(scores).astype(np.float32), np.concatenate(synthetic).astype(np.float32), kinds)
+    return (np.concatenate(scores).astype(np.float32), np.concatenate(synthetic).astype(np.float32), kinds,
+            np.concatenate(maps))
