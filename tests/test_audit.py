@@ -5,7 +5,7 @@ import pytest
 from core.audit import audit, outlier_fence, fit_tolerant
 from core.detectors import create_detector
 
-FIXED = {"resize": 256, "coreset_ratio": 0.1, "score_border": 0, "calibration_fraction": 0}
+FIXED = {"resize": 128, "coreset_ratio": 0.1, "score_border": 0, "calibration_fraction": 0}
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +80,7 @@ def test_training_flags_or_drops_suspicious_images_and_honours_the_users_exclusi
     suspicious = store.run_scores(run_id).query("split == 'audit' and defect == 'suspicious'")["path"].tolist()
     assert set(map(name, suspicious)) == set(card["audit"]["dropped_files"])
     maps = load_audit_maps(run["model_path"])
-    assert set(suspicious) <= set(maps) and next(iter(maps.values())).shape == (256, 256)
+    assert set(suspicious) <= set(maps) and next(iter(maps.values())).shape == (128, 128)
 
     # The user leaves them out: every later fit goes without them until they are restored.
     store.set_excluded(dataset_id, suspicious)

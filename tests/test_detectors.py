@@ -10,6 +10,7 @@ FAST_PARAMS = {
     # The calibration split is tested on its own (test_calibration.py); here it would only cost time.
     "patchcore": {"coreset_ratio": 0.05, "resize": 256, "calibration_fraction": 0},
     "padim": {"n_features": 50, "calibration_fraction": 0},
+    "cpr": {"resize": 256, "calibration_fraction": 0},
     "fastflow": {"epochs": 2, "resize": 128, "crop": 112},
     "efficientad": {"steps": 40, "resize": 128, "student_width": 0.125, "ae_width": 32, "penalty_size": 64},
     "ae": {"resize": 64, "epochs": 3, "batch_size": 14, "base_channels": 16},
@@ -77,7 +78,8 @@ def test_model_card_describes_the_model(name, fitted):
 @pytest.mark.parametrize("name, bad, message", [
     ("patchcore", {"stages": ()}, "stages must name"), ("patchcore", {"n_reweight": 0}, "n_reweight must be >= 1"),
     ("padim", {"stages": ()}, "stages must name"), ("fastflow", {"epochs": 0}, "epochs must be >= 1"),
-    ("efficientad", {"steps": 0}, "steps must be >= 1"), ("ae", {"latent_dim": 0}, "latent_dim must be >= 1")])
+    ("efficientad", {"steps": 0}, "steps must be >= 1"), ("ae", {"latent_dim": 0}, "latent_dim must be >= 1"),
+    ("cpr", {"windows": (3,)}, "one odd window side"), ("cpr", {"n_neighbours": 0}, "n_neighbours must be >= 1")])
 def test_bad_parameters_are_refused_by_name_before_any_work(name, bad, message):
     with pytest.raises(ValueError, match=message):
         create_detector(name, **bad).fit([np.zeros((64, 64, 3), np.uint8)] * 4)

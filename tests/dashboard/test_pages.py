@@ -412,7 +412,7 @@ def test_suspicious_training_images_are_listed_left_out_and_restored(workspace, 
         shutil.move(source, root / "train" / "good" / f"planted_{source.name}")
     dataset = load_mvtec(root)
     dataset_id = register_dataset(store, dataset, "mvtec", "dirty nuts")
-    params = {"resize": 256, "coreset_ratio": 0.1, "score_border": 0, "calibration_fraction": 0}
+    params = {"resize": 128, "coreset_ratio": 0.1, "score_border": 0, "calibration_fraction": 0}
     run_id = train_run(store, dataset_id, dataset, "patchcore", params, audit="flag")
     at = AppTest.from_file(APP, default_timeout=180)
     at.session_state["pending_selection"] = (dataset_id, run_id)
