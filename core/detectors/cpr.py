@@ -32,7 +32,7 @@ from sklearn.cluster import KMeans
 from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
 
 from ..backbones import DEFAULT_BACKBONE
-from .base import BackboneDetector, Progress, register_detector, resolve_device
+from .base import BackboneDetector, Progress, register_detector
 from .ops import upsample_blur
 
 # Global retrieval: words fitted on at most this many finest-stage patches.

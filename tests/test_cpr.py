@@ -1,0 +1,57 @@
+"""CPR's pieces against hand-made cases: block histograms, windowed retrieval, global retrieval, foreground."""
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from core.detectors import create_detector
+from core.detectors.cpr import FAR, block_histograms, window_min_distance
+
+
+def test_block_histograms_count_words_per_block():
+    words = torch.tensor([[[0, 0, 1, 1],
+                           [0, 2, 1, 1],
+                           [2, 2, 0, 0],
+                           [2, 2, 0, 1]]])
+    hist = block_histograms(words, n_words=3, blocks=2)
+    assert hist.shape == (1, 4, 3)
+    assert torch.allclose(hist[0], torch.tensor([[0.75, 0.0, 0.25],     # top left: 0 0 0 2
+                                                 [0.0, 1.0, 0.0],       # top right: all 1
+                                                 [0.0, 0.0, 1.0],       # bottom left: all 2
+                                                 [0.75, 0.25, 0.0]]))   # bottom right: 0 0 0 1
+
+
+def test_a_patch_finds_its_match_only_within_the_window():
+    ref = F.normalize(torch.randn(1, 8, 6, 6), dim=1)
+    query = torch.roll(ref[0], shifts=1, dims=2)         # every patch one cell to the right of its match
+    assert torch.allclose(window_min_distance(query, ref, 3)[:, 1:], torch.zeros(6, 5), atol=1e-6)
+    assert (window_min_distance(query, ref, 1)[:, 1:] > 0.05).all()
+    # The nearest of several references wins; a padded position never does.
+    two = torch.cat([ref, F.normalize(torch.randn(1, 8, 6, 6), dim=1)])
+    assert torch.allclose(window_min_distance(ref[0], two, 1), torch.zeros(6, 6), atol=1e-6)
+    assert window_min_distance(ref[0], ref, 5).max() < FAR
+
+
+def test_global_retrieval_finds_the_image_itself_first(demo):
+    train = [demo[i] for i in range(len(demo)) if demo.samples[i].split == "train"]
+    det = create_detector("cpr", resize=128, n_neighbours=3, calibration_fraction=0).fit(train)
+    feats = det.embed(det.preprocess.images_to_tensor(train[:4]))
+    near = det.retrieve(det._histograms(feats[0]))
+    assert near.shape == (4, 3) and near[:, 0].tolist() == [0, 1, 2, 3]
+    # Each training image scores near zero against itself: its own patches are in the window.
+    scores, _ = det.score_maps(train[:4])
+    defect = [demo[i] for i in range(len(demo)) if demo.samples[i].label == 1][:4]
+    assert scores.max() < det.score_maps(defect)[0].min()
+
+
+def test_foreground_weight_is_high_on_the_object_and_low_on_the_background():
+    rng = np.random.default_rng(0)
+    images = []
+    for _ in range(12):
+        image = np.full((128, 128, 3), 40, np.uint8)                       # plain dark background
+        image[32:96, 32:96] = rng.integers(120, 255, (64, 64, 3))         # a textured object in the middle
+        images.append(image)
+    det = create_detector("cpr", resize=128, foreground=True, calibration_fraction=0).fit(images)
+    weight = det._object_weight(det.embed(det.preprocess.images_to_tensor(images[:1]))[0])[0]
+    h, w = weight.shape
+    assert weight[h // 2 - 2:h // 2 + 2, w // 2 - 2:w // 2 + 2].mean() > 0.8
+    assert weight[:2].mean() < 0.2 and det.model_card()["retrieval"]["foreground"] is True
