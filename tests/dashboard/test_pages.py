@@ -438,3 +438,20 @@ def test_suspicious_training_images_are_listed_left_out_and_restored(workspace, 
     at.multiselect(key="restore_images").set_value(ticked[:1]).run()
     next(b for b in at.button if b.key == "restore_button").click().run()
     assert set(store.get_dataset(dataset_id)["excluded"]) == set(ticked[1:])
+
+
+def test_cpr_is_trained_from_the_train_page_and_compared(workspace):
+    at = open_page("train")
+    next(s for s in at.selectbox if s.label == "Detector").set_value("cpr").run()
+    labels = {w.label for w in [*at.number_input, *at.checkbox, *at.text_input]}
+    assert {"n_neighbours", "windows", "foreground", "top_share"} <= labels
+    next(t for t in at.text_input if t.label == "resize").set_value("128").run()
+    next(n for n in at.number_input if n.label == "calibration_fraction").set_value(0.0).run()
+    next(b for b in at.button if b.label == "Train").click().run()
+    wait_for_job(at)
+    assert "is ready" in texts(at)
+    run = workspace["store"].list_runs()[0]
+    assert run["detector"] == "cpr" and run["metrics"]["image_auroc"] > 0.9
+    at.switch_page("app_pages/compare.py").run()
+    table = at.dataframe[0].value
+    assert set(table["run"]) == {"#1 patchcore", f"#{run['id']} cpr"}
