@@ -1,7 +1,6 @@
 """Behaviour of core.metrics against hand-computed cases, sklearn, and slow reference implementations."""
 
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
