@@ -15,13 +15,14 @@ or map value that is not a finite number counts as above every threshold, so a b
 """
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass, field
 
 import numpy as np
 from PIL import Image, ImageDraw
 from scipy import ndimage
 
+from .data import read_mask
+from .render import png_bytes
 from .thresholds import verdict
 
 EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
@@ -86,16 +87,12 @@ class DefectRules:
         return {"min_area": self.min_area, "mm_per_px": self.mm_per_px}
 
     def roi_png(self) -> bytes | None:
-        if self.roi is None:
-            return None
-        buffer = io.BytesIO()
-        Image.fromarray(self.roi.astype(np.uint8) * 255).save(buffer, format="PNG")
-        return buffer.getvalue()
+        return None if self.roi is None else png_bytes(self.roi.astype(np.uint8) * 255)
 
     @classmethod
     def from_saved(cls, settings: dict | None, roi_png: bytes | None) -> "DefectRules":
         settings = settings or {}
-        roi = None if roi_png is None else np.asarray(Image.open(io.BytesIO(roi_png)).convert("L")) > 0
+        roi = None if roi_png is None else read_mask(roi_png)
         return cls(roi, settings.get("min_area", 0.0), settings.get("mm_per_px"))
 
     @classmethod
