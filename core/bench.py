@@ -177,6 +177,38 @@ def run_audit_bench(data: str | Path, detector: str = "patchcore", params: dict 
     return result
 
 
+def run_few_shot(data: str | Path, detector: str, shots: Sequence[int] = (2, 4, 8), seeds: int = 3,
+                 params: dict | None = None, log=print) -> list[dict]:
+    """A detector fitted on only `shots` good training images, drawn at random (`seeds` draws, the same draws
+    for every detector), scored on the whole test set: one row per shot count with the mean over the draws."""
+    dataset = load_mvtec(data)
+    train = dataset.subset(split="train", label=0)
+    test = dataset.subset(split="test")
+    rows = []
+    for k in shots:
+        runs = []
+        for seed in range(seeds):
+            pick = np.random.default_rng(seed).choice(len(train), k, replace=False)
+            det = create_detector(detector, **{"calibration_fraction": 0.0, **(params or {})})
+            start = time.perf_counter()
+            det.fit([train[int(i)] for i in pick])
+            fit_seconds = time.perf_counter() - start
+            metrics = evaluate(det, test).metrics
+            runs.append({**{m: metrics.get(m) for m in ("image_auroc", "pixel_auroc", "aupro")},
+                         "fit_seconds": fit_seconds})
+            log(f"[few-shot] {dataset.name} {detector} {k} shots, draw {seed}: {runs[-1]}")
+        mean = {m: float(np.mean([r[m] for r in runs if r[m] is not None])) if any(r[m] is not None for r in runs)
+                else None for m in runs[0]}
+        rows.append({"dataset": dataset.name, "detector": detector, "shots": k, "draws": seeds,
+                     "params": det.get_params(), **mean,
+                     "image_auroc_per_draw": [r["image_auroc"] for r in runs]})
+    return rows
+
+
+FEW_SHOT_COLUMNS = [("dataset", "{}"), ("detector", "{}"), ("shots", "{}"), ("image_auroc", "{:.4f}"),
+                    ("pixel_auroc", "{:.4f}"), ("aupro", "{:.4f}"), ("fit_seconds", "{:.1f}")]
+
+
 def _search_quality(det, x: torch.Tensor) -> dict:
     """For an approximate nearest-neighbour index: recall@1 against exact search on test patches, and the
     relative error of the patch scores (an approximate neighbour is never closer than the true one)."""

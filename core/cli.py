@@ -1,4 +1,4 @@
-"""Command line: `python -m core train | evaluate | predict | bench | list`.
+"""Command line: `python -m core train | evaluate | predict | bench | list | regad-train`.
 
 As thin as the dashboard: it parses arguments and calls the same functions the pages call.
 """
@@ -209,8 +209,8 @@ def cmd_predict(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from .bench import (AUDIT_COLUMNS, COVERAGE_COLUMNS, SCALE_COLUMNS, format_table, run_audit_bench, run_bench,
-                        run_coverage, run_scale, write_json)
+    from .bench import (AUDIT_COLUMNS, COVERAGE_COLUMNS, FEW_SHOT_COLUMNS, SCALE_COLUMNS, format_table,
+                        run_audit_bench, run_bench, run_coverage, run_few_shot, run_scale, write_json)
     results = []
     log = lambda m: print(m, file=sys.stderr)  # noqa: E731
     for data in args.data:
@@ -219,6 +219,9 @@ def cmd_bench(args) -> int:
                 results.append(run_coverage(data, parse_overrides(args.set), log=log))
             elif args.audit:
                 results.append(run_audit_bench(data, detector, parse_overrides(args.set), log=log))
+            elif args.shots:
+                results.extend(run_few_shot(data, detector, args.shots, args.draws, parse_overrides(args.set), log=log))
+                print(format_table(results[-len(args.shots):], FEW_SHOT_COLUMNS), file=sys.stderr)
             elif args.scale:
                 results.append(run_scale(data, args.scale, detector, parse_overrides(args.set), log=log))
             else:
@@ -227,9 +230,22 @@ def cmd_bench(args) -> int:
                 print(format_table(results[-1:]), file=sys.stderr)
     write_json(results, args.json)   # first: a long run's numbers survive a formatting slip
     print(f"wrote {args.json}", file=sys.stderr)
-    columns = (COVERAGE_COLUMNS if args.coverage else SCALE_COLUMNS if args.scale else AUDIT_COLUMNS if args.audit
+    columns = (COVERAGE_COLUMNS if args.coverage else FEW_SHOT_COLUMNS if args.shots else SCALE_COLUMNS if args.scale else AUDIT_COLUMNS if args.audit
                else None)
     print(format_table(results, columns))
+    return 0
+
+
+def cmd_regad_train(args) -> int:
+    from .data import load_mvtec
+    from .detectors.regad import train_registration
+    categories = {}
+    for root in args.data:
+        good = load_mvtec(root).subset(split="train", label=0)
+        categories[Path(root).name] = [good[i] for i in range(len(good))]
+    out = train_registration(categories, args.out, steps=args.steps, size=args.size, seed=args.seed,
+                             progress=LogProgress(), log=lambda m: print(m, file=sys.stderr))
+    print(f"wrote {out}: use it with --set registration={out}")
     return 0
 
 
@@ -281,6 +297,14 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--vmax", type=float, help="top of the heatmap colour scale (default: 2x threshold)")
             p.set_defaults(func=cmd_predict)
 
+    regad = sub.add_parser("regad-train", help="train RegAD's feature registration on other categories' good images")
+    regad.add_argument("--data", nargs="+", required=True, help="MVTec-layout categories (never the target one)")
+    regad.add_argument("--out", required=True, help="registration file to write (.safetensors)")
+    regad.add_argument("--steps", type=int, default=300)
+    regad.add_argument("--size", type=int, default=224, help="square training input side")
+    regad.add_argument("--seed", type=int, default=0)
+    regad.set_defaults(func=cmd_regad_train)
+
     bench = sub.add_parser("bench", help="accuracy, speed, memory and size on MVTec-layout categories")
     bench.add_argument("--data", nargs="+", required=True, help="one or more category folders")
     bench.add_argument("--detector", nargs="+", default=["patchcore"], choices=list_detectors())
@@ -293,6 +317,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--audit", action="store_true",
                        help="on a set with planted_* defects among its good images (benchmarks/plant_defects.py): "
                             "where the audit ranks them, and image AUROC clean, dirty and with the tolerant fit")
+    bench.add_argument("--shots", type=int, nargs="+", metavar="K",
+                       help="few-shot: fit on only K random good training images (each K given), score the whole "
+                            "test set; the mean over --draws random draws")
+    bench.add_argument("--draws", type=int, default=3, help="random draws of the shots (default 3)")
     bench.add_argument("--json", default="bench_results/bench.json", help="where to write the results")
     bench.set_defaults(func=cmd_bench)
     return parser

@@ -43,12 +43,12 @@ class HeldOut:
     groups: np.ndarray             # the held-out image each row comes from
 
 
-def hold_out(images: Sequence[np.ndarray], seed: int) -> HeldOut:
-    """Split off the held-out normals at random (seeded) and add synthetic defects to each."""
+def hold_out(images: Sequence[np.ndarray], seed: int, most: int = HELD_OUT_RANGE[1]) -> HeldOut:
+    """Split off the held-out normals at random (seeded; at most `most`) and add synthetic defects to each."""
     n = len(images)
     rng = np.random.default_rng(seed)
     order = rng.permutation(n)
-    n_held = int(np.clip(round(HELD_OUT_SHARE * n), *HELD_OUT_RANGE))
+    n_held = int(np.clip(round(HELD_OUT_SHARE * n), HELD_OUT_RANGE[0], most))
     held = np.sort(order[:n_held])
     normals = [np.asarray(images[int(i)]) for i in held]
     defects, masks = [], []

@@ -76,6 +76,8 @@ class Detector:
     # Whether a small set is cross-fitted for calibration (five more fits): yes where a fit is a pass over the
     # features; detectors that train a network for minutes calibrate only on a held-out share.
     cross_fit: ClassVar[bool] = True
+    # Whether the detector is meant for a handful of images (2 to 8): such a set is still calibrated.
+    few_shot: ClassVar[bool] = False
 
     # --- parameters -------------------------------------------------------------------------------
     @classmethod

@@ -7,7 +7,8 @@ images, so they are cross-fitted: every image is scored by a model fitted on the
 model's settings, and the final model is fitted on every image. Fold models see fewer images than the final
 one, so they score good images a little higher: a threshold set on their scores rejects slightly fewer good
 parts than it states, never more. Detectors that train a network for minutes (`cross_fit = False`) are not
-refitted: on a small set they calibrate only if told to hold out ten images.
+refitted: on a small set they calibrate only if told to hold out ten images. Few-shot detectors
+(`few_shot = True`) fit from a single image, so 2 to 9 images are still cross-fitted, leaving one out each time.
 """
 from __future__ import annotations
 
@@ -112,12 +113,13 @@ def calibrate(detector: "Detector", images: Sequence[np.ndarray], held: np.ndarr
         scores, synthetic, kinds, maps = _score(detector, take(images, held), rng)
         progress("calibration", 1, 1)
         return Calibration("held_out", held.tolist(), scores, synthetic, kinds, maps)
-    if detector.calibration_fraction == 0 or n < MIN_IMAGES or not detector.cross_fit:
+    if detector.calibration_fraction == 0 or n < (2 if detector.few_shot else MIN_IMAGES) or not detector.cross_fit:
         return None
     parts = []
-    for k, (fold, model) in enumerate(fold_models(detector, images, seed)):
+    folds = min(FOLDS, n)      # a few-shot set of fewer images is cross-fitted leaving one out
+    for k, (fold, model) in enumerate(fold_models(detector, images, seed, folds)):
         parts.append((fold, *_score(model, take(images, fold), rng)))
-        progress("calibration", k + 1, FOLDS)
+        progress("calibration", k + 1, folds)
     return Calibration("cross_fit", [int(i) for p in parts for i in p[0]],
                        np.concatenate([p[1] for p in parts]), np.concatenate([p[2] for p in parts]),
                        [kind for p in parts for kind in p[3]], np.concatenate([p[4] for p in parts]))

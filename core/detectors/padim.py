@@ -7,7 +7,7 @@ random subset of `n_features` channels (the paper's "Rd" reduction, drawn once w
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 import torch
@@ -30,6 +30,50 @@ def mahalanobis(emb: torch.Tensor, mean: torch.Tensor, precision: torch.Tensor) 
     diff = (emb - mean[None]).transpose(0, 1)                        # (P, N, d)
     sq = torch.einsum("pnc,pcd,pnd->pn", diff, precision, diff)      # bmm per position
     return sq.clamp_min(0).sqrt().transpose(0, 1)
+
+
+def position_gaussians(embeddings: Iterable[torch.Tensor], epsilon: float,
+                       device: torch.device) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
+    """A Gaussian per grid position over batches of embeddings (B, d, h, w): means (P, d) and precisions
+    (P, d, d) of the covariances plus epsilon I, float32 on the CPU, and the grid (h, w)."""
+    # Streaming sums in float64: memory stays O(P d^2) however many images there are.
+    n, s1, s2, grid = 0, None, None, None
+    for emb in embeddings:
+        grid = tuple(emb.shape[-2:])
+        emb = emb.to(device).double().flatten(2).transpose(1, 2)                     # (B, P, d)
+        if s1 is None:
+            s1 = torch.zeros(emb.shape[1:], dtype=torch.float64, device=device)
+            s2 = torch.zeros(emb.shape[1], emb.shape[2], emb.shape[2], dtype=torch.float64, device=device)
+        s1 += emb.sum(0)
+        e = emb.transpose(0, 1)                                                         # (P, B, d)
+        s2 += e.transpose(1, 2) @ e
+        n += len(emb)
+    if n < 2:
+        raise ValueError("a Gaussian per position needs at least 2 images to estimate covariances")
+    mean = s1 / n
+    cov = (s2 - n * mean[:, :, None] * mean[:, None, :]) / (n - 1)
+    cov += epsilon * torch.eye(cov.shape[-1], dtype=torch.float64, device=device)
+    precision = torch.linalg.inv(cov)
+    # Contiguous, as saved: a batched inverse comes back column-major, and a different memory layout would
+    # change the summation order (and the last bits of the scores) after a save/load round trip. Exactly
+    # symmetric, so that only its lower triangle needs saving (half the model file).
+    precision = ((precision + precision.transpose(1, 2)) / 2).float().cpu().contiguous()
+    return mean.float().cpu().contiguous(), precision, grid
+
+
+def lower_triangle(matrices: torch.Tensor) -> torch.Tensor:
+    """(P, d (d + 1) / 2) lower triangles of symmetric matrices (P, d, d): half the bytes on disk."""
+    rows, cols = torch.tril_indices(*matrices.shape[1:])
+    return matrices[:, rows, cols]
+
+
+def from_lower_triangle(lower: torch.Tensor, d: int) -> torch.Tensor:
+    """The symmetric matrices (P, d, d) back from their lower triangles."""
+    rows, cols = torch.tril_indices(d, d)
+    full = lower.new_zeros((len(lower), d, d))
+    full[:, rows, cols] = lower
+    full[:, cols, rows] = lower
+    return full.contiguous()
 
 
 @register_detector("padim", family="representation")
@@ -91,33 +135,16 @@ class PaDiM(BackboneDetector):
         d = total if self.n_features is None else min(int(self.n_features), total)
         gen = torch.Generator().manual_seed(int(self.seed))
         self.channel_idx_ = torch.randperm(total, generator=gen)[:d].sort().values
-        dev = resolve_device(self.device)
-        # Streaming sums in float64: memory stays O(P d^2) however many images there are.
-        s1 = s2 = None
-        for start in range(0, len(images), batch_size):
-            batch = [images[i] for i in range(start, min(start + batch_size, len(images)))]
-            with torch.no_grad():
-                emb = self.embed(self.preprocess.images_to_tensor(batch))
-            if s1 is None:
-                self.grid_ = tuple(emb.shape[-2:])
-            emb = emb.double().flatten(2).transpose(1, 2)                              # (B, P, d)
-            if s1 is None:
-                s1 = torch.zeros(emb.shape[1:], dtype=torch.float64, device=dev)
-                s2 = torch.zeros(emb.shape[1], d, d, dtype=torch.float64, device=dev)
-            s1 += emb.sum(0)
-            e = emb.transpose(0, 1)                                                    # (P, B, d)
-            s2 += e.transpose(1, 2) @ e
-            progress("features", start + len(batch), len(images))
-        n = len(images)
-        mean = s1 / n
-        cov = (s2 - n * mean[:, :, None] * mean[:, None, :]) / (n - 1)
-        cov += self.epsilon * torch.eye(d, dtype=torch.float64, device=dev)
-        # Contiguous, as saved: a batched inverse comes back column-major, and a different memory layout
-        # would change the summation order (and the last bits of the scores) after a save/load round trip.
-        self.mean_ = mean.float().cpu().contiguous()
-        precision = torch.linalg.inv(cov)
-        # Exactly symmetric, so that only its lower triangle needs saving (half the model file).
-        self.precision_ = ((precision + precision.transpose(1, 2)) / 2).float().cpu().contiguous()
+
+        def embeddings():
+            for start in range(0, len(images), batch_size):
+                batch = [images[i] for i in range(start, min(start + batch_size, len(images)))]
+                with torch.no_grad():
+                    yield self.embed(self.preprocess.images_to_tensor(batch))
+                progress("features", start + len(batch), len(images))
+
+        self.mean_, self.precision_, self.grid_ = position_gaussians(embeddings(), self.epsilon,
+                                                                     resolve_device(self.device))
         progress("gaussians", 1, 1)
         self._move()
 
@@ -132,9 +159,8 @@ class PaDiM(BackboneDetector):
         return maps.flatten(1).max(1).values.numpy(), maps.numpy().astype(np.float32)
 
     def _fitted_tensors(self) -> dict[str, torch.Tensor]:
-        rows, cols = torch.tril_indices(*self.precision_.shape[1:])
         return {"channel_idx": self.channel_idx_, "mean": self.mean_,
-                "precision_lower": self.precision_[:, rows, cols]}
+                "precision_lower": lower_triangle(self.precision_)}
 
     def _fitted_json(self) -> dict:
         return {"grid": list(self.grid_)}
@@ -145,13 +171,7 @@ class PaDiM(BackboneDetector):
         if "precision" in tensors:          # models saved before the precision was stored as a triangle
             self.precision_ = tensors["precision"]
         else:
-            lower = tensors["precision_lower"]
-            d = self.mean_.shape[1]
-            rows, cols = torch.tril_indices(d, d)
-            full = lower.new_zeros((len(lower), d, d))
-            full[:, rows, cols] = lower
-            full[:, cols, rows] = lower
-            self.precision_ = full.contiguous()
+            self.precision_ = from_lower_triangle(tensors["precision_lower"], self.mean_.shape[1])
         self.grid_ = tuple(fitted["grid"])
         self._move()
 
