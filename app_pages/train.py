@@ -7,12 +7,28 @@ import streamlit as st
 from core.backbones import OFFLINE_WEIGHTS
 from core.detectors import get_detector_class, list_detectors
 from core.training import TrainingJob, chosen_settings, param_specs, parse_value
+from core.workspace import registrations_dir
 from ui import state, widgets
 
 # Parameters with widgets of their own (the backbone is chosen above the others).
 DEVICE_CHOICES = ["auto", "cpu", "cuda"]
 AUDIT_CHOICES = {"Use them all": "off", "Check and list them": "flag", "Leave them out": "drop"}
 OTHER_BACKBONE = "another timm model…"
+
+
+
+def registration_choice() -> str | None:
+    """RegAD's registration: a file trained on other categories (found in the workspace), or none."""
+    files = sorted(registrations_dir().glob("*.safetensors"))
+    names = ["None (no registration)"] + [f.name for f in files]
+    picked = st.selectbox("Registration", names, index=len(names) - 1, key="regad_registration",
+                          help="Few-shot: RegAD needs only 2 to 8 good images. Its registration is learnt once on "
+                               "other products; train one with `python -m core regad-train --data <categories>`.")
+    if not files:
+        st.caption("No registration trained yet: `python -m core regad-train --data <other categories>` makes one "
+                   f"in {registrations_dir()}.")
+    return None if picked == names[0] else str(registrations_dir() / picked)
+
 
 st.title("Train")
 
@@ -85,7 +101,8 @@ new_model, saved_model = st.tabs(["Train a new model", "Load a saved model"])
 with new_model:
     detectors = list_detectors()
     detector = st.selectbox("Detector", detectors, index=detectors.index("patchcore") if "patchcore" in detectors else 0,
-                            help="PatchCore is the strongest here and trains in seconds; the others are for comparison.")
+                            help="PatchCore is the strongest here and trains in seconds; RegAD starts a new variant from 2 to 8 "
+                                 "good images; the others are for comparison.")
     specs = param_specs(detector)
     params = {}
     by_name = {s.name: s for s in specs}
@@ -99,6 +116,8 @@ with new_model:
             backbone = st.text_input("timm model name", placeholder="wide_resnet50_2")
             params["weights"] = st.text_input("Weights file on the server", placeholder="/models/wrn50.pth") or None
         params["backbone"] = backbone
+    if detector == "regad":
+        params["registration"] = registration_choice()
     with st.expander("Parameters", expanded=False):
         cols = st.columns(3)
         for k, spec in enumerate(s for s in specs if s.name not in params and s.name != "backbone"):

@@ -239,11 +239,13 @@ def cmd_bench(args) -> int:
 def cmd_regad_train(args) -> int:
     from .data import load_mvtec
     from .detectors.regad import train_registration
+    from .workspace import registrations_dir
     categories = {}
     for root in args.data:
         good = load_mvtec(root).subset(split="train", label=0)
         categories[Path(root).name] = [good[i] for i in range(len(good))]
-    out = train_registration(categories, args.out, steps=args.steps, size=args.size, seed=args.seed,
+    out = args.out or registrations_dir() / f"trained_on_{'_'.join(sorted(categories))}.safetensors"
+    out = train_registration(categories, out, steps=args.steps, size=args.size, seed=args.seed,
                              progress=LogProgress(), log=lambda m: print(m, file=sys.stderr))
     print(f"wrote {out}: use it with --set registration={out}")
     return 0
@@ -299,7 +301,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     regad = sub.add_parser("regad-train", help="train RegAD's feature registration on other categories' good images")
     regad.add_argument("--data", nargs="+", required=True, help="MVTec-layout categories (never the target one)")
-    regad.add_argument("--out", required=True, help="registration file to write (.safetensors)")
+    regad.add_argument("--out", help="registration file to write (default: the workspace's registrations folder, "
+                                     "where the Train page finds it)")
     regad.add_argument("--steps", type=int, default=300)
     regad.add_argument("--size", type=int, default=224, help="square training input side")
     regad.add_argument("--seed", type=int, default=0)

@@ -13,3 +13,10 @@ def workspace_dir() -> Path:
     root = Path(os.environ.get("ANOMALYSCOPE_HOME", REPO_ROOT / "data" / "workspace"))
     root.mkdir(parents=True, exist_ok=True)
     return root
+
+
+def registrations_dir() -> Path:
+    """RegAD registration files (`python -m core regad-train`), offered by name on the Train page."""
+    folder = workspace_dir() / "registrations"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder

@@ -10,19 +10,19 @@ from conftest import DEMO
 from core import metrics
 from core.cli import main
 from core.detectors import create_detector, load_detector
-from core.detectors.regad import augment_support, rotation_scale_theta, train_registration, warp
+from core.detectors.regad import augment_support, rotation_theta, train_registration, warp
 
 
 def test_a_quarter_turn_theta_turns_a_map_by_ninety_degrees():
     x = torch.arange(36.0).view(1, 1, 6, 6)
-    same = warp(x, rotation_scale_theta(torch.zeros(1), torch.ones(1), (6, 6)))
+    same = warp(x, rotation_theta(torch.zeros(1), (6, 6)))
     assert torch.allclose(same, x, atol=1e-4)
-    turned = warp(x, rotation_scale_theta(torch.full((1,), math.pi / 2), torch.ones(1), (6, 6)))
+    turned = warp(x, rotation_theta(torch.full((1,), math.pi / 2), (6, 6)))
     quarter = [torch.rot90(x, k, dims=(-2, -1)) for k in (1, 3)]
     assert min((turned - q).abs().max() for q in quarter) < 1e-3
     # On a non-square map the rotation is in pixels: a 180 degree turn is an exact flip of both axes.
     wide = torch.arange(24.0).view(1, 1, 4, 6)
-    half = warp(wide, rotation_scale_theta(torch.full((1,), math.pi), torch.ones(1), (4, 6)))
+    half = warp(wide, rotation_theta(torch.full((1,), math.pi), (4, 6)))
     assert torch.allclose(half, wide.flip(-1).flip(-2), atol=1e-3)
 
 

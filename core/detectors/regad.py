@@ -11,9 +11,13 @@ is fitted on the registered features (as PaDiM); a test image scores its Mahalan
 Built as the paper except:
 - the backbone is EfficientNet-Lite0 (the offline weights; no ResNet18 here), and it stays frozen: only the
   transformers and the siamese predictor train, which keeps the training to minutes on a CPU;
-- each transformer predicts a rotation and a bounded scale (the paper's default "rotation_scale" mode), in
-  pixel space so that non-square maps rotate without shear;
-- training pairs are rotated at random (up to ROTATION_RANGE) so that the registration has poses to undo.
+- each transformer predicts a rotation only, in pixel space so that non-square maps rotate without shear, and
+  samples with reflected borders: with a scale as well (the paper's default "rotation_scale" mode) every
+  trained transformer zoomed to the end of its range, a shortcut to agreement (zoomed out, the padding
+  agrees; zoomed in, smooth regions do), and with zero padding it zoomed out;
+- training pairs are rotated at random (up to ROTATION_RANGE) so that the registration has poses to undo, and
+  half the pairs are one image in two poses (with few training categories, two different images alone
+  taught the transformers one fixed pose for every input).
 
 `train_registration` learns the transformers from categories of normal images (`python -m core
 regad-train`); `registration` names the saved file. Without one (`registration=None`) the transformers are
@@ -41,16 +45,15 @@ from .padim import from_lower_triangle, lower_triangle, mahalanobis, position_ga
 # The paper's support augmentation: small rotations (radians), translations (shares of the side), quarter turns.
 SUPPORT_ANGLES = tuple(math.pi * a for a in (-1 / 4, -3 / 16, -1 / 8, -1 / 16, 1 / 16, 1 / 8, 3 / 16, 1 / 4))
 SUPPORT_SHIFTS = ((0.1, 0.1), (-0.1, 0.1), (-0.1, -0.1), (0.1, -0.1))
-# Registration: scale bounded to [e^-0.2, e^0.2] (an unbounded zoom could blow one uniform region up to fill
-# the map and agree trivially); training pairs rotated by up to this many radians either way.
-MAX_LOG_SCALE, ROTATION_RANGE = 0.2, math.pi / 4
+# Registration training: pairs rotated by up to this many radians either way.
+ROTATION_RANGE = math.pi / 4
 
 
-def rotation_scale_theta(angle: torch.Tensor, scale: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
-    """(N, 2, 3) affine_grid matrices that rotate by `angle` and scale by `scale` in pixel space about the
+def rotation_theta(angle: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+    """(N, 2, 3) affine_grid matrices that rotate by `angle` (radians) in pixel space about the
     centre of an h x w map (normalised coordinates stretch a non-square map: rotating them would shear)."""
     h, w = hw
-    cos, sin = torch.cos(angle) * scale, torch.sin(angle) * scale
+    cos, sin = torch.cos(angle), torch.sin(angle)
     zero = torch.zeros_like(angle)
     return torch.stack([torch.stack([cos, -sin * h / w, zero], -1),
                         torch.stack([sin * w / h, cos, zero], -1)], 1)
@@ -61,49 +64,65 @@ def warp(x: torch.Tensor, theta: torch.Tensor, padding: str = "zeros") -> torch.
     return F.grid_sample(x, grid, padding_mode=padding, align_corners=False)
 
 
-class RotationScaleSTN(nn.Module):
-    """A spatial transformer on a feature map: a small localisation net predicts a rotation and a bounded
-    scale; it starts as the identity (last layer zero)."""
+class RotationSTN(nn.Module):
+    """A spatial transformer on a feature map: a small localisation net predicts a rotation; it starts as the
+    identity (last layer zero)."""
 
     def __init__(self, channels: int, hidden: int = 32):
         super().__init__()
         self.localise = nn.Sequential(nn.Conv2d(channels, hidden, 3, padding=1), nn.ReLU(),
                                       nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.Linear(16 * hidden, hidden),
-                                      nn.ReLU(), nn.Linear(hidden, 2))
+                                      nn.ReLU(), nn.Linear(hidden, 1))
         nn.init.zeros_(self.localise[-1].weight)
         nn.init.zeros_(self.localise[-1].bias)
 
     def forward(self, f: torch.Tensor) -> torch.Tensor:
-        angle, log_scale = self.localise(f).unbind(1)
-        theta = rotation_scale_theta(math.pi * torch.tanh(angle), torch.exp(MAX_LOG_SCALE * torch.tanh(log_scale)),
-                                     tuple(f.shape[-2:]))
-        return warp(f, theta)
+        """(N, 2, 3) affine_grid matrices: where each registered position samples the map."""
+        angle = math.pi * torch.tanh(self.localise(f)[:, 0])
+        return rotation_theta(angle, tuple(f.shape[-2:]))
+
+
+def _homogeneous(theta: torch.Tensor) -> torch.Tensor:
+    return torch.cat([theta, theta.new_tensor([0.0, 0.0, 1.0]).expand(len(theta), 1, 3)], 1)
 
 
 class RegistrationNet(nn.Module):
     """The frozen backbone with a transformer after each chosen stage: each stage's registered map feeds the
-    next stage, as in the paper. Returns the registered maps of the chosen stages."""
+    next stage, as in the paper."""
 
     def __init__(self, extractor: FeatureExtractor):
         super().__init__()
         self.extractor = extractor
-        self.transformers = nn.ModuleList(RotationScaleSTN(c) for c in extractor.channels)
+        self.transformers = nn.ModuleList(RotationSTN(c) for c in extractor.channels)
         model = extractor.model
         # timm's EfficientNetFeatures: block i's output is stage _stage_out_idx[i + 1].
         self._after_block = {block - 1: k for k, block in enumerate(sorted(model._stage_out_idx))}
 
-    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+    def registered(self, x: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Each chosen stage's registered map, and its transform (N, 2, 3) relative to the stage's input."""
         model = self.extractor.model
         x = model.bn1(model.conv_stem(x))
-        out = []
+        maps, thetas = [], []
         for i, block in enumerate(model.blocks):
-            if len(out) == len(self.transformers):
+            if len(maps) == len(self.transformers):
                 break
             x = block(x)
             if i in self._after_block:
-                x = self.transformers[self._after_block[i]](x)
-                out.append(x)
-        return out
+                thetas.append(self.transformers[self._after_block[i]](x))
+                x = warp(x, thetas[-1], padding="reflection")
+                maps.append(x)
+        return maps, thetas
+
+    def forward(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """The stage maps all in the first stage's registered frame (a later stage's own transforms undone, so
+        that one position means one place in every stage), and the first transform (N, 2, 3), which takes
+        that frame back to the image."""
+        maps, thetas = self.registered(x)
+        aligned, since_first = [maps[0]], torch.eye(3).expand(len(x), 3, 3)
+        for f, theta in zip(maps[1:], thetas[1:]):
+            since_first = since_first @ _homogeneous(theta)
+            aligned.append(warp(f, torch.linalg.inv(since_first)[:, :2]))
+        return aligned, thetas[0]
 
 
 def registration_tensors(net: RegistrationNet) -> dict[str, torch.Tensor]:
@@ -135,11 +154,13 @@ def train_registration(categories: dict[str, Sequence[np.ndarray]], out: str | P
     losses = []
     for step in range(steps):
         name = names[rng.integers(len(names))]
-        pairs = [rng.choice(len(categories[name]), 2, replace=False) for _ in range(batch_pairs)]
+        # Half the pairs are one image in two poses: a pose difference the transformers can always undo.
+        pairs = [rng.choice(len(categories[name]), 2, replace=False) if rng.random() < 0.5 else
+                 [rng.integers(len(categories[name]))] * 2 for _ in range(batch_pairs)]
         x = preprocess.images_to_tensor([categories[name][int(i)] for pair in pairs for i in pair])
         angles = torch.from_numpy(rng.uniform(-ROTATION_RANGE, ROTATION_RANGE, len(x))).float()
-        x = warp(x, rotation_scale_theta(angles, torch.ones(len(x)), (size, size)), padding="reflection")
-        z = net(x)[-1]
+        x = warp(x, rotation_theta(angles, (size, size)), padding="reflection")
+        z = net.registered(x)[0][-1]
         p = predictor(z)
         z1, z2, p1, p2 = z[0::2], z[1::2], p[0::2], p[1::2]
         loss = -(F.cosine_similarity(p1, z2.detach(), dim=1).mean()
@@ -170,7 +191,7 @@ def augment_support(x: torch.Tensor) -> torch.Tensor:
     n = len(x)
     out = [x]
     for angle in SUPPORT_ANGLES:
-        out.append(warp(x, rotation_scale_theta(torch.full((n,), angle), torch.ones(n), (h, w))))
+        out.append(warp(x, rotation_theta(torch.full((n,), angle), (h, w))))
     for dx, dy in SUPPORT_SHIFTS:
         theta = torch.tensor([[1.0, 0.0, 2 * dx], [0.0, 1.0, 2 * dy]]).expand(n, 2, 3)
         out.append(warp(x, theta))
@@ -252,10 +273,12 @@ class RegAD(BackboneDetector):
                              f"{self.backbone} {tuple(self.stages)}")
         return tensors
 
-    def embed(self, x: torch.Tensor) -> torch.Tensor:
-        """(N, d, h, w) registered, reduced embeddings of a preprocessed batch."""
-        emb = stage_embedding(self._registered()(x.to(resolve_device(self.device)))).float()
-        return emb.index_select(1, self.channel_idx_.to(emb.device))
+    def embed(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(N, d, h, w) registered, reduced embeddings of a preprocessed batch, and the transforms (N, 2, 3)
+        from their frame back to the image's."""
+        maps, theta = self._registered()(x.to(resolve_device(self.device)))
+        emb = stage_embedding(maps).float()
+        return emb.index_select(1, self.channel_idx_.to(emb.device)), theta
 
     def _fit(self, images: Sequence[np.ndarray], progress: Progress, batch_size: int = 16) -> None:
         self._validate()
@@ -270,7 +293,7 @@ class RegAD(BackboneDetector):
             for start in range(0, len(images), batch_size):
                 x = self.preprocess.images_to_tensor([images[i] for i in range(start, min(start + batch_size, len(images)))])
                 with torch.no_grad():
-                    yield self.embed(augment_support(x) if self.augment else x)
+                    yield self.embed(augment_support(x) if self.augment else x)[0]
                 progress("support features", min(start + batch_size, len(images)), len(images))
 
         self.mean_, self.precision_, self.grid_ = position_gaussians(embeddings(), self.epsilon,
@@ -279,9 +302,12 @@ class RegAD(BackboneDetector):
 
     def _score_batch(self, x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         dev = resolve_device(self.device)
-        emb = self.embed(x).flatten(2).transpose(1, 2)
-        dist = mahalanobis(emb, self.mean_.to(dev), self.precision_.to(dev)).cpu()
-        maps = upsample_blur(dist.reshape(len(x), *self.grid_), tuple(x.shape[-2:]), self.blur_sigma)
+        emb, theta = self.embed(x)
+        dist = mahalanobis(emb.flatten(2).transpose(1, 2), self.mean_.to(dev), self.precision_.to(dev))
+        # Back from the registered frame to the image's: the inverse of the first stage's transform.
+        grid = warp(dist.reshape(len(x), 1, *self.grid_), torch.linalg.inv(_homogeneous(theta))[:, :2],
+                    padding="border")[:, 0].cpu()
+        maps = upsample_blur(grid, tuple(x.shape[-2:]), self.blur_sigma)
         return maps.flatten(1).max(1).values.numpy(), maps.numpy().astype(np.float32)
 
     def _fitted_tensors(self) -> dict[str, torch.Tensor]:

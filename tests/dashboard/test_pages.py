@@ -455,3 +455,29 @@ def test_cpr_is_trained_from_the_train_page_and_compared(workspace):
     at.switch_page("app_pages/compare.py").run()
     table = at.dataframe[0].value
     assert set(table["run"]) == {"#1 patchcore", f"#{run['id']} cpr"}
+
+
+def test_a_new_variant_from_three_good_images_gets_a_regad_model_and_a_threshold():
+    """The few-shot path: upload 3 good images and nothing else, pick RegAD with a registration trained on
+    other products, train: the run comes with a threshold set from its good images alone."""
+    from core.detectors.regad import train_registration
+    from core.workspace import registrations_dir
+    good = sorted((DEMO / "train" / "good").iterdir())
+    others = [np.asarray(Image.open(p).convert("RGB")) for p in good[3:9]]
+    train_registration({"other": others}, registrations_dir() / "trained_on_other.safetensors", size=64, steps=1,
+                       batch_pairs=2, log=lambda m: None)
+    at = open_page("datasets")
+    at.text_input(key="name_0").set_value("new variant")
+    at.file_uploader(key="normal_0").set_value([(p.name, p.read_bytes(), "image/jpeg") for p in good[:3]])
+    next(b for b in at.button if b.label == "Create dataset").click().run()
+    assert "is ready" in texts(at)
+    at.switch_page("app_pages/train.py").run()
+    next(s for s in at.selectbox if s.label == "Detector").set_value("regad").run()
+    assert at.selectbox(key="regad_registration").value == "trained_on_other.safetensors"
+    next(n for n in at.number_input if n.label == "resize").set_value(128).run()
+    next(b for b in at.button if b.label == "Train").click().run()
+    wait_for_job(at)
+    assert "is ready" in texts(at)
+    run = RunStore().list_runs()[0]
+    assert run["detector"] == "regad" and run["params"]["registration"].endswith("trained_on_other.safetensors")
+    assert run["thresholds"]["image"] is not None and run["thresholds"]["preset"] == "false_reject_rate"
