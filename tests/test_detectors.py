@@ -80,7 +80,7 @@ def test_model_card_describes_the_model(name, fitted):
     ("patchcore", {"stages": ()}, "stages must name"), ("patchcore", {"n_reweight": 0}, "n_reweight must be >= 1"),
     ("padim", {"stages": ()}, "stages must name"), ("fastflow", {"epochs": 0}, "epochs must be >= 1"),
     ("efficientad", {"steps": 0}, "steps must be >= 1"), ("ae", {"latent_dim": 0}, "latent_dim must be >= 1"),
-    ("cpr", {"windows": (3,)}, "one odd window side"), ("cpr", {"n_neighbours": 0}, "n_neighbours must be >= 1")])
+    ("cpr", {"windows": (3,)}, "one odd window side"), ("cpr", {"n_neighbours": 0}, "n_neighbours must be .auto. or an int >= 1")])
 def test_bad_parameters_are_refused_by_name_before_any_work(name, bad, message):
     with pytest.raises(ValueError, match=message):
         create_detector(name, **bad).fit([np.zeros((64, 64, 3), np.uint8)] * 4)

@@ -46,7 +46,7 @@ BACKGROUND_BAND, OBJECT_HALF_SIDE, FOREGROUND_SAMPLE = 3 / 80, 1 / 5, 15_000
 # Automatic settings (see CPR._auto_settings): candidate longer sides (up to the images' own), and (K, finest
 # window) pairs from cheapest to dearest; coarser stages' windows halve (odd). Boards of many layouts need many
 # retrieved images and wide windows, aligned products few and narrow ones: held-out images tell which.
-AUTO_MAX_SIDE, AUTO_SIDES = 640, (512,)
+AUTO_MAX_SIDE, AUTO_SIDES = 640, (384, 512)
 AUTO_SEARCH = ((10, 3), (20, 5), (30, 9), (60, 9), (60, 15))
 AUTO_HELD_OUT = 12
 # Local retrieval: a padded window position never wins (similarity -FAR); query patches per matrix product.
@@ -103,7 +103,7 @@ class CPR(BackboneDetector):
     backbone, stages, weights : timm name, feature stages (timm out_indices) and optional weights file.
         Default: EfficientNet-Lite0 stages 1 and 2 (strides 4 and 8, as the paper's scales 4 and 8).
     resize : the longer side of the input with the aspect ratio kept, "auto" (default: chosen from held-out
-        images among 512 px and the images' own median longer side up to 640) or (h, w) for an exact frame.
+        images among 384 px, 512 px and the images' own median longer side up to 640) or (h, w) for an exact frame.
     crop : centre crop after resizing; None (default) keeps the whole image.
     n_neighbours : K, training images retrieved per test image (paper: 10), or "auto" (default).
     windows : local retrieval window side, per stage, in cells (paper: 3 at stride 4, 1 at stride 8), or "auto"
