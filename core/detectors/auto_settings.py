@@ -124,3 +124,14 @@ def cheapest_within(rows: list[dict], key: str = "separation", tolerance: float 
         return max(tolerance, float(np.nanstd(diff)) if np.isfinite(diff).sum() > 1 else 0.0)
 
     return next(r for r in rows if r[key] >= best[key] - margin(r))
+
+
+def best_frame(rows: list[dict]) -> list[int]:
+    """The frame to use: each frame's best row by separation, then the cheapest of those within the noise of
+    the best (rows go from the smallest frame to the largest)."""
+    best_per_frame: dict[tuple, dict] = {}
+    for row in rows:
+        key = tuple(row["frame"])
+        if key not in best_per_frame or row["separation"] > best_per_frame[key]["separation"]:
+            best_per_frame[key] = row
+    return cheapest_within(list(best_per_frame.values()))["frame"]

@@ -198,12 +198,7 @@ class CPR(BackboneDetector):
         for step, side in enumerate(sides):
             rows += self._compare_at(self._fit_frame(sizes_hw, side), fit_images, held, search)
             progress("auto settings", step + 1, len(sides))
-        best_per_frame = {}
-        for row in rows:
-            key = tuple(row["frame"])
-            if key not in best_per_frame or row["separation"] > best_per_frame[key]["separation"]:
-                best_per_frame[key] = row
-        frame = auto_settings.cheapest_within(list(best_per_frame.values()))["frame"]
+        frame = auto_settings.best_frame(rows)
         chosen = auto_settings.cheapest_within([r for r in rows if r["frame"] == frame])
         for row in rows:   # the bootstrap values served the choice; the record keeps the summary
             row["se"] = round(float(np.nanstd(row.pop("bootstrap")["separation"])), 4)

@@ -61,6 +61,13 @@ def position_gaussians(embeddings: Iterable[torch.Tensor], epsilon: float,
     return mean.float().cpu().contiguous(), precision, grid
 
 
+def check_gaussian_params(n_features: int | None, epsilon: float) -> None:
+    if n_features is not None and n_features < 1:
+        raise ValueError(f"n_features must be None or >= 1, got {n_features}")
+    if epsilon <= 0:
+        raise ValueError(f"epsilon must be > 0 (it keeps covariances invertible), got {epsilon}")
+
+
 def lower_triangle(matrices: torch.Tensor) -> torch.Tensor:
     """(P, d (d + 1) / 2) lower triangles of symmetric matrices (P, d, d): half the bytes on disk."""
     rows, cols = torch.tril_indices(*matrices.shape[1:])
@@ -117,10 +124,7 @@ class PaDiM(BackboneDetector):
 
     def _validate(self) -> None:
         self._require_stages()
-        if self.n_features is not None and self.n_features < 1:
-            raise ValueError(f"n_features must be None or >= 1, got {self.n_features}")
-        if self.epsilon <= 0:
-            raise ValueError(f"epsilon must be > 0 (it keeps covariances invertible), got {self.epsilon}")
+        check_gaussian_params(self.n_features, self.epsilon)
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """(N, d, h, w) reduced embeddings of a preprocessed batch, on the detector's device."""

@@ -200,12 +200,7 @@ class PatchCore(BackboneDetector):
         # The frame and the score border by separation (each frame at its best, then the cheapest near the best
         # of those; the border judged at the largest bank), the bank by the held-out good images' scores
         # levelling off: synthetic defects tell settings apart, good images tell when the bank covers them.
-        best_per_frame = {}
-        for row in rows:
-            key = tuple(row["frame"])
-            if key not in best_per_frame or row["separation"] > best_per_frame[key]["separation"]:
-                best_per_frame[key] = row
-        frame = auto_settings.cheapest_within(list(best_per_frame.values()))["frame"]
+        frame = auto_settings.best_frame(rows)
         at_frame = [r for r in rows if r["frame"] == frame]
         # The border changes image scores only (the map keeps it), so image AUROC judges it.
         border = auto_settings.cheapest_within([r for r in at_frame if r["bank"] == at_frame[-1]["bank"]],

@@ -40,7 +40,7 @@ from ..backbones import DEFAULT_BACKBONE, FeatureExtractor
 from ..data import Preprocess
 from .base import BackboneDetector, Progress, no_progress, register_detector, resolve_device
 from .ops import upsample_blur
-from .padim import from_lower_triangle, lower_triangle, mahalanobis, position_gaussians, stage_embedding
+from .padim import check_gaussian_params, from_lower_triangle, lower_triangle, mahalanobis, position_gaussians, stage_embedding
 
 # The paper's support augmentation: small rotations (radians), translations (shares of the side), quarter turns.
 SUPPORT_ANGLES = tuple(math.pi * a for a in (-1 / 4, -3 / 16, -1 / 8, -1 / 16, 1 / 16, 1 / 8, 3 / 16, 1 / 4))
@@ -247,10 +247,7 @@ class RegAD(BackboneDetector):
 
     def _validate(self) -> None:
         self._require_stages()
-        if self.n_features is not None and self.n_features < 1:
-            raise ValueError(f"n_features must be None or >= 1, got {self.n_features}")
-        if self.epsilon <= 0:
-            raise ValueError(f"epsilon must be > 0 (it keeps covariances invertible), got {self.epsilon}")
+        check_gaussian_params(self.n_features, self.epsilon)
 
     def _registered(self) -> RegistrationNet:
         if getattr(self, "_net", None) is None:
