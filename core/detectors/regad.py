@@ -118,7 +118,7 @@ class RegistrationNet(nn.Module):
         that one position means one place in every stage), and the first transform (N, 2, 3), which takes
         that frame back to the image."""
         maps, thetas = self.registered(x)
-        aligned, since_first = [maps[0]], torch.eye(3).expand(len(x), 3, 3)
+        aligned, since_first = [maps[0]], torch.eye(3, device=x.device).expand(len(x), 3, 3)
         for f, theta in zip(maps[1:], thetas[1:]):
             since_first = since_first @ _homogeneous(theta)
             aligned.append(warp(f, torch.linalg.inv(since_first)[:, :2]))
