@@ -68,6 +68,13 @@ def check_gaussian_params(n_features: int | None, epsilon: float) -> None:
         raise ValueError(f"epsilon must be > 0 (it keeps covariances invertible), got {epsilon}")
 
 
+def random_channels(total: int, n_features: int | None, seed: int) -> torch.Tensor:
+    """The paper's random channel subset: n_features of `total` channel indices (all for None), drawn with
+    `seed`, sorted."""
+    d = total if n_features is None else min(int(n_features), total)
+    return torch.randperm(total, generator=torch.Generator().manual_seed(int(seed)))[:d].sort().values
+
+
 def lower_triangle(matrices: torch.Tensor) -> torch.Tensor:
     """(P, d (d + 1) / 2) lower triangles of symmetric matrices (P, d, d): half the bytes on disk."""
     rows, cols = torch.tril_indices(*matrices.shape[1:])
@@ -135,10 +142,7 @@ class PaDiM(BackboneDetector):
         self._validate()
         if len(images) < 2:
             raise ValueError("PaDiM needs at least 2 training images to estimate covariances")
-        total = sum(self.feature_extractor().channels)
-        d = total if self.n_features is None else min(int(self.n_features), total)
-        gen = torch.Generator().manual_seed(int(self.seed))
-        self.channel_idx_ = torch.randperm(total, generator=gen)[:d].sort().values
+        self.channel_idx_ = random_channels(sum(self.feature_extractor().channels), self.n_features, self.seed)
 
         def embeddings():
             for start in range(0, len(images), batch_size):

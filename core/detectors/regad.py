@@ -40,7 +40,8 @@ from ..backbones import DEFAULT_BACKBONE, FeatureExtractor
 from ..data import Preprocess
 from .base import BackboneDetector, Progress, no_progress, register_detector, resolve_device
 from .ops import upsample_blur
-from .padim import check_gaussian_params, from_lower_triangle, lower_triangle, mahalanobis, position_gaussians, stage_embedding
+from .padim import (check_gaussian_params, from_lower_triangle, lower_triangle, mahalanobis, position_gaussians,
+                    random_channels, stage_embedding)
 
 # The paper's support augmentation: small rotations (radians), translations (shares of the side), quarter turns.
 SUPPORT_ANGLES = tuple(math.pi * a for a in (-1 / 4, -3 / 16, -1 / 8, -1 / 16, 1 / 16, 1 / 8, 3 / 16, 1 / 4))
@@ -281,10 +282,7 @@ class RegAD(BackboneDetector):
         self._validate()
         self.registration_ = self._load_registration()
         self._net = None
-        total = sum(self.feature_extractor().channels)
-        d = total if self.n_features is None else min(int(self.n_features), total)
-        gen = torch.Generator().manual_seed(int(self.seed))
-        self.channel_idx_ = torch.randperm(total, generator=gen)[:d].sort().values
+        self.channel_idx_ = random_channels(sum(self.feature_extractor().channels), self.n_features, self.seed)
 
         def embeddings():
             for start in range(0, len(images), batch_size):
