@@ -126,3 +126,19 @@ def test_score_border_leaves_the_edge_out_of_the_image_score_but_not_out_of_the_
     assert s_inner[0] < 0.8 * s_whole[0]
     with pytest.raises(ValueError, match="score_border"):
         create_detector("patchcore", score_border=-8).fit(train)
+
+
+def test_the_frame_kept_is_the_smallest_that_keeps_the_images_detail():
+    rng = np.random.default_rng(0)
+    y, x = np.mgrid[0:640, 0:640]
+    smooth = [np.repeat(((np.sin(x / 90 + p) + np.cos(y / 70)) * 60 + 128)[..., None], 3, 2).astype(np.uint8)
+              for p in rng.uniform(0, 6, 3)]
+    # One-pixel tracks every 7 px (a board's traces): any shrinking blurs them.
+    tracks = [np.repeat(np.where(((x + s) % 7 == 0) | ((y + s) % 11 == 0), 255, 0)[..., None], 3, 2).astype(np.uint8)
+              for s in range(3)]
+    frames = [(384, 384), (512, 512), (640, 640)]
+    frame, losses = auto_settings.detail_keeping_frame(smooth, frames, seed=0)
+    assert frame == (384, 384) and losses == {"384x384": pytest.approx(0, abs=1e-3)}   # stops at the first that keeps
+    frame, losses = auto_settings.detail_keeping_frame(tracks, frames, seed=0)
+    assert frame == (640, 640) and losses["384x384"] > 0.1 and losses["512x512"] > 0.05 and losses["640x640"] == 0
+    assert auto_settings.detail_lost(tracks, (640, 640)) == 0.0

@@ -51,6 +51,11 @@ def test_global_retrieval_finds_the_image_itself_first(demo):
     feats = det.embed(det.preprocess.images_to_tensor(train[:4]))
     near = det.retrieve(det._histograms(feats[0]), 3)
     assert near.shape == (4, 3) and near[:, 0].tolist() == [0, 1, 2, 3]
+    # The automatic search scores held-out images with their own image left out: never retrieved.
+    without_self = det.retrieve(det._histograms(feats[0]), 3, exclude=torch.arange(4))
+    assert torch.equal(without_self[:, :2], near[:, 1:])
+    everything_else = det.retrieve(det._histograms(feats[0]), len(train), exclude=torch.arange(4))
+    assert everything_else.shape == (4, len(train) - 1) and not (everything_else == torch.arange(4)[:, None]).any()
     # Each training image scores near zero against itself: its own patches are in the window.
     scores, _ = det.score_maps(train[:4])
     defect = [demo[i] for i in range(len(demo)) if demo.samples[i].label == 1][:4]

@@ -30,6 +30,10 @@ TOLERANCE = 0.005
 BOOTSTRAP_ROUNDS = 20
 # A bank is large enough once the held-out good images' mean score is within this share of the largest's.
 LEVEL = 0.03
+# A frame keeps an image's detail when resizing to it and back loses at most this share of the image's pixel
+# variance: a 640 px circuit board's thin tracks lose 1.3% at 384 px and 0.9% at 512, a 900 px bottle 0.1% at
+# 384. Synthetic defects cannot tell: they are drawn at the image's scale, not at its finest structure's.
+DETAIL_LOSS, DETAIL_SAMPLE = 0.005, 16
 
 
 @dataclass
@@ -124,6 +128,35 @@ def cheapest_within(rows: list[dict], key: str = "separation", tolerance: float 
         return max(tolerance, float(np.nanstd(diff)) if np.isfinite(diff).sum() > 1 else 0.0)
 
     return next(r for r in rows if r[key] >= best[key] - margin(r))
+
+
+def detail_lost(images: Sequence[np.ndarray], frame: tuple[int, int]) -> float:
+    """Median, over the images, of the share of pixel variance that resizing to `frame` (antialiased bilinear,
+    as the models' input) and back to the image's own size removes."""
+    losses = []
+    for image in images:
+        x = torch.from_numpy(np.asarray(image)).permute(2, 0, 1)[None].float()
+        if tuple(x.shape[-2:]) == tuple(frame):
+            losses.append(0.0)
+            continue
+        small = F.interpolate(x, size=tuple(frame), mode="bilinear", antialias=True, align_corners=False)
+        back = F.interpolate(small, size=tuple(x.shape[-2:]), mode="bilinear", antialias=True, align_corners=False)
+        losses.append(float((x - back).pow(2).mean() / x.var().clamp_min(1e-6)))
+    return float(np.median(losses))
+
+
+def detail_keeping_frame(images: Sequence[np.ndarray], frames: Sequence[tuple[int, int]], seed: int
+                         ) -> tuple[tuple[int, int], dict[str, float]]:
+    """The smallest of `frames` (smallest first) that keeps the detail of a sample of the images (at most
+    DETAIL_LOSS of their variance lost), else the largest; and each frame's loss, keyed "HxW"."""
+    pick = np.random.default_rng(seed).permutation(len(images))[:DETAIL_SAMPLE]
+    sample = [images[int(i)] for i in pick]
+    losses = {}
+    for frame in frames:
+        losses[f"{frame[0]}x{frame[1]}"] = loss = round(detail_lost(sample, frame), 4)
+        if loss <= DETAIL_LOSS:
+            return tuple(frame), losses
+    return tuple(frames[-1]), losses
 
 
 def best_frame(rows: list[dict]) -> list[int]:

@@ -43,9 +43,10 @@ WORD_SAMPLE = 50_000
 # as object, as shares of the grid; the classifier's output is clipped to [0, 1] between its 1st and 99th
 # percentiles on the training patches.
 BACKGROUND_BAND, OBJECT_HALF_SIDE, FOREGROUND_SAMPLE = 3 / 80, 1 / 5, 15_000
-# Automatic settings (see CPR._auto_settings): candidate longer sides (up to the images' own), and (K, finest
-# window) pairs from cheapest to dearest; coarser stages' windows halve (odd). Boards of many layouts need many
-# retrieved images and wide windows, aligned products few and narrow ones: held-out images tell which.
+# Automatic settings: candidate longer sides (up to the images' own; the smallest that keeps the images' detail
+# wins), and (K, finest window) pairs from cheapest to dearest, coarser stages' windows halved (odd). Boards of
+# many layouts need many retrieved images and wide windows, aligned products few and narrow ones: held-out
+# images tell which (CPR._choose_search).
 AUTO_MAX_SIDE, AUTO_SIDES = 640, (384, 512)
 AUTO_SEARCH = ((10, 3), (20, 5), (30, 9), (60, 9), (60, 15))
 AUTO_HELD_OUT = 12
@@ -179,79 +180,77 @@ class CPR(BackboneDetector):
         return [(k, windows(w)) for k, w in AUTO_SEARCH]
 
     def _auto_settings(self, images: Sequence[np.ndarray], sizes_hw, progress: Progress) -> dict:
+        """The frame, where `resize` is "auto": the smallest candidate that keeps the images' detail. K and the
+        windows are chosen later, on the fitted model itself (`_choose_search`)."""
         self._validate()
-        tune_size, tune_search = self.resize == "auto", "auto" in (self.n_neighbours, self.windows)
-        if not (tune_size or tune_search):
+        if self.resize != "auto":
             return {}
         native = int(np.clip(round(np.median([max(hw) for hw in sizes_hw]) / 32) * 32, 256, AUTO_MAX_SIDE))
-        sides = sorted({min(s, native) for s in AUTO_SIDES} | {native}) if tune_size else [None]
+        frames = [self._fit_frame(sizes_hw, side) for side in sorted({min(s, native) for s in AUTO_SIDES} | {native})]
+        frame, losses = auto_settings.detail_keeping_frame(images, frames, self.seed)
+        return {"long_side": max(frame), "detail_lost": losses,
+                "why": f"input {frame[0]} x {frame[1]} px (H x W), the smallest frame that keeps the images' "
+                       f"detail (share of their variance lost by resizing: {losses})"}
+
+    def _choose_search(self, images: Sequence[np.ndarray], progress: Progress) -> dict:
+        """K and the windows, on this fitted model: held-out training images, and synthetic defects pasted into
+        them, are scored under each candidate with their own image left out of the retrieval (CPR keeps every
+        training image, so that is exactly a model without it). The cheapest candidate wins unless a dearer one
+        separates them better by more than the noise; the search stops at the first dearer candidate that
+        does not."""
         search = self._search_candidates()
         if len(images) < auto_settings.MIN_IMAGES:
             k, windows = search[-1]
-            return {"long_side": native, "n_neighbours": k, "windows": list(windows),
-                    "why": f"{len(images)} training images are too few to hold any out: the images' own size "
-                           f"({native} px), every image retrieved and the widest windows {list(windows)}"}
+            return {"n_neighbours": k, "windows": list(windows),
+                    "why": f"{len(images)} training images are too few to hold any out: every image retrieved and "
+                           f"the widest windows {list(windows)}"}
         start = time.perf_counter()
         held = auto_settings.hold_out(images, self.seed, most=AUTO_HELD_OUT)
-        fit_images = [images[int(i)] for i in held.train_index]
-        rows = []
-        for step, side in enumerate(sides):
-            rows += self._compare_at(self._fit_frame(sizes_hw, side), fit_images, held, search)
-            progress("auto settings", step + 1, len(sides))
-        frame = auto_settings.best_frame(rows)
-        chosen = auto_settings.cheapest_within([r for r in rows if r["frame"] == frame])
-        for row in rows:   # the bootstrap values served the choice; the record keeps the summary
-            row["se"] = round(float(np.nanstd(row.pop("bootstrap")["separation"])), 4)
-        settings = {"seconds": round(time.perf_counter() - start, 1), "candidates": rows,
-                    "n_held_out": int(len(held.held_out_index)), "n_synthetic_defects": int(held.labels.sum()),
-                    "n_neighbours": chosen["n_neighbours"], "windows": chosen["windows"]}
-        if tune_size:
-            settings["long_side"] = max(frame)
-        settings["why"] = (f"input {frame[0]} x {frame[1]} px (H x W), {chosen['n_neighbours']} images retrieved, "
-                           f"windows {chosen['windows']}; chosen on {len(held.held_out_index)} held-out good images "
-                           f"and {int(held.labels.sum())} synthetic defects, which they separate by "
-                           f"{chosen['separation']:.3f} (best candidate {max(r['separation'] for r in rows):.3f}; "
-                           "a cheaper setting wins unless a dearer one is better by more than the noise)")
-        return settings
-
-    def _compare_at(self, frame: tuple[int, int], fit_images: list[np.ndarray], held: auto_settings.HeldOut,
-                    search: list[tuple[int, tuple[int, ...]]]) -> list[dict]:
-        """Separation of the held-out images under each (K, windows), from one model of the other images at
-        this frame. Stops at the first dearer candidate that does not beat the best so far by the tolerance."""
+        own = torch.from_numpy(held.held_out_index[held.groups])        # the training image each row came from
         k_max = max(k for k, _ in search)
-        scratch = CPR(**{**self.get_params(), "resize": tuple(frame), "n_neighbours": k_max, "windows": search[-1][1],
-                         "calibration_fraction": 0.0}).fit(fit_images)
-        pre = scratch.preprocess
-        batches = [pre.images_to_tensor(held.images[i:i + 16]) for i in range(0, len(held.images), 16)]
-        with torch.no_grad():
-            feats = [scratch.embed(x) for x in batches]
-        nearest = [scratch.retrieve(scratch._histograms(f[0]), k_max) for f in feats]
+        pre = self.preprocess
+        batches, feats, nearest = [], [], []
+        for i in range(0, len(held.images), 16):
+            x = pre.images_to_tensor(held.images[i:i + 16])
+            with torch.no_grad():
+                f = self.embed(x)
+            batches.append(x)
+            feats.append(f)
+            nearest.append(self.retrieve(self._histograms(f[0]), k_max, exclude=own[i:i + 16]))
         grid = tuple(feats[0][0].shape[-2:])
         coverage = auto_settings.grid_masks(held.masks, pre.mask_to_frame, grid)
         rows, best = [], None
-        for k, windows in search:
+        for step, (k, windows) in enumerate(search):
             scores, cells = [], []
             for x, f, near in zip(batches, feats, nearest):
-                s, maps = scratch._score_features(f, tuple(x.shape[-2:]), near[:, :k], windows)
+                s, maps = self._score_features(f, tuple(x.shape[-2:]), near[:, :k], windows)
                 scores.append(s)
                 cells.append(F.adaptive_avg_pool2d(maps[:, None], grid)[:, 0])
-            row = {"frame": list(frame), "n_neighbours": int(k), "windows": list(windows),
+            row = {"n_neighbours": int(k), "windows": list(windows),
                    **auto_settings.separation_with_error(held.labels, held.groups, torch.cat(scores).numpy(),
                                                          torch.cat(cells).numpy(), coverage)}
             rows.append(row)
+            progress("auto settings", step + 1, len(search))
             if best is not None and row["separation"] <= best["separation"] + auto_settings.TOLERANCE:
                 break
             best = row if best is None or row["separation"] > best["separation"] else best
-        return rows
+        chosen = auto_settings.cheapest_within(rows)
+        for row in rows:   # the bootstrap values served the choice; the record keeps the summary
+            row["se"] = round(float(np.nanstd(row.pop("bootstrap")["separation"])), 4)
+        return {"seconds": round(time.perf_counter() - start, 1), "candidates": rows,
+                "n_held_out": int(len(held.held_out_index)), "n_synthetic_defects": int(held.labels.sum()),
+                "n_neighbours": chosen["n_neighbours"], "windows": chosen["windows"],
+                "why": f"{chosen['n_neighbours']} images retrieved, windows {chosen['windows']}; chosen on "
+                       f"{len(held.held_out_index)} held-out good images and {int(held.labels.sum())} synthetic "
+                       f"defects, which they separate by {chosen['separation']:.3f} (best candidate "
+                       f"{max(r['separation'] for r in rows):.3f}; a cheaper setting wins unless a dearer one is "
+                       "better by more than the noise)"}
 
     def fold_params(self) -> dict:
         return {**super().fold_params(), "n_neighbours": self.n_neighbours_, "windows": self.windows_}
 
     def _fit(self, images: Sequence[np.ndarray], progress: Progress, batch_size: int = 16) -> None:
         self._validate()
-        auto = getattr(self, "auto_settings_", {})
-        self.n_neighbours_ = int(auto.get("n_neighbours", self.n_neighbours))
-        self.windows_ = tuple(int(w) for w in auto.get("windows", self.windows))
         n = len(images)
         rng = np.random.default_rng(self.seed)
         banks: list[torch.Tensor] | None = None
@@ -274,6 +273,13 @@ class CPR(BackboneDetector):
         self.histograms_ = torch.cat([self._histograms(finest[i:i + 64].float()) for i in range(0, n, 64)])
         progress("retrieval index", 1, 1)
         self.foreground_ = self._fit_foreground(finest, rng) if self.foreground else None
+        if "auto" in (self.n_neighbours, self.windows):
+            search = self._choose_search(images, progress)
+            frame_why = self.auto_settings_.get("why")
+            self.auto_settings_ = {**self.auto_settings_, **search,
+                                   "why": "; ".join(w for w in (frame_why, search["why"]) if w)}
+        self.n_neighbours_ = int(self.auto_settings_.get("n_neighbours", self.n_neighbours))
+        self.windows_ = tuple(int(w) for w in self.auto_settings_.get("windows", self.windows))
 
     def _fit_foreground(self, finest: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
         """The paper's unsupervised object estimate: two k-means clusters; the commoner one on the grid's
@@ -316,15 +322,19 @@ class CPR(BackboneDetector):
         return (torch.einsum("nchw,c->nhw", finest.float(), weight) + bias).clamp(0, 1)
 
     # --- scoring --------------------------------------------------------------------------------------
-    def retrieve(self, histograms: torch.Tensor, k: int) -> torch.Tensor:
+    def retrieve(self, histograms: torch.Tensor, k: int, exclude: torch.Tensor | None = None) -> torch.Tensor:
         """(N, k) indices of the training images nearest to each query's block histograms (N, B, W), nearest
-        first."""
+        first; `exclude` (N,) names a training image each query may not retrieve (its own)."""
         eps = 1e-8
         q, refs = histograms[:, None] + eps, self.histograms_[None] + eps        # (N, 1, B, W), (1, M, B, W)
         kl = (q * torch.log(q / refs)).sum(-1)                                    # (N, M, B)
         keep = max(1, int(kl.shape[-1] * self.block_share))
         distance = kl.sort(-1).values[..., :keep].sum(-1)                         # (N, M)
-        return distance.topk(min(k, distance.shape[1]), dim=1, largest=False).indices
+        available = distance.shape[1]
+        if exclude is not None:
+            distance[torch.arange(len(distance)), exclude] = float("inf")
+            available -= 1
+        return distance.topk(max(1, min(k, available)), dim=1, largest=False).indices
 
     def _score_batch(self, x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         feats = self.embed(x)
