@@ -51,6 +51,17 @@ def test_feature_extractor_reports_real_shapes():
     assert not extractor.model.training, "a frozen backbone never switches batch norm to training"
 
 
+def test_blocks_past_the_last_stage_asked_are_dropped_and_change_nothing():
+    x = torch.randn(2, 3, 128, 160, generator=torch.Generator().manual_seed(0))
+    every = FeatureExtractor("tf_efficientnet_lite0", (0, 1, 2, 3, 4))
+    full = every(x)
+    for stages, n_blocks in [((1, 2), 3), ((2, 3), 5), ((4,), 7)]:
+        extractor = FeatureExtractor("tf_efficientnet_lite0", stages)
+        assert len(extractor.model.blocks) == n_blocks
+        for got, stage in zip(extractor(x), stages):
+            assert torch.equal(got, full[stage])
+
+
 def test_feature_extractor_matches_the_classifier_weights():
     features = FeatureExtractor("tf_efficientnet_lite0", (0,))
     classifier = create_classifier("tf_efficientnet_lite0")
