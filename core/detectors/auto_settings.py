@@ -135,7 +135,7 @@ def detail_lost(images: Sequence[np.ndarray], frame: tuple[int, int]) -> float:
     as the models' input) and back to the image's own size removes."""
     losses = []
     for image in images:
-        x = torch.from_numpy(np.asarray(image)).permute(2, 0, 1)[None].float()
+        x = torch.from_numpy(np.array(image, dtype=np.float32)).permute(2, 0, 1)[None]
         if tuple(x.shape[-2:]) == tuple(frame):
             losses.append(0.0)
             continue
