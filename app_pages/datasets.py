@@ -94,11 +94,7 @@ if record is None:
     st.stop()
 
 st.header(record["name"])
-try:
-    dataset = state.dataset_images(record)
-except (OSError, ValueError) as exc:
-    st.error(f"This dataset cannot be opened any more: {exc}")
-    st.stop()
+dataset = state.dataset_images(record)
 st.caption(f"{record['kind']} · {record['source']} · {dataset.report.summary()}")
 
 counts = dataset.counts()

@@ -63,6 +63,7 @@ IMAGE_FORMATS = ("PNG", "JPEG", "BMP", "TIFF", "WEBP")
 MAX_PIXELS = 80_000_000            # images above this many pixels are refused (read at call time: patchable)
 MAX_ZIP_MEMBER_BYTES = 256 * 2**20  # one member of an uploaded zip
 MAX_ZIP_TOTAL_BYTES = 2 * 2**30     # all extracted members together (zip-bomb guard)
+MAX_FOLDER_FILES = 200_000          # a dataset folder holding more is someone's disk, not a dataset
 
 _JUNK_NAMES = {".ds_store", "thumbs.db", "desktop.ini"}
 _SPLIT_ORDER = {"train": 0, "test": 1}
@@ -518,13 +519,22 @@ def _hidden(rel_parts: Sequence[str]) -> bool:
 def _walk_files(root: Path, report: "LoadReport | None" = None) -> list[Path]:
     """All regular files under root (not following folder links), hidden files and folders left out; other
     entries (named pipes, sockets, devices, broken links) are reported as skipped: a pipe would block a reader."""
-    out = []
+    out, seen = [], 0
     for dirpath, dirnames, filenames in os.walk(root):
+        seen += len(filenames)
+        if seen > MAX_FOLDER_FILES:
+            raise ValueError(f"{root} holds more than {MAX_FOLDER_FILES:,} files: point at the dataset's own folder")
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for p in (Path(dirpath) / f for f in sorted(filenames) if not f.startswith(".")):
-            if p.is_file():
+            try:
+                regular, folder = p.is_file(), p.is_dir()
+            except OSError as exc:     # e.g. a link into /proc that this user may not follow
+                if report is not None:
+                    report.skipped.append((_escaped(_rel(p, root)), f"cannot be read ({exc.strerror or exc}): skipped"))
+                continue
+            if regular:
                 out.append(p)
-            elif report is not None and not p.is_dir():
+            elif report is not None and not folder:
                 report.skipped.append((_escaped(_rel(p, root)), "not a regular file (a named pipe, socket, device "
                                                                 "or broken link): skipped"))
     return out
@@ -649,12 +659,20 @@ def _existing_dir(root) -> Path:
     return p.resolve()
 
 
+def _is_folder(path: Path) -> bool:
+    """Path.is_dir, False for an entry this user may not inspect (a link into /proc raises instead)."""
+    try:
+        return path.is_dir()
+    except OSError:
+        return False
+
+
 def _find_mvtec_root(root: Path) -> Path | None:
     """root itself if it has train/good, or its single visible subfolder if that has (e.g. an unzipped archive)."""
-    if (root / "train" / "good").is_dir():
+    if _is_folder(root / "train" / "good"):
         return root
-    subs = [d for d in root.iterdir() if d.is_dir() and not d.name.startswith(".") and d.name != "__MACOSX"]
-    if len(subs) == 1 and (subs[0] / "train" / "good").is_dir():
+    subs = [d for d in root.iterdir() if _is_folder(d) and not d.name.startswith(".") and d.name != "__MACOSX"]
+    if len(subs) == 1 and _is_folder(subs[0] / "train" / "good"):
         return subs[0]
     return None
 
@@ -684,7 +702,7 @@ def load_mvtec(root, validate: bool = True, *, progress: Callable[[int, int], No
 
     gt_root = base / "ground_truth"
     gt_index: dict[tuple[str, str], list[Path]] = {}   # (defect, rel path w/o suffix, lowercase) -> files
-    if gt_root.is_dir():
+    if _is_folder(gt_root):
         for f in _walk_files(gt_root):
             rel = f.relative_to(gt_root)
             if len(rel.parts) < 2:
@@ -704,7 +722,7 @@ def load_mvtec(root, validate: bool = True, *, progress: Callable[[int, int], No
         return None
 
     for top in sorted(p for p in base.iterdir() if not p.name.startswith(".")):
-        if not top.is_dir() or top.name == "ground_truth":
+        if not _is_folder(top) or top.name == "ground_truth":
             continue                                    # readme.txt, license.txt, ... at the root
         for f in _walk_files(top, report):
             rel = f.relative_to(base)
@@ -802,14 +820,28 @@ def _member_problem(info: zipfile.ZipInfo, max_member_bytes: int) -> tuple[str, 
 
 def load_zip(zip_path, dest_dir, validate: bool = True, *, max_member_bytes: int | None = None,
              max_total_bytes: int | None = None, progress: Callable[[int, int], None] | None = None) -> ImageSet:
-    """Safely extract the image files of a zip into ``dest_dir`` (created; must be empty) and load them.
+    """Safely extract the image files of a zip into ``dest_dir`` (:func:`extract_zip`) and load them.
 
     Loads as MVTec layout when there is a ``train/good/`` (at the top or under one top-level folder), else as a
-    plain folder of normal training images. Hostile members are refused and reported (absolute paths, '..',
-    symbolic links, NUL in names, encrypted members, members over ``max_member_bytes`` and anything past a
-    total of ``max_total_bytes`` uncompressed, the zip-bomb guard); junk (__MACOSX/, .DS_Store, Thumbs.db,
-    hidden and non-image files) is reported as skipped. ``zip_path`` may be a path, bytes or a binary file
-    object. A file that is not a zip raises :class:`ImageError`.
+    plain folder of normal training images; a zip that looks like an MVTec set but is not one (two sets, no
+    ``train/good/`` folder) is refused.
+    """
+    root, report = extract_zip(zip_path, dest_dir, max_member_bytes=max_member_bytes, max_total_bytes=max_total_bytes)
+    ds = _load_laid_out(root, "the zip", validate=validate, progress=progress, _report=report)
+    ds.name = Path(report.source).stem if report.source not in ("<bytes>", "<stream>") else ds.name
+    return ds
+
+
+def extract_zip(zip_path, dest_dir, *, max_member_bytes: int | None = None, max_total_bytes: int | None = None
+                ) -> tuple[Path, "LoadReport"]:
+    """Safely extract a zip into ``dest_dir`` (created; must be empty): the folder and the report of what was
+    skipped.
+
+    Hostile members are refused and reported (absolute paths, '..', symbolic links, NUL in names, encrypted
+    members, members over ``max_member_bytes`` and anything past a total of ``max_total_bytes`` uncompressed,
+    the zip-bomb guard); junk (__MACOSX/, .DS_Store, Thumbs.db, hidden and non-image files) is reported as
+    skipped. ``zip_path`` may be a path, bytes or a binary file object. A file that is not a zip raises
+    :class:`ImageError`; a zip with nothing extracted raises :class:`EmptyDatasetError`.
     """
     max_member = MAX_ZIP_MEMBER_BYTES if max_member_bytes is None else int(max_member_bytes)
     max_total = MAX_ZIP_TOTAL_BYTES if max_total_bytes is None else int(max_total_bytes)
@@ -859,15 +891,7 @@ def load_zip(zip_path, dest_dir, validate: bool = True, *, max_member_bytes: int
             extracted += 1
     if not extracted:
         raise EmptyDatasetError(report)
-
-    root = Path(dest_real)
-    mvtec = _find_mvtec_root(root)
-    if mvtec is not None:
-        ds = load_mvtec(mvtec, validate=validate, progress=progress, _report=report)
-    else:
-        ds = load_folder(root, validate=validate, progress=progress, _report=report)
-    ds.name = Path(name).stem if name not in ("<bytes>", "<stream>") else ds.name
-    return ds
+    return Path(dest_real), report
 
 
 def _extract_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, target: Path, dest_real: str,
@@ -937,25 +961,31 @@ def load_dataset(path, **kw) -> ImageSet:
             return load_zip(p, **kw)
         raise ValueError(f"{p}: expected a folder of images or a .zip archive")
     kw.pop("dest_dir", None)
-    if _find_mvtec_root(p.resolve()) is not None:
-        return load_mvtec(p, **kw)
-    problem = _broken_mvtec_layout(p.resolve())
+    return _load_laid_out(p, p.name, **kw)
+
+
+def _load_laid_out(root: Path, shown: str, **kw) -> ImageSet:
+    """An MVTec-layout set (at root or in its one subfolder) or a plain folder of normal images; a folder that
+    looks like an MVTec set but is not one is refused: read as a plain folder, its test anomalies and masks
+    would be trained on as "good" images."""
+    if _find_mvtec_root(root.resolve()) is not None:
+        return load_mvtec(root, **kw)
+    problem = _broken_mvtec_layout(root.resolve())
     if problem:
-        # Falling back to a plain folder would train on test anomalies and masks as "good" images.
-        raise ValueError(f"{p.name}: {problem}")
-    return load_folder(p, **kw)
+        raise ValueError(f"{shown}: {problem}")
+    return load_folder(root, **kw)
 
 
 def _broken_mvtec_layout(root: Path) -> str | None:
     """Why a folder that looks like an MVTec-layout set is not one (None when it does not look like one)."""
-    candidates = [root] + [d for d in sorted(root.iterdir()) if d.is_dir() and not d.name.startswith(".")]
-    roots = [d for d in candidates if (d / "train" / "good").is_dir()]
+    candidates = [root] + [d for d in sorted(root.iterdir()) if _is_folder(d) and not d.name.startswith(".")]
+    roots = [d for d in candidates if _is_folder(d / "train" / "good")]
     if len(roots) > 1:
         return (f"holds {len(roots)} MVTec-layout datasets ({', '.join(d.name + '/' for d in roots)}): "
                 "choose one of them")
     for d in candidates:
-        has_split = any((d / part).is_dir() for part in ("test", "ground_truth", "train"))
-        if has_split and not (d / "train" / "good").is_dir():
+        has_split = any(_is_folder(d / part) for part in ("test", "ground_truth", "train"))
+        if has_split and not _is_folder(d / "train" / "good"):
             where = "" if d == root else f"{d.name}/"
             return (f"looks like an MVTec-layout set ({where}test/, ground_truth/ or train/) but "
                     f"{where}train/good/ is missing or not a folder: fix the layout, or point at a plain folder "

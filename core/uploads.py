@@ -15,13 +15,16 @@ import zipfile
 from pathlib import Path
 from typing import Sequence
 
-from .data import IMAGE_SUFFIXES, EmptyDatasetError, ImageSet, LoadReport, load_dataset, load_mvtec, load_zip
+from .data import (IMAGE_SUFFIXES, EmptyDatasetError, ImageSet, LoadReport, extract_zip, load_dataset, load_mvtec,
+                   load_zip)
 from .pipeline import report_dict
 from .runs import RunStore
 from .workspace import workspace_dir
 
 # An upload as the browser hands it over: (file name, possibly with folders, and its bytes).
 UploadedFile = tuple[str, bytes]
+# Longest dataset name, and longest stored file name stem (file systems stop at 255 bytes).
+MAX_NAME_CHARS, MAX_STEM_BYTES = 100, 150
 
 
 def datasets_dir() -> Path:
@@ -49,6 +52,9 @@ def create_from_uploads(store: RunStore, name: str, normal: Sequence[UploadedFil
     name = name.strip()
     if not name:
         raise ValueError("give the dataset a name")
+    if len(name) > MAX_NAME_CHARS:
+        raise ValueError(f"a dataset name has at most {MAX_NAME_CHARS} characters ({len(name)} given): choose a "
+                         "shorter one")
     if store.find_dataset(name) is not None:
         raise ValueError(f"a dataset named {name!r} already exists: choose another name")
     if not normal:
@@ -88,11 +94,17 @@ def create_from_uploads(store: RunStore, name: str, normal: Sequence[UploadedFil
 
 def register_folder(store: RunStore, path: str | Path, name: str | None = None) -> tuple[int, ImageSet]:
     """Register a dataset folder on the server (MVTec layout, or a plain folder of normal images) in place."""
+    if not str(path).strip():
+        raise ValueError("type the path of a folder on the server")   # Path("") would be the working directory
+    name = (name or "").strip()
+    if len(name) > MAX_NAME_CHARS:
+        raise ValueError(f"a dataset name has at most {MAX_NAME_CHARS} characters ({len(name)} given): choose a "
+                         "shorter one")
     folder = Path(path).expanduser()
     if not folder.is_dir():
         raise FileNotFoundError(f"no folder at {folder}" if not folder.exists() else f"not a folder: {folder}")
     dataset = load_dataset(folder)
-    name = (name or "").strip() or dataset.name
+    name = name or dataset.name
     found = store.find_dataset(name)
     if found is not None:
         if Path(found["source"]).resolve() == folder.resolve():
@@ -146,7 +158,9 @@ def _place_normal(normal: Sequence[UploadedFile], root: Path, scratch: Path, rep
             if any(s.split == "test" for s in unpacked.samples):
                 mvtec_root = Path(unpacked.samples[0].path).parents[2]   # <root>/train/good/<file>
         elif Path(upload[0]).suffix.lower() in IMAGE_SUFFIXES:
-            _write_unique(good, Path(upload[0]).name, upload[1])
+            stored = _write_unique(good, Path(upload[0]).name, upload[1])
+            if stored != Path(upload[0]).name:
+                report.warnings.append((upload[0], f"stored as {stored}"))
         else:
             report.skipped.append((upload[0], f"not an image file (suffix {Path(upload[0]).suffix or 'none'!r})"))
     return mvtec_root
@@ -155,7 +169,7 @@ def _place_normal(normal: Sequence[UploadedFile], root: Path, scratch: Path, rep
 def _place_test(upload: UploadedFile, root: Path, scratch: Path, report: LoadReport) -> None:
     """Unpack a test set and copy its test/ and ground_truth/ folders under root."""
     try:
-        load_zip(upload[1], scratch, validate=False)   # the layout is found first; the dataset load checks images
+        extract_zip(upload[1], scratch)   # the layout is found below; the dataset load checks the images
     except EmptyDatasetError as exc:
         raise ValueError(f"the test set {upload[0]!r} holds no images: {exc}") from None
     except ValueError as exc:
@@ -191,10 +205,13 @@ def _copy_unique(path: Path, folder: Path) -> None:
     _write_unique(folder, path.name, path.read_bytes())
 
 
-def _write_unique(folder: Path, file_name: str, data: bytes) -> None:
-    """Write under file_name, or file_name with a counter when an upload already used it."""
-    stem, suffix = Path(file_name).stem, Path(file_name).suffix
-    target, n = folder / file_name, 1
+def _write_unique(folder: Path, file_name: str, data: bytes) -> str:
+    """Write under file_name (its stem cut to MAX_STEM_BYTES of UTF-8), with a counter when an upload already
+    used it; returns the name written."""
+    stem = Path(file_name).stem.encode("utf-8", "surrogateescape")[:MAX_STEM_BYTES].decode("utf-8", "ignore")
+    suffix = Path(file_name).suffix
+    target, n = folder / f"{stem}{suffix}", 1
     while target.exists():
         target, n = folder / f"{stem}-{n}{suffix}", n + 1
     target.write_bytes(data)
+    return target.name

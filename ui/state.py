@@ -54,8 +54,14 @@ def _dataset(registry: str, dataset_id: int, source: str):
 
 
 def dataset_images(record: dict):
-    """The ImageSet of a registered dataset (a private copy: callers may filter it freely)."""
-    return _dataset(_registry(), record["id"], record["source"])
+    """The ImageSet of a registered dataset (a private copy: callers may filter it freely). A dataset whose files
+    are gone or damaged stops the page with the reason, on whichever page asks."""
+    try:
+        return _dataset(_registry(), record["id"], record["source"])
+    except (OSError, ValueError) as exc:
+        st.error(f"Dataset {record['name']!r} cannot be opened any more: {exc}. Put its files back, or create "
+                 "the dataset again under another name.", icon=":material/folder_off:")
+        st.stop()
 
 
 @st.cache_resource(max_entries=16, show_spinner="Loading the run's test results…")

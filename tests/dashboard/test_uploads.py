@@ -104,3 +104,43 @@ def test_a_refused_zip_upload_keeps_its_real_reason_and_copies_no_junk():
     _, ds = create_from_uploads(store, "with test", files(DEMO / "train" / "good")[:3], [("t.zip", test_zip.getvalue())])
     stored = [p for p in (datasets_dir() / "with-test").rglob("*") if p.is_file()]
     assert len(ds) == 5 and len(stored) == 5 and any("junk.png" in f for f, _ in ds.report.skipped)
+
+
+def test_a_zip_that_only_looks_like_an_mvtec_set_is_refused_not_trained_on_as_good():
+    """Two MVTec sets in one zip, or one whose train/good is a file: read as a plain folder, their test anomalies
+    and masks would become "good" training images. The zip is refused with the reason, the good files kept."""
+    store = RunStore()
+    two_roots = io.BytesIO()
+    with zipfile.ZipFile(two_roots, "w") as zf:
+        for prefix in ("lineA/", "lineB/"):
+            zf.writestr(prefix + "x", b"")
+        with zipfile.ZipFile(io.BytesIO(zipped(DEMO, prefix="lineA/"))) as a:
+            for info in a.infolist():
+                zf.writestr(info.filename, a.read(info))
+                zf.writestr(info.filename.replace("lineA/", "lineB/"), a.read(info))
+    good_is_file = io.BytesIO()
+    with zipfile.ZipFile(good_is_file, "w") as zf:
+        with zipfile.ZipFile(io.BytesIO(zipped(DEMO, ("test", "ground_truth"), prefix="part/"))) as a:
+            for info in a.infolist():
+                zf.writestr(info.filename, a.read(info))
+        zf.writestr("part/train/good", b"a file, not a folder")
+    loose = files(DEMO / "train" / "good")[:2]
+    for name, data, reason in [("two.zip", two_roots.getvalue(), "holds 2 MVTec-layout datasets"),
+                               ("file.zip", good_is_file.getvalue(), "train/good/ is missing or not a folder")]:
+        _, ds = create_from_uploads(store, name, [(name, data), *loose])
+        assert len(ds) == 2 and {s.split for s in ds.samples} == {"train"}      # only the two loose images
+        assert any(f == name and reason in why for f, why in ds.report.skipped), ds.report.skipped
+
+
+def test_names_too_long_for_the_file_system_are_refused_or_shortened(tmp_path):
+    store = RunStore()
+    with pytest.raises(ValueError, match="at most 100 characters"):
+        create_from_uploads(store, "D" * 400, files(DEMO / "train" / "good")[:2])
+    good = files(DEMO / "train" / "good")[:3]
+    long_name = "é" * 300 + ".png"                         # 600 bytes: past any file system's 255
+    _, ds = create_from_uploads(store, "long names", [*good[:2], (long_name, good[2][1])])
+    assert len(ds) == 3 and any(f == long_name and "stored as" in why for f, why in ds.report.warnings)
+    for blank in ("", "   "):
+        with pytest.raises(ValueError, match="type the path"):
+            register_folder(store, blank)
+    assert store.list_datasets()[-1]["name"] == "long names"
