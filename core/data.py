@@ -586,8 +586,10 @@ def _check(sample: Sample, validate: bool) -> dict:
             res["error"] = f"cannot read file ({e.strerror or e})"
             return res
     if sample.mask_path is not None and validate:
+        notes: list[str] = []
         try:
-            m = read_mask(sample.mask_path)
+            m = read_mask(sample.mask_path, notes=notes)
+            res["mask_notes"] = notes        # e.g. a JPEG mask thresholded: loaded, and said so
         except ImageError as e:
             res["mask_error"] = f"mask unreadable ({e.reason}): image kept for image-level metrics only"
         else:
@@ -641,6 +643,7 @@ def _finish(name: str, root: Path, candidates: list[Sample], report: LoadReport,
         if r["mask_error"] is not None:
             report.warnings.append((rel, r["mask_error"]))
             s = Sample(s.path, s.split, s.label, s.defect, None)
+        report.warnings += [(rel, note) for note in r.get("mask_notes", [])]
         if r["info"] is not None:
             info[s.path] = r["info"]
         kept.append(s)

@@ -169,7 +169,8 @@ def _place_normal(normal: Sequence[UploadedFile], root: Path, scratch: Path, rep
 def _place_test(upload: UploadedFile, root: Path, scratch: Path, report: LoadReport) -> None:
     """Unpack a test set and copy its test/ and ground_truth/ folders under root."""
     try:
-        extract_zip(upload[1], scratch)   # the layout is found below; the dataset load checks the images
+        _, extracted = extract_zip(upload[1], scratch)   # the layout is found below; the dataset load checks images
+        report.skipped += [(f"{upload[0]}: {f}", why) for f, why in extracted.skipped]
     except EmptyDatasetError as exc:
         raise ValueError(f"the test set {upload[0]!r} holds no images: {exc}") from None
     except ValueError as exc:

@@ -144,3 +144,21 @@ def test_names_too_long_for_the_file_system_are_refused_or_shortened(tmp_path):
         with pytest.raises(ValueError, match="type the path"):
             register_folder(store, blank)
     assert store.list_datasets()[-1]["name"] == "long names"
+
+
+def test_a_test_zip_says_what_it_refused_and_which_masks_it_thresholded():
+    from PIL import Image
+    store = RunStore()
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as zf:
+        zf.writestr("../escape.png", b"x")
+        for p in [*sorted((DEMO / "test" / "good").iterdir())[:2], *sorted((DEMO / "test" / "colour").iterdir())[:3]]:
+            zf.write(p, p.relative_to(DEMO).as_posix())
+        for p in sorted((DEMO / "ground_truth").rglob("*.png"))[:3]:
+            jpeg = io.BytesIO()
+            Image.open(p).convert("L").save(jpeg, "JPEG", quality=70)
+            zf.writestr(p.relative_to(DEMO).with_suffix(".jpg").as_posix(), jpeg.getvalue())
+    _, ds = create_from_uploads(store, "jpeg masks", files(DEMO / "train" / "good")[:3], [("t.zip", buffer.getvalue())])
+    assert any(f.startswith("t.zip: ") and "escape" in f for f, _ in ds.report.skipped), ds.report.skipped
+    thresholded = [f for f, why in ds.report.warnings if "not binary" in why and "JPEG" in why]
+    assert thresholded == [f"test/colour/0{i}.jpg" for i in range(3)], ds.report.warnings   # named by their image
