@@ -28,11 +28,11 @@ def show_problem(exc: Exception) -> None:
     """A bad upload: say what was wrong and that nothing was stored."""
     message = str(exc)
     if isinstance(exc, EmptyDatasetError):
-        st.error(f"No usable normal images, so nothing was stored. {message}")
+        st.error(f"No usable normal images, so nothing was stored. {widgets.plain(message)}")
         if exc.report.skipped:
             st.dataframe(pd.DataFrame(exc.report.skipped, columns=["file", "why it was skipped"]), hide_index=True)
     else:
-        st.error(f"Nothing was stored: {message}")
+        st.error(f"Nothing was stored: {widgets.plain(message)}")
 
 
 create_upload, create_folder = st.tabs(["Upload images", "Folder on the server"])
@@ -95,7 +95,12 @@ if record is None:
 
 st.header(record["name"])
 dataset = state.dataset_images(record)
-st.caption(f"{record['kind']} · {record['source']} · {dataset.report.summary()}")
+# What the import refused is gone from the folder: the registered report keeps it, today's load adds to it.
+stored = record.get("report") or {}
+skipped = list(dict.fromkeys(map(tuple, [*stored.get("skipped", []), *dataset.report.skipped])))
+warnings = list(dict.fromkeys(map(tuple, [*stored.get("warnings", []), *dataset.report.warnings])))
+st.caption(f"{record['kind']} · {record['source']} · images loaded: {len(dataset)} · skipped: {len(skipped)} · "
+           f"warnings: {len(warnings)}")
 
 counts = dataset.counts()
 table = pd.DataFrame([{"split": split, "type": defect, "images": n,
@@ -115,10 +120,6 @@ with left:
         st.caption("The test set has no defective images: thresholds will come from normal scores.")
 with right:
     st.subheader("Load report")
-    # What the import refused is gone from the folder: the registered report keeps it, today's load adds to it.
-    stored = record.get("report") or {}
-    skipped = list(dict.fromkeys(map(tuple, [*stored.get("skipped", []), *dataset.report.skipped])))
-    warnings = list(dict.fromkeys(map(tuple, [*stored.get("warnings", []), *dataset.report.warnings])))
     if not skipped and not warnings:
         st.success("Every file loaded cleanly.", icon=":material/check_circle:")
     if skipped:

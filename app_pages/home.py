@@ -26,7 +26,7 @@ if entry is not None and entry["then"] == "demo":
         state.select(entry["job"].dataset_id, snapshot.run_id)
         st.switch_page("app_pages/heatmaps.py")
     elif snapshot.status == "failed":
-        st.error(f"The demo training failed: {snapshot.error}")
+        st.error(f"The demo training failed: {widgets.plain(snapshot.error)}")
     else:
         st.info("Demo training cancelled: nothing was registered.")
 

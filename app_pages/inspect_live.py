@@ -44,7 +44,7 @@ if image_file is None:
 try:
     image = read_image(image_file.getvalue())
 except ImageError as exc:
-    st.error(f"That file cannot be inspected: {exc.reason}. Try a PNG, JPEG, BMP, TIFF or WebP image.")
+    st.error(f"That file cannot be inspected: {widgets.plain(exc.reason)}")
     st.stop()
 
 rules = DefectRules.of_run(run)

@@ -14,7 +14,7 @@ from core.render import region_panel, thumbnail
 from core.report import build_report, report_file_name
 from core.rules import DefectRules, decide, roi_from_shapes
 from core.thresholds import PRESET_LABELS, ScoreDistribution, normal_threshold, synthetic_miss_rate
-from ui import state
+from ui import state, widgets
 
 LEVEL_WORDS = {"image": "images", "pixel": "pixels"}
 
@@ -249,7 +249,7 @@ def uploaded_roi(run_id: int) -> np.ndarray | None:
     try:
         mask = read_mask(file.getvalue())
     except ImageError as exc:
-        st.error(f"That mask cannot be used: {exc.reason}")
+        st.error(f"That mask cannot be used: {widgets.plain(exc.reason)}")
         return None
     if not mask.any():
         st.error("That mask is black everywhere: it would ignore every defect. White marks where defects count.")

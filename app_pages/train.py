@@ -48,7 +48,7 @@ if entry is not None:
     elif snapshot.status == "cancelled":
         st.warning("Training cancelled: nothing was registered.", icon=":material/cancel:")
     else:
-        st.error(f"Training failed, nothing was registered: {snapshot.error}")
+        st.error(f"Training failed, nothing was registered: {widgets.plain(snapshot.error)}")
 
 trained = st.session_state.pop("trained_run", None)
 if trained:
@@ -96,6 +96,10 @@ left_out = len(record["excluded"])
 st.caption(f"Dataset **{record['name']}**: {n_train} normal training images"
            + (f" ({left_out} left out on the Datasets page)" if left_out else "") + ", "
            f"{len(dataset.subset(split='test'))} test images. Change it in the sidebar.")
+if n_train < 2:
+    st.warning("One training image is enough to fit a model but not to set its threshold: a threshold needs "
+               "scores of good images the model was not fitted on. Add a few more good images (3 or more).",
+               icon=":material/warning:")
 
 new_model, saved_model = st.tabs(["Train a new model", "Load a saved model"])
 with new_model:

@@ -22,6 +22,7 @@ from core.runs import REGISTRY_FILENAME, RegistryError, RunStore
 from core.thresholds import ScoreDistribution
 from core.uploads import open_dataset
 from core.workspace import workspace_dir
+from ui.widgets import plain
 
 DATASET_KEY, RUN_KEY = "dataset_id", "run_id"
 _PENDING = "pending_selection"
@@ -59,7 +60,7 @@ def dataset_images(record: dict):
     try:
         return _dataset(_registry(), record["id"], record["source"])
     except (OSError, ValueError) as exc:
-        st.error(f"Dataset {record['name']!r} cannot be opened any more: {exc}. Put its files back, or create "
+        st.error(f"Dataset {record['name']!r} cannot be opened any more: {plain(exc)}. Put its files back, or create "
                  "the dataset again under another name.", icon=":material/folder_off:")
         st.stop()
 
@@ -97,7 +98,7 @@ def detector(run: dict) -> Detector:
     try:
         return _detector(_registry(), run["id"], run["model_path"])
     except ModelFolderError as exc:
-        st.error(f"Run #{run['id']} cannot be used: {exc}", icon=":material/error:")
+        st.error(f"Run #{run['id']} cannot be used: {plain(exc)}", icon=":material/error:")
         st.stop()
 
 

@@ -1,12 +1,20 @@
 """Widgets more than one page draws: a training job's progress and the run's colour legend."""
 from __future__ import annotations
 
+import re
+
 import streamlit as st
 
 from core import figures
 from core.training import TrainingJob
 
 JOB_KEY = "training_job"
+
+
+def plain(text: object) -> str:
+    """Text shown as typed inside Streamlit's Markdown (error messages quote user input: `__import__` must not
+    turn bold, a file name's `*` must not start italics)."""
+    return re.sub(r"([\\`*_\[\]<>#|~$])", r"\\\1", str(text))   # inline Markdown; messages never start a line
 
 
 def start_job(job: TrainingJob, then: str | None = None) -> None:

@@ -15,6 +15,7 @@ from core.pipeline import Evaluation
 from core.results import save_results
 from core.runs import RunStore
 from core.workspace import DEMO_DIR, REPO_ROOT
+from ui.widgets import plain
 
 DEMO = DEMO_DIR / "hazelnut_toy"
 APP = str(REPO_ROOT / "app.py")
@@ -360,7 +361,7 @@ def test_a_damaged_model_folder_is_explained_on_the_page_not_a_traceback(workspa
     with sqlite3.connect(workspace["store"].path) as conn:
         conn.execute("UPDATE runs SET model_path = ? WHERE id = ?", (str(damaged), run["id"]))
     at = open_page("inspect_live")
-    assert f"Run #{run['id']} cannot be used" in at.error[0].value and str(damaged) in at.error[0].value
+    assert f"Run #{run['id']} cannot be used" in at.error[0].value and plain(str(damaged)) in at.error[0].value
 
 
 def test_defect_rules_are_set_saved_and_clear_a_verdict_outside_the_roi(workspace):
@@ -481,3 +482,17 @@ def test_a_new_variant_from_three_good_images_gets_a_regad_model_and_a_threshold
     run = RunStore().list_runs()[0]
     assert run["detector"] == "regad" and run["params"]["registration"].endswith("trained_on_other.safetensors")
     assert run["thresholds"]["image"] is not None and run["thresholds"]["preset"] == "false_reject_rate"
+
+
+def test_a_dataset_whose_folder_is_gone_stops_every_page_with_the_reason(tmp_path):
+    import shutil
+    from core.uploads import register_folder
+    line = tmp_path / "line"
+    line.mkdir()
+    for p in sorted((DEMO / "train" / "good").iterdir())[:3]:
+        shutil.copy(p, line)
+    register_folder(RunStore(), line, "moved away")
+    shutil.rmtree(line)
+    for page in ("train", "datasets"):            # every page asks through state.dataset_images
+        at = open_page(page)                      # asserts no exception reached the page
+        assert any("'moved away' cannot be opened any more" in e.value for e in at.error), (page, texts(at))
