@@ -35,7 +35,7 @@ def test_tiled_window_search_equals_a_brute_force_search():
     torch.manual_seed(0)
     refs = F.normalize(torch.randn(3, 5, 11, 19), dim=1)      # sizes that are not whole tiles
     query = F.normalize(torch.randn(5, 11, 19), dim=0)
-    for window in (3, 7):
+    for window in (3, 5, 7, 11):                                # offset by offset up to 5, tiled above
         r = window // 2
         expected = torch.empty(11, 19)
         for y in range(11):
