@@ -68,7 +68,8 @@ def test_a_saved_model_registers_as_a_new_run(workspace):
     assert new["metrics"]["image_auroc"] == pytest.approx(store.get_run(run_id)["metrics"]["image_auroc"])
     table = run_table(store, workspace["dataset_id"])
     assert list(table["id"]) == [snapshot.run_id, run_id]
-    assert (table["memory MB"] > 10).all() and (table["model MB"] > 0).all()   # backbone weights count
+    # The backbone's weights count (EfficientNet-Lite0 up to stage 3: about 2 MB of them).
+    assert (table["memory MB"] > table["model MB"] + 1.5).all() and (table["model MB"] > 0).all()
 
 
 def test_report_is_self_contained_with_metrics_curves_and_images(workspace):
