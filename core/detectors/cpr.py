@@ -123,16 +123,18 @@ class CPR(BackboneDetector):
     ----------
     backbone, stages, weights : timm name, feature stages (timm out_indices) and optional weights file.
         Default: EfficientNet-Lite0 stages 1 and 2 (strides 4 and 8, as the paper's scales 4 and 8).
-    resize : the longer side of the input with the aspect ratio kept, "auto" (default: chosen from held-out
-        images among 384 px, 512 px and the images' own median longer side up to 640) or (h, w) for an exact frame.
+    resize : the longer side of the input with the aspect ratio kept, "auto" (default: the smallest of 384 px,
+        512 px and the images' own median longer side up to 640 that keeps the images' detail) or (h, w) for an
+        exact frame.
     crop : centre crop after resizing; None (default) keeps the whole image.
     n_neighbours : K, training images retrieved per test image (paper: 10), or "auto" (default).
     windows : local retrieval window side, per stage, in cells (paper: 3 at stride 4, 1 at stride 8), or "auto"
         (default).
 
-    With "auto" settings the fit first holds out up to 12 good images, pastes synthetic defects into them and
-    scores both under each candidate (frame, K, windows) from a model of the other images: the cheapest
-    candidate whose separation is within the noise of the best wins (`fit_info_["auto_settings"]`).
+    With K or the windows "auto", the fitted model scores up to 12 held-out good training images and synthetic
+    defects pasted into them under each candidate (K, windows), each image's own entry left out of the
+    retrieval: the cheapest candidate whose separation is within the noise of the best wins
+    (`fit_info_["auto_settings"]` records the candidates, and the frame's detail losses).
     n_words, blocks, block_share : global retrieval's visual words (paper: 12), blocks per side (5) and the
         share of best-matching blocks that decide (4/5).
     foreground : weight the map by an estimate of the object (True), or not (False, default).
