@@ -140,7 +140,8 @@ class FeatureExtractor(nn.Module):
             self.model = _create_timm(name, weights, features_only=True, out_indices=self.stages)
         # timm's EfficientNet/MobileNet feature nets run every block whatever the stages asked (its generic
         # feature wrapper stops after the last one). Blocks past the last stage asked change no output: dropping
-        # them halves the forward pass at stages (1, 2) and saves a quarter at (2, 3).
+        # them leaves 31% of the multiply-adds at stages (1, 2) and 67% at (2, 3) (the time falls less: the early
+        # layers are memory-bound).
         last = getattr(self.model, "_stage_out_idx", None)
         if last and getattr(self.model, "feature_hooks", None) is None and isinstance(self.model.blocks, nn.Sequential):
             self.model.blocks = self.model.blocks[:max(last)]

@@ -36,6 +36,15 @@ def folder_name(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-.") or "dataset"
 
 
+def _checked_name(name: str) -> str:
+    """The dataset name without surrounding spaces, refused when longer than MAX_NAME_CHARS."""
+    name = name.strip()
+    if len(name) > MAX_NAME_CHARS:
+        raise ValueError(f"a dataset name has at most {MAX_NAME_CHARS} characters ({len(name)} given): choose a "
+                         "shorter one")
+    return name
+
+
 def is_zip(upload: UploadedFile) -> bool:
     return upload[0].lower().endswith(".zip") or zipfile.is_zipfile(io.BytesIO(upload[1]))
 
@@ -49,12 +58,9 @@ def create_from_uploads(store: RunStore, name: str, normal: Sequence[UploadedFil
     with their relative paths), in MVTec layout: ``test/good/``, ``test/<defect>/`` and optionally
     ``ground_truth/<defect>/<name>_mask.png``. What cannot be used is listed in the set's load report.
     """
-    name = name.strip()
+    name = _checked_name(name)
     if not name:
         raise ValueError("give the dataset a name")
-    if len(name) > MAX_NAME_CHARS:
-        raise ValueError(f"a dataset name has at most {MAX_NAME_CHARS} characters ({len(name)} given): choose a "
-                         "shorter one")
     if store.find_dataset(name) is not None:
         raise ValueError(f"a dataset named {name!r} already exists: choose another name")
     if not normal:
@@ -96,10 +102,7 @@ def register_folder(store: RunStore, path: str | Path, name: str | None = None) 
     """Register a dataset folder on the server (MVTec layout, or a plain folder of normal images) in place."""
     if not str(path).strip():
         raise ValueError("type the path of a folder on the server")   # Path("") would be the working directory
-    name = (name or "").strip()
-    if len(name) > MAX_NAME_CHARS:
-        raise ValueError(f"a dataset name has at most {MAX_NAME_CHARS} characters ({len(name)} given): choose a "
-                         "shorter one")
+    name = _checked_name(name or "")
     folder = Path(path).expanduser()
     if not folder.is_dir():
         raise FileNotFoundError(f"no folder at {folder}" if not folder.exists() else f"not a folder: {folder}")

@@ -31,7 +31,7 @@ BOOTSTRAP_ROUNDS = 20
 # A bank is large enough once the held-out good images' mean score is within this share of the largest's.
 LEVEL = 0.03
 # A frame keeps an image's detail when resizing to it and back loses at most this share of the image's pixel
-# variance: a 640 px circuit board's thin tracks lose 1.3% at 384 px and 0.9% at 512, a 900 px bottle 0.1% at
+# variance: a 640 px circuit board's thin tracks lose 2.2% at 384 px and 1.5% at 512, a 900 px bottle 0.1% at
 # 384. Synthetic defects cannot tell: they are drawn at the image's scale, not at its finest structure's.
 DETAIL_LOSS, DETAIL_SAMPLE = 0.005, 16
 
