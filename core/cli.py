@@ -214,6 +214,11 @@ def cmd_bench(args) -> int:
     results = []
     log = lambda m: print(m, file=sys.stderr)  # noqa: E731
     for data in args.data:
+        if not (args.coverage or args.audit or args.shots or args.scale):
+            results.extend(run_bench(data, args.detector, parse_overrides(args.set), batch_size=args.batch_size,
+                                     log=log))
+            print(format_table(results[-len(args.detector):]), file=sys.stderr)
+            continue
         for detector in args.detector:
             if args.coverage:
                 results.append(run_coverage(data, parse_overrides(args.set), log=log))
@@ -222,12 +227,8 @@ def cmd_bench(args) -> int:
             elif args.shots:
                 results.extend(run_few_shot(data, detector, args.shots, args.draws, parse_overrides(args.set), log=log))
                 print(format_table(results[-len(args.shots):], FEW_SHOT_COLUMNS), file=sys.stderr)
-            elif args.scale:
-                results.append(run_scale(data, args.scale, detector, parse_overrides(args.set), log=log))
             else:
-                results.append(run_bench(data, detector, parse_overrides(args.set), batch_size=args.batch_size,
-                                         log=log))
-                print(format_table(results[-1:]), file=sys.stderr)
+                results.append(run_scale(data, args.scale, detector, parse_overrides(args.set), log=log))
     write_json(results, args.json)   # first: a long run's numbers survive a formatting slip
     print(f"wrote {args.json}", file=sys.stderr)
     columns = (COVERAGE_COLUMNS if args.coverage else FEW_SHOT_COLUMNS if args.shots else SCALE_COLUMNS if args.scale else AUDIT_COLUMNS if args.audit

@@ -293,3 +293,20 @@ def test_a_claim_of_a_live_process_is_left_alone(tmp_path):
     (models_dir() / "patchcore-live").mkdir()
     (models_dir() / f"{UNREGISTERED}patchcore-live").write_text(str(os.getpid()))   # this very process
     assert sweep_unregistered_models() == [] and (models_dir() / "patchcore-live").is_dir()
+
+
+def test_bench_times_detectors_in_turns_and_skips_repeating_slow_calls(monkeypatch):
+    from core import bench
+    calls, clock = [], [0.0]
+
+    def call(name, seconds):
+        def fn():
+            calls.append(name)
+            clock[0] += seconds
+        return fn
+
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: clock[0])
+    timings = bench._time_alternately([{"a": call("a", 2.0)}, {"b": call("b", 1.0), "slow": call("slow", 40.0)}],
+                                      [4, 2], repeats=2)
+    assert calls == ["a", "b", "slow", "a", "b", "a", "b"]   # warm-ups, then turns; the slow call only once
+    assert timings == [{"a": 500.0}, {"b": 500.0, "slow": 20000.0}]
