@@ -6,6 +6,7 @@ import zipfile
 
 import numpy as np
 import pytest
+from conftest import wait_until
 from PIL import Image
 from streamlit.testing.v1 import AppTest
 
@@ -43,9 +44,9 @@ def metric(at: AppTest, label: str) -> str:
 
 def wait_for_job(at: AppTest, seconds: float = 240) -> None:
     """Rerun the page as the browser's polling would, until the training job has ended."""
-    deadline = time.time() + seconds
+    deadline = time.monotonic() + seconds
     while "training_job" in at.session_state:
-        assert time.time() < deadline, "training did not finish"
+        assert time.monotonic() < deadline, f"the training job did not end within {seconds:g} s"
         time.sleep(0.5)
         at.run()
     assert not at.exception, at.exception
@@ -114,8 +115,8 @@ def test_train_page_builds_the_form_and_cancel_registers_nothing(workspace):
     before = len(workspace["store"].list_runs())
     next(b for b in at.button if b.label == "Train").click().run()
     assert "training_job" in at.session_state
-    while not at.session_state["training_job"]["job"].snapshot().stages:
-        time.sleep(0.1)
+    job = at.session_state["training_job"]["job"]
+    wait_until(lambda: job.snapshot().stages, 120, "the training job never started a stage")
     at.run()
     next(b for b in at.button if b.label == "Cancel training").click().run()
     wait_for_job(at)

@@ -1,9 +1,9 @@
 """Core pieces behind the pages: training jobs, parameter specs, the report, the run table, live inspection."""
 import inspect
 import re
-import time
 
 import pytest
+from conftest import wait_until
 
 from core.compare import run_table
 from core.data import load_mvtec, read_image
@@ -42,13 +42,17 @@ def test_the_fit_says_what_it_chose_from_the_data(workspace):
     assert auto.startswith("Chosen automatically: ") and "image scored" in auto and "input" not in auto
 
 
+def test_a_wait_that_never_ends_fails_clearly_instead_of_hanging():
+    with pytest.raises(AssertionError, match="the job never started a stage within 0.2 s"):
+        wait_until(lambda: False, 0.2, "the job never started a stage")
+
+
 def test_a_cancelled_training_registers_nothing():
     store = RunStore()
     dataset = load_mvtec(DEMO)
     dataset_id = store.add_dataset("demo", str(DEMO), "mvtec", {}, {})
     job = TrainingJob(store, dataset_id, dataset, "patchcore", {"coreset_ratio": 0.05, "resize": 256}).start()
-    while not job.snapshot().stages:          # cancel once it is really under way
-        time.sleep(0.05)
+    wait_until(lambda: job.snapshot().stages, 120, "the training job never started a stage")  # really under way
     job.cancel()
     snapshot = job.wait(120)
     assert snapshot.status == "cancelled" and snapshot.run_id is None
