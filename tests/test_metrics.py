@@ -243,14 +243,15 @@ def test_aupro_rejects_undefined_cases():
 
 
 def test_aupro_is_fast_on_a_typical_test_set():
-    # 100 maps of 224x224 (~5M pixels); the design budget is about 3 s, the bound here leaves room for a busy CI box.
+    # 100 maps of 224x224 (~5M pixels); the design budget is about 3 s. CPU time, not wall time, in every speed
+    # test: another process busy on the machine (a benchmark, a parallel build) does not count against us.
     rng = np.random.default_rng(8)
     masks = np.zeros((100, 224, 224), dtype=bool)
     masks[50:, 60:120, 80:150] = True
     maps = rng.random(masks.shape, dtype=np.float32) + masks
-    start = time.perf_counter()
+    start = time.process_time()
     value = metrics.aupro(masks, maps)
-    elapsed = time.perf_counter() - start
+    elapsed = time.process_time() - start
     assert value == pytest.approx(1.0)  # every anomalous pixel outranks every normal one
     assert elapsed < 6.0, f"aupro took {elapsed:.2f} s"
 
@@ -311,10 +312,10 @@ def test_confusion_at_is_cheap():
     rng = np.random.default_rng(10)
     labels, scores = rng.integers(0, 2, 1000), rng.random(1000)
     metrics.confusion_at(labels, scores, 0.5)  # warm-up
-    start = time.perf_counter()
+    start = time.process_time()
     for _ in range(200):
         metrics.confusion_at(labels, scores, 0.5)
-    per_call = (time.perf_counter() - start) / 200
+    per_call = (time.process_time() - start) / 200
     assert per_call < 1e-3, f"confusion_at took {per_call * 1e6:.0f} us"
 
 
