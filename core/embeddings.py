@@ -125,16 +125,6 @@ def load_views(folder: str | Path) -> FeatureViews | None:
                             tuple(meta["grid"]))
 
 
-def run_views(detector: Detector, dataset: ImageSet, folder: str | Path,
-              progress: Progress | None = None) -> FeatureViews:
-    """The views saved in a model folder, computed and saved on first use."""
-    found = load_views(folder)
-    if found is None:
-        found = compute_views(detector, dataset, progress)
-        save_views(found, folder)
-    return found
-
-
 # -- helpers ---------------------------------------------------------------------------------------
 def _embedder(detector: Detector):
     """(embed(x) -> (N, C, h, w), the preprocessing its inputs need)."""

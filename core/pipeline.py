@@ -284,6 +284,3 @@ def run_results(store: RunStore, run_id: int, progress: Progress | None = None) 
     save_results(run["model_path"], test.samples, evaluate(det, test, progress), det.preprocess)
     return load_results(run["model_path"])
 
-
-def load_run_detector(store: RunStore, run_id: int) -> Detector:
-    return load_detector(store.get_run(run_id)["model_path"])

@@ -7,9 +7,9 @@ from conftest import wait_until
 
 from core.compare import run_table
 from core.data import load_mvtec, read_image
-from core.detectors import get_detector_class
+from core.detectors import get_detector_class, load_detector
 from core.inspection import inspect_image, warm_up
-from core.pipeline import load_run_detector, models_dir, run_results
+from core.pipeline import models_dir, run_results
 from core.report import build_report
 from core.runs import RunStore
 from core.training import TrainingJob, param_specs, parse_value
@@ -90,7 +90,7 @@ def test_report_is_self_contained_with_metrics_curves_and_images(workspace):
 
 def test_inspect_answers_within_a_second_with_a_map_at_input_size(workspace):
     store, run_id = workspace["store"], workspace["run_id"]
-    detector = load_run_detector(store, run_id)
+    detector = load_detector(store.get_run(run_id)["model_path"])
     warm_up(detector)
     threshold = store.get_run(run_id)["thresholds"]["image"]
     good, bad = read_image(next((DEMO / "test" / "good").iterdir())), read_image(DEMO / "test" / "colour" / "00.jpg")
