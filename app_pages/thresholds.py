@@ -9,9 +9,9 @@ import numpy as np
 import streamlit as st
 
 from core.data import IMAGE_SUFFIXES, ImageError, read_image, read_mask
-from core.figures import ThresholdFigures, roi_figure, tradeoff_figure
-from core.render import region_panel, thumbnail
-from core.report import build_report, report_file_name
+from core.app.figures import ThresholdFigures, roi_figure, tradeoff_figure
+from core.app.render import region_panel, thumbnail
+from core.app.report import build_report, report_file_name
 from core.rules import DefectRules, decide, roi_from_shapes
 from core.thresholds import PRESET_LABELS, ScoreDistribution, normal_threshold, synthetic_miss_rate
 from ui import state, widgets

@@ -140,7 +140,7 @@ def _rules(args, run: dict):
 def cmd_predict(args) -> int:
     from .data import IMAGE_SUFFIXES, ImageError, read_image
     from .rules import decide
-    from .viz import overlay, save_png
+    from .app.viz import overlay, save_png
     from .thresholds import check_threshold, normal_threshold
     detector, run = _detector_and_run(args)
     saved = run["thresholds"]

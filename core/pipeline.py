@@ -16,7 +16,7 @@ import numpy as np
 from . import metrics
 from .audit import audit as audit_images
 from .audit import check_auditable, fit_tolerant, save_audit_maps
-from .compare import model_memory_mb
+from .app.compare import model_memory_mb
 from .data import ImageSet, load_dataset
 from .detectors import Detector, create_detector, load_detector
 from .detectors.base import Progress, no_progress

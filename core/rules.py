@@ -22,7 +22,7 @@ from PIL import Image, ImageDraw
 from scipy import ndimage
 
 from .data import read_mask
-from .render import png_bytes
+from .app.render import png_bytes
 from .thresholds import verdict
 
 EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)

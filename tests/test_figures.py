@@ -3,9 +3,9 @@ import time
 
 import numpy as np
 
-from core import figures
+from core.app import figures
 from core.thresholds import ScoreDistribution
-from core.viz import colour_lut
+from core.app.viz import colour_lut
 
 
 def distribution(n=1000):

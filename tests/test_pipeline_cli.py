@@ -169,7 +169,7 @@ def test_cli_trains_twice_from_the_same_zip(tmp_path, capsys):
         run_ids.append(json.loads(capsys.readouterr().out)["run_id"])
     assert run_ids == [1, 2]
     # The dataset is registered where the archive was extracted: the dashboard and re-evaluation reopen it.
-    from core.uploads import open_dataset
+    from core.app.uploads import open_dataset
     record = RunStore().list_datasets()[0]
     assert Path(record["source"]).is_dir() and len(open_dataset(record).subset(split="test")) == 23
 

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from ..backbones import DEFAULT_BACKBONE
-from ..coreset import StreamingCoreset, greedy_coreset
+from .coreset import StreamingCoreset, greedy_coreset
 from ..data import Preprocess
 from . import auto_settings
 from .base import BackboneDetector, Progress, native_long_side, register_detector

@@ -1,10 +1,10 @@
 """Feature views of a run: real UMAP layouts, patch sampling, the coreset view, and the saved file."""
 import numpy as np
 
-from core import embeddings
+from core.app import embeddings
 from core.data import load_mvtec
 from core.detectors import load_detector
-from core.embeddings import compute_views, load_views, patch_box, save_views
+from core.app.embeddings import compute_views, load_views, patch_box, save_views
 from core.workspace import DEMO_DIR
 
 

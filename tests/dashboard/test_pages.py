@@ -10,7 +10,7 @@ from conftest import wait_until
 from PIL import Image
 from streamlit.testing.v1 import AppTest
 
-from core import embeddings
+from core.app import embeddings
 from core.data import Preprocess, Sample
 from core.pipeline import Evaluation
 from core.results import save_results
@@ -487,7 +487,7 @@ def test_a_new_variant_from_three_good_images_gets_a_regad_model_and_a_threshold
 
 def test_a_dataset_whose_folder_is_gone_stops_every_page_with_the_reason(tmp_path):
     import shutil
-    from core.uploads import register_folder
+    from core.app.uploads import register_folder
     line = tmp_path / "line"
     line.mkdir()
     for p in sorted((DEMO / "train" / "good").iterdir())[:3]:

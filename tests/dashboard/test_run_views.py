@@ -5,14 +5,14 @@ import re
 import pytest
 from conftest import wait_until
 
-from core.compare import run_table
+from core.app.compare import run_table
 from core.data import load_mvtec, read_image
 from core.detectors import get_detector_class, load_detector
-from core.inspection import inspect_image, warm_up
+from core.app.inspection import inspect_image, warm_up
 from core.pipeline import models_dir, run_results
-from core.report import build_report
+from core.app.report import build_report
 from core.runs import RunStore
-from core.training import TrainingJob, param_specs, parse_value
+from core.app.jobs import TrainingJob, param_specs, parse_value
 from core.workspace import DEMO_DIR
 
 DEMO = DEMO_DIR / "hazelnut_toy"
@@ -33,7 +33,7 @@ def test_param_specs_carry_defaults_types_and_help():
 
 
 def test_the_fit_says_what_it_chose_from_the_data(workspace):
-    from core.training import chosen_settings
+    from core.app.jobs import chosen_settings
     card = workspace["store"].get_run(workspace["run_id"])["model_card"]
     frame, bank, auto = chosen_settings(card)       # the demo sets resize and coreset_ratio; score_border is auto
     assert frame.startswith("Input frame 256 x 256 px") and "aspect ratio" in frame

@@ -16,12 +16,12 @@ import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import Cancelled
-from .cli import parse_overrides
-from .data import ImageSet
-from .detectors import get_detector_class, load_detector
-from .pipeline import register_fitted, train_run
-from .runs import RunStore
+from .. import Cancelled
+from ..cli import parse_overrides
+from ..data import ImageSet
+from ..detectors import get_detector_class, load_detector
+from ..pipeline import register_fitted, train_run
+from ..runs import RunStore
 
 # Stage names as detectors report them, worded for people.
 STAGE_LABELS = {"features": "Extracting features", "coreset": "Selecting the coreset",

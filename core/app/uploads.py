@@ -15,11 +15,11 @@ import zipfile
 from pathlib import Path
 from typing import Sequence
 
-from .data import (IMAGE_SUFFIXES, EmptyDatasetError, ImageSet, LoadReport, extract_zip, load_dataset, load_mvtec,
+from ..data import (IMAGE_SUFFIXES, EmptyDatasetError, ImageSet, LoadReport, extract_zip, load_dataset, load_mvtec,
                    load_zip)
-from .pipeline import report_dict
-from .runs import RunStore
-from .workspace import workspace_dir
+from ..pipeline import report_dict
+from ..runs import RunStore
+from ..workspace import workspace_dir
 
 # An upload as the browser hands it over: (file name, possibly with folders, and its bytes).
 UploadedFile = tuple[str, bytes]

@@ -15,9 +15,9 @@ from plotly.offline import get_plotlyjs
 from . import figures
 from .compare import run_label
 from .render import data_uri, heatmap_panel, region_panel
-from .results import RunResults
-from .rules import Decision, DefectRules
-from .thresholds import PRESET_LABELS, is_anomalous
+from ..results import RunResults
+from ..rules import Decision, DefectRules
+from ..thresholds import PRESET_LABELS, is_anomalous
 
 WORST_IMAGES = 6
 

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from .detectors import Detector
-from .runs import RunStore
+from ..detectors import Detector
+from ..runs import RunStore
 
 # Files that make up a model (the rest of a model folder holds cached views of its results).
 MODEL_FILES = ("config.json", "fitted.safetensors")

@@ -18,11 +18,11 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from .backbones import FeatureExtractor
-from .data import ImageSet, Preprocess
-from .detectors import Detector
-from .detectors.base import Progress, no_progress
-from .detectors.patchcore import locally_aware_patches
+from ..backbones import FeatureExtractor
+from ..data import ImageSet, Preprocess
+from ..detectors import Detector
+from ..detectors.base import Progress, no_progress
+from ..detectors.patchcore import locally_aware_patches
 
 VIEWS_FILE = "feature_views.npz"
 MAX_IMAGES = 400           # images embedded for the maps (a stratified sample beyond this)

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 
-from .thresholds import ScoreDistribution
+from ..thresholds import ScoreDistribution
 from .viz import COLORSCALE, colourise
 
 NORMAL, ANOMALOUS, THRESHOLD, NEUTRAL = "#2ca02c", "#d62728", "#ff7f0e", "#7f7f7f"
