@@ -2,7 +2,7 @@
 threshold, presets, and saving the choice with the run; image level and pixel level.
 
 The panel is a fragment over distributions computed once per run (ui.state.distributions) and plots built
-once per tab (core.figures.ThresholdFigures), so a slider move reruns only the panel and costs one binary
+once per tab (core.app.figures.ThresholdFigures), so a slider move reruns only the panel and costs one binary
 search plus moving the markers.
 """
 import numpy as np

@@ -268,6 +268,12 @@ def read_image(source, max_pixels: int | None = None) -> np.ndarray:
     return _to_rgb(img, name)
 
 
+def png_bytes(image: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG", optimize=False)
+    return buffer.getvalue()
+
+
 def _mask_from_image(img: Image.Image, notes: list[str] | None = None) -> np.ndarray:
     mode = img.mode
     if mode == "1" or mode == "L" or mode.startswith("I") or mode == "F":

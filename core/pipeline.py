@@ -16,7 +16,6 @@ import numpy as np
 from . import metrics
 from .audit import audit as audit_images
 from .audit import check_auditable, fit_tolerant, save_audit_maps
-from .app.compare import model_memory_mb
 from .data import ImageSet, load_dataset
 from .detectors import Detector, create_detector, load_detector
 from .detectors.base import Progress, no_progress
@@ -221,6 +220,15 @@ def register_fitted(store: RunStore, dataset_id: int, dataset: ImageSet, det: De
         raise
     claim.unlink(missing_ok=True)
     return run_id
+
+
+def model_memory_mb(detector: Detector, model_path: str | Path) -> float:
+    """Memory the saved model needs to run: its fitted tensors plus the frozen backbone's weights."""
+    fitted = (Path(model_path) / "fitted.safetensors").stat().st_size
+    extractor = detector.feature_extractor()
+    backbone = 0 if extractor is None else sum(
+        t.numel() * t.element_size() for t in [*extractor.parameters(), *extractor.buffers()])
+    return (fitted + backbone) / 2**20
 
 
 def calibration_rows(det: Detector, train: ImageSet) -> list[dict]:

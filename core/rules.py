@@ -21,8 +21,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from scipy import ndimage
 
-from .data import read_mask
-from .app.render import png_bytes
+from .data import png_bytes, read_mask
 from .thresholds import verdict
 
 EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)

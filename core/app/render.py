@@ -1,16 +1,16 @@
 """Pictures of one image's result, as the dashboard, the report and the live demo show them.
 
-Built from :mod:`core.viz`: the heatmap overlay on the run's one colour scale, the ground-truth contour
+Built from :mod:`core.app.viz`: the heatmap overlay on the run's one colour scale, the ground-truth contour
 (green) and the region predicted at the pixel threshold (cyan fill and contour).
 """
 from __future__ import annotations
 
 import base64
-import io
 
 import numpy as np
 from PIL import Image
 
+from ..data import png_bytes
 from .viz import draw_outline, overlay
 
 GROUND_TRUTH = (0, 255, 0)
@@ -55,12 +55,6 @@ def thumbnail(image: np.ndarray, size: int = 160) -> np.ndarray:
     pil = Image.fromarray(image)
     pil.thumbnail((size, size), Image.Resampling.BILINEAR)
     return np.asarray(pil)
-
-
-def png_bytes(image: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(image).save(buffer, format="PNG", optimize=False)
-    return buffer.getvalue()
 
 
 def data_uri(image: np.ndarray) -> str:

@@ -1,7 +1,7 @@
 """A run's results for stakeholders: one self-contained HTML file (metrics, curves, threshold, worst images).
 
 Everything is inline: plotly.js once in the head, the curves as plotly figures (the same ones the dashboard
-shows, from :mod:`core.figures`) and the images as base64 PNGs, so the file opens offline and can be mailed.
+shows, from :mod:`core.app.figures`) and the images as base64 PNGs, so the file opens offline and can be mailed.
 """
 from __future__ import annotations
 
