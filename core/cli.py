@@ -5,7 +5,6 @@ As thin as the dashboard: it parses arguments and calls the same functions the p
 from __future__ import annotations
 
 import argparse
-import ast
 import csv
 import json
 import sys
@@ -15,23 +14,7 @@ from pathlib import Path
 
 
 from . import Cancelled
-
-
-def parse_overrides(pairs: list[str]) -> dict:
-    """`key=value` pairs; values are Python literals when they parse as one (0.1, (2, 3), None), else strings."""
-    params = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise SystemExit(f"--set expects key=value, got {pair!r}")
-        try:
-            params[key] = ast.literal_eval(value)
-        except (ValueError, SyntaxError):
-            try:
-                params[key] = float(value)   # "nan" and "inf" are numbers (refused later, by name)
-            except ValueError:
-                params[key] = value
-    return params
+from .params import parse_overrides
 
 
 class LogProgress:
@@ -84,11 +67,11 @@ def cmd_list(args) -> int:
 def cmd_train(args) -> int:
     from .pipeline import register_dataset, train_run
     from .runs import RunStore
+    params = parse_overrides(args.set)      # a malformed --set fails before anything is loaded or registered
     store = RunStore(args.registry)
     dataset, kind = _load_any(args.data)
     dataset_id = register_dataset(store, dataset, kind, args.dataset_name)
-    run_id = train_run(store, dataset_id, dataset, args.detector, parse_overrides(args.set), LogProgress(), args.name,
-                       audit=args.audit)
+    run_id = train_run(store, dataset_id, dataset, args.detector, params, LogProgress(), args.name, audit=args.audit)
     run = store.get_run(run_id)
     print(json.dumps({"run_id": run_id, "model_path": run["model_path"], "metrics": run["metrics"],
                       "thresholds": run["thresholds"], "timings": run["timings"]}, indent=2))

@@ -158,6 +158,9 @@ def test_cli_reports_bad_input_clearly(tmp_path, capsys):
     assert "no usable images" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["train", "--data", str(DEMO), "--detector", "nonsense"])
+    assert main(["train", "--data", str(DEMO), "--set", "coreset_ratio"]) == 2      # a --set without "="
+    assert "error: --set expects key=value, got 'coreset_ratio'" in capsys.readouterr().err
+    assert RunStore().list_datasets() == []                                          # refused before loading
 
 
 def test_cli_trains_twice_from_the_same_zip(tmp_path, capsys):

@@ -12,7 +12,8 @@ from core.app.inspection import inspect_image, warm_up
 from core.pipeline import models_dir, run_results
 from core.app.report import build_report
 from core.runs import RunStore
-from core.app.jobs import TrainingJob, param_specs, parse_value
+from core.app.jobs import TrainingJob
+from core.params import param_specs, parse_value
 from core.workspace import DEMO_DIR
 
 DEMO = DEMO_DIR / "hazelnut_toy"
