@@ -31,18 +31,21 @@ class LogProgress:
             print(f"[{time.perf_counter() - self.start:7.1f}s] {stage}: {done}/{total}", file=sys.stderr)
 
 
-def _load_any(path: str, dest_dir: Path | None = None):
+def _load_any(path: str):
     from .data import load_dataset
-    from .workspace import workspace_dir
+    from .pipeline import dataset_kind
+    from .workspace import datasets_dir
     if not str(path).strip():
         raise ValueError("--data is empty: name a dataset folder or a .zip archive")
     p = Path(path)
-    kind = "zip" if p.suffix.lower() == ".zip" else ("mvtec" if (p / "train").is_dir() else "folder")
-    # Each load of an archive extracts into its own folder: load_zip refuses a non-empty destination.
-    dest = dest_dir or workspace_dir() / "datasets" / f"{p.stem}-{uuid.uuid4().hex[:8]}"
-    dataset = load_dataset(p, dest_dir=dest) if kind == "zip" else load_dataset(p)
-    if kind == "zip":   # registered where it was extracted, so that the dashboard and evaluate can reopen it
-        dataset.report.source = str(dest)
+    if p.suffix.lower() == ".zip":
+        # Each load of an archive extracts into its own folder: load_zip refuses a non-empty destination.
+        dest = datasets_dir() / f"{p.stem}-{uuid.uuid4().hex[:8]}"
+        dataset, kind = load_dataset(p, dest_dir=dest), "zip"
+        dataset.report.source = str(dest)   # registered where it was extracted, so that open_dataset finds it
+    else:
+        dataset = load_dataset(p)
+        kind = dataset_kind(dataset)
     if dataset.report.skipped or dataset.report.warnings:
         print(f"load report: {dataset.report.summary()}", file=sys.stderr)
         for name, reason in [*dataset.report.skipped, *dataset.report.warnings][:20]:
