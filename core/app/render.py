@@ -11,6 +11,7 @@ import numpy as np
 from PIL import Image
 
 from ..data import png_bytes
+from ..thresholds import is_anomalous
 from .viz import draw_outline, overlay
 
 GROUND_TRUTH = (0, 255, 0)
@@ -20,8 +21,8 @@ OUTSIDE_DIMMING = 0.35
 
 
 def predicted_region(amap: np.ndarray, pixel_threshold: float) -> np.ndarray:
-    """Pixels flagged anomalous (map >= threshold, as everywhere in AnomalyScope)."""
-    return np.asarray(amap) >= pixel_threshold
+    """Pixels flagged anomalous: the OK/NG rule of core.thresholds, applied to each pixel as the defect rules do."""
+    return is_anomalous(amap, pixel_threshold)
 
 
 def heatmap_panel(image: np.ndarray, amap: np.ndarray, scale: tuple[float, float], alpha: float = 0.5,
