@@ -291,13 +291,6 @@ def reconstruction_loss(x: torch.Tensor, recon: torch.Tensor, ssim_weight: float
 
 # ------------------------------------------------------------------------------------------------ the base class
 
-def store_params(obj, params: dict) -> None:
-    """__init__ helper: store every keyword parameter unchanged (no checks, no derived values)."""
-    for k, v in params.items():
-        if k not in ("self", "__class__"):
-            setattr(obj, k, v)
-
-
 class ReconstructionDetector(Detector):
     """Base of the family: preprocessing, fit/score plumbing, persistence of one `nn.Module` and the card.
 

@@ -349,6 +349,14 @@ class BackboneDetector(Detector):
         return self.feature_extractor()(x.to(resolve_device(self.device)))
 
 
+def store_params(obj, params: dict) -> None:
+    """Every detector's __init__ body: store each parameter unchanged (scikit-learn's rule: no checks and no
+    derived values here; `_validate` checks them when `fit` runs)."""
+    for k, v in params.items():
+        if k not in ("self", "__class__"):
+            setattr(obj, k, v)
+
+
 def native_long_side(sizes_hw) -> int:
     """The training images' median longer side, rounded to the stride 32 and kept within AUTO_LONG_SIDE."""
     native = int(np.median([max(hw) for hw in sizes_hw]))

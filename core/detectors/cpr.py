@@ -34,7 +34,7 @@ from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
 
 from ..backbones import DEFAULT_BACKBONE
 from . import auto_settings
-from .base import BackboneDetector, Progress, register_detector
+from .base import BackboneDetector, Progress, register_detector, store_params
 from .ops import upsample_blur
 
 # Global retrieval: words fitted on at most this many finest-stage patches.
@@ -155,22 +155,7 @@ class CPR(BackboneDetector):
                  n_neighbours: int | str = "auto", windows: tuple | str = "auto", n_words: int = 12, blocks: int = 5, block_share: float = 0.8,
                  foreground: bool = False, blur_sigma: float = 4.0, top_share: float = 0.005,
                  calibration_fraction: float = 0.1, seed: int = 0, device: str = "auto"):
-        self.backbone = backbone
-        self.stages = stages
-        self.weights = weights
-        self.resize = resize
-        self.crop = crop
-        self.n_neighbours = n_neighbours
-        self.windows = windows
-        self.n_words = n_words
-        self.blocks = blocks
-        self.block_share = block_share
-        self.foreground = foreground
-        self.blur_sigma = blur_sigma
-        self.top_share = top_share
-        self.calibration_fraction = calibration_fraction
-        self.seed = seed
-        self.device = device
+        store_params(self, locals())
 
     def _validate(self) -> None:
         self._require_stages()

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..backbones import DEFAULT_BACKBONE
-from .base import BackboneDetector, Progress, register_detector, resolve_device
+from .base import BackboneDetector, Progress, register_detector, resolve_device, store_params
 from .fastflow import split_validation
 from .ops import upsample_blur
 
@@ -198,24 +198,7 @@ class EfficientAD(BackboneDetector):
                  lr: float = 1e-3, weight_decay: float = 1e-5, student_width: float = 0.25, ae_width: int = 64,
                  hard_quantile: float = 0.999, penalty_size: int = 128, val_fraction: float = 0.1,
                  blur_sigma: float = 0.0, calibration_fraction: float = 0.1, seed: int = 0, device: str = "auto"):
-        self.backbone = backbone
-        self.stages = stages
-        self.weights = weights
-        self.resize = resize
-        self.crop = crop
-        self.steps = steps
-        self.batch_size = batch_size
-        self.lr = lr
-        self.weight_decay = weight_decay
-        self.student_width = student_width
-        self.ae_width = ae_width
-        self.hard_quantile = hard_quantile
-        self.penalty_size = penalty_size
-        self.val_fraction = val_fraction
-        self.blur_sigma = blur_sigma
-        self.calibration_fraction = calibration_fraction
-        self.seed = seed
-        self.device = device
+        store_params(self, locals())
 
     def _validate(self) -> None:
         self._require_stages()

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..backbones import DEFAULT_BACKBONE
-from .base import BackboneDetector, Progress, register_detector, resolve_device
+from .base import BackboneDetector, Progress, register_detector, resolve_device, store_params
 from .ops import upsample_blur
 
 
@@ -174,24 +174,7 @@ class FastFlow(BackboneDetector):
                  clamp: float = 2.0, conv3x3_only: bool = True, epochs: int = 20, batch_size: int = 8,
                  lr: float = 1e-3, weight_decay: float = 1e-5, val_fraction: float = 0.1, blur_sigma: float = 4.0,
                  calibration_fraction: float = 0.1, seed: int = 0, device: str = "auto"):
-        self.backbone = backbone
-        self.stages = stages
-        self.weights = weights
-        self.resize = resize
-        self.crop = crop
-        self.flow_steps = flow_steps
-        self.hidden_ratio = hidden_ratio
-        self.clamp = clamp
-        self.conv3x3_only = conv3x3_only
-        self.epochs = epochs
-        self.batch_size = batch_size
-        self.lr = lr
-        self.weight_decay = weight_decay
-        self.val_fraction = val_fraction
-        self.blur_sigma = blur_sigma
-        self.calibration_fraction = calibration_fraction
-        self.seed = seed
-        self.device = device
+        store_params(self, locals())
 
     def _validate(self) -> None:
         self._require_stages()

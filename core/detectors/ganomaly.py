@@ -29,9 +29,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .base import register_detector
+from .base import register_detector, store_params
 from ._reconstruction import (ConvDecoder, ConvEncoder, ReconstructionDetector, dcgan_init, error_map,
-                              store_params, train_epochs)
+                              train_epochs)
 
 
 class GanomalyGenerator(nn.Module):

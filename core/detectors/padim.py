@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from ..backbones import DEFAULT_BACKBONE
-from .base import BackboneDetector, Progress, register_detector, resolve_device
+from .base import BackboneDetector, Progress, register_detector, resolve_device, store_params
 from .ops import upsample_blur
 
 
@@ -117,17 +117,7 @@ class PaDiM(BackboneDetector):
     def __init__(self, backbone: str = DEFAULT_BACKBONE, stages: tuple = (1, 2, 3), weights: str | None = None,
                  resize: int | str | tuple = 256, crop: int | None = None, n_features: int | None = 100, epsilon: float = 0.01,
                  blur_sigma: float = 4.0, calibration_fraction: float = 0.1, seed: int = 0, device: str = "auto"):
-        self.backbone = backbone
-        self.stages = stages
-        self.weights = weights
-        self.resize = resize
-        self.crop = crop
-        self.n_features = n_features
-        self.epsilon = epsilon
-        self.blur_sigma = blur_sigma
-        self.calibration_fraction = calibration_fraction
-        self.seed = seed
-        self.device = device
+        store_params(self, locals())
 
     def _validate(self) -> None:
         self._require_stages()

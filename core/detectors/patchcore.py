@@ -17,7 +17,7 @@ from ..backbones import DEFAULT_BACKBONE
 from .coreset import StreamingCoreset, greedy_coreset
 from ..data import Preprocess
 from . import auto_settings
-from .base import BackboneDetector, Progress, native_long_side, register_detector
+from .base import BackboneDetector, Progress, native_long_side, register_detector, store_params
 from .ops import upsample_blur
 
 # The candidates resize="auto" and coreset_ratio="auto" choose from: longer sides up to the images' own,
@@ -111,24 +111,7 @@ class PatchCore(BackboneDetector):
                  min_bank: int = 2000, projection_dim: int = 128, search: str = "auto", nprobe: int = 16,
                  ivf_min_bank: int = 20000, score_border: int | str = "auto", reweight: bool = True, n_reweight: int = 9,
                  blur_sigma: float = 4.0, calibration_fraction: float = 0.1, seed: int = 0, device: str = "auto"):
-        self.backbone = backbone
-        self.stages = stages
-        self.weights = weights
-        self.resize = resize
-        self.crop = crop
-        self.coreset_ratio = coreset_ratio
-        self.min_bank = min_bank
-        self.projection_dim = projection_dim
-        self.search = search
-        self.nprobe = nprobe
-        self.ivf_min_bank = ivf_min_bank
-        self.score_border = score_border
-        self.reweight = reweight
-        self.n_reweight = n_reweight
-        self.blur_sigma = blur_sigma
-        self.calibration_fraction = calibration_fraction
-        self.seed = seed
-        self.device = device
+        store_params(self, locals())
 
     def _validate(self) -> None:
         if self.coreset_ratio != "auto" and not (isinstance(self.coreset_ratio, (int, float)) and

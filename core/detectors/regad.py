@@ -38,7 +38,7 @@ from torch import nn
 
 from ..backbones import DEFAULT_BACKBONE, FeatureExtractor
 from ..data import Preprocess
-from .base import BackboneDetector, Progress, no_progress, register_detector, resolve_device
+from .base import BackboneDetector, Progress, no_progress, register_detector, resolve_device, store_params
 from .ops import upsample_blur
 from .padim import (check_gaussian_params, from_lower_triangle, lower_triangle, mahalanobis, position_gaussians,
                     random_channels, stage_embedding)
@@ -232,19 +232,7 @@ class RegAD(BackboneDetector):
                  weights: str | None = None, resize: int | str | tuple = 224, crop: int | None = None,
                  augment: bool = True, n_features: int | None = 100, epsilon: float = 0.01, blur_sigma: float = 4.0,
                  calibration_fraction: float = 0.1, seed: int = 0, device: str = "auto"):
-        self.registration = registration
-        self.backbone = backbone
-        self.stages = stages
-        self.weights = weights
-        self.resize = resize
-        self.crop = crop
-        self.augment = augment
-        self.n_features = n_features
-        self.epsilon = epsilon
-        self.blur_sigma = blur_sigma
-        self.calibration_fraction = calibration_fraction
-        self.seed = seed
-        self.device = device
+        store_params(self, locals())
 
     def _validate(self) -> None:
         self._require_stages()
