@@ -332,10 +332,6 @@ class ReconstructionDetector(Detector):
 
     # --- checks -----------------------------------------------------------------------------------
     def _validate(self) -> None:
-        size = self.preprocess.input_size
-        if size < 16 or size & (size - 1):
-            raise ValueError(f"the model input size (crop, or resize when crop is None) must be a power of two "
-                             f">= 16, got {size}")
         self._require_positive("epochs", "batch_size", "latent_dim", "base_channels", "max_channels")
         if self.batch_size < 2:
             raise ValueError("batch_size must be >= 2 (BatchNorm)")
@@ -348,7 +344,10 @@ class ReconstructionDetector(Detector):
 
     # --- Detector hooks ---------------------------------------------------------------------------
     def _fit(self, images: Sequence[np.ndarray], progress: Progress) -> None:
-        self._validate()
+        size = self.preprocess.input_size      # known once fit has fixed the frame
+        if size < 16 or size & (size - 1):
+            raise ValueError(f"the model input size (crop, or resize when crop is None) must be a power of two "
+                             f">= 16, got {size}")
         if len(images) < 2:
             raise ValueError("a reconstruction model needs at least 2 training images")
         device = resolve_device(self.device)

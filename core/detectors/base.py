@@ -68,7 +68,8 @@ class Prediction:
 
 
 class Detector:
-    """Base class: subclasses implement `_fit`, `_score_batch`, `_fitted_tensors` and `_restore`."""
+    """Base class: subclasses implement `_fit`, `_score_batch`, `_fitted_tensors` and `_restore`, and check
+    their parameters in `_validate` (fit calls it)."""
 
     name: ClassVar[str] = ""
     family: ClassVar[str] = ""    # "representation" or "reconstruction"
@@ -152,6 +153,7 @@ class Detector:
         sizes = (fitted_on.sizes() if hasattr(fitted_on, "sizes")
                  else [fitted_on[i].shape[:2] for i in range(len(fitted_on))])
         try:
+            self._validate()
             self.auto_settings_ = self._auto_settings(fitted_on, sizes, progress)
             frame = self._fit_frame(sizes, self.auto_settings_.get("long_side"))
             Preprocess(resize=frame, crop=self.crop)  # refuses a crop larger than the frame before any work
@@ -298,6 +300,9 @@ class Detector:
         for name in names:
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+    def _validate(self) -> None:
+        """Check the parameters, once, when `fit` starts (before any work); raise a ValueError naming the bad one."""
 
     def _auto_settings(self, images: Sequence[np.ndarray], sizes_hw: list[tuple[int, int]],
                        progress: Progress) -> dict:

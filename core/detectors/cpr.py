@@ -189,7 +189,6 @@ class CPR(BackboneDetector):
     def _auto_settings(self, images: Sequence[np.ndarray], sizes_hw, progress: Progress) -> dict:
         """The frame, where `resize` is "auto": the smallest candidate that keeps the images' detail. K and the
         windows are chosen later, on the fitted model itself (`_choose_search`)."""
-        self._validate()
         if self.resize != "auto":
             return {}
         native = int(np.clip(round(np.median([max(hw) for hw in sizes_hw]) / 32) * 32, 256, AUTO_MAX_SIDE))
@@ -257,7 +256,6 @@ class CPR(BackboneDetector):
         return {**super().fold_params(), "n_neighbours": self.n_neighbours_, "windows": self.windows_}
 
     def _fit(self, images: Sequence[np.ndarray], progress: Progress, batch_size: int = 16) -> None:
-        self._validate()
         n = len(images)
         rng = np.random.default_rng(self.seed)
         banks: list[torch.Tensor] | None = None

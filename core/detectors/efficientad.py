@@ -250,7 +250,6 @@ class EfficientAD(BackboneDetector):
 
     # --- training ---------------------------------------------------------------------------------
     def _fit(self, images: Sequence[np.ndarray], progress: Progress) -> None:
-        self._validate()
         dev = resolve_device(self.device)
         torch.manual_seed(int(self.seed))
         gen = torch.Generator().manual_seed(int(self.seed))

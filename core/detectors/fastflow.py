@@ -199,7 +199,6 @@ class FastFlow(BackboneDetector):
         return [torch.cat(stage) for stage in zip(*parts)]
 
     def _fit(self, images: Sequence[np.ndarray], progress: Progress) -> None:
-        self._validate()
         dev = resolve_device(self.device)
         torch.manual_seed(int(self.seed))
         gen = torch.Generator().manual_seed(int(self.seed))

@@ -129,7 +129,6 @@ class PaDiM(BackboneDetector):
         return emb.index_select(1, self.channel_idx_.to(emb.device))
 
     def _fit(self, images: Sequence[np.ndarray], progress: Progress, batch_size: int = 16) -> None:
-        self._validate()
         if len(images) < 2:
             raise ValueError("PaDiM needs at least 2 training images to estimate covariances")
         self.channel_idx_ = random_channels(sum(self.feature_extractor().channels), self.n_features, self.seed)

@@ -130,7 +130,6 @@ class PatchCore(BackboneDetector):
         return locally_aware_patches(self.backbone_features(x)).float().cpu()
 
     def _fit(self, images: Sequence[np.ndarray], progress: Progress, batch_size: int = 16) -> None:
-        self._validate()
         coreset = None
         for start in range(0, len(images), batch_size):
             batch = [images[i] for i in range(start, min(start + batch_size, len(images)))]
@@ -154,7 +153,6 @@ class PatchCore(BackboneDetector):
         self._build_index()
 
     def _auto_settings(self, images: Sequence[np.ndarray], sizes_hw, progress: Progress) -> dict:
-        self._validate()
         tune = {"size": self.resize == "auto", "bank": self.coreset_ratio == "auto",
                 "border": self.score_border == "auto"}
         if not any(tune.values()):

@@ -267,7 +267,6 @@ class RegAD(BackboneDetector):
         return emb.index_select(1, self.channel_idx_.to(emb.device)), theta
 
     def _fit(self, images: Sequence[np.ndarray], progress: Progress, batch_size: int = 16) -> None:
-        self._validate()
         self.registration_ = self._load_registration()
         self._net = None
         self.channel_idx_ = random_channels(sum(self.feature_extractor().channels), self.n_features, self.seed)
