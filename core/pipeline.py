@@ -50,7 +50,7 @@ def evaluate(detector: Detector, test_set: ImageSet, progress: Progress | None =
         mask = test_set.mask(i)
         masks.append(None if mask is None else detector.preprocess.mask_to_frame(mask))
     labels = test_set.labels
-    result = metrics.evaluate(labels, scores, masks, maps) if len(set(labels.tolist())) == 2 else {}
+    result = metrics.headline_metrics(labels, scores, masks, maps) if len(set(labels.tolist())) == 2 else {}
     return Evaluation(scores, maps, masks, labels, result, seconds)
 
 
