@@ -23,6 +23,7 @@ from ..data import ImageSet, Preprocess
 from ..detectors import Detector
 from ..detectors.base import Progress, no_progress
 from ..detectors.patchcore import locally_aware_patches
+from ..files import save_arrays
 
 VIEWS_FILE = "feature_views.npz"
 MAX_IMAGES = 400           # images embedded for the maps (a stratified sample beyond this)
@@ -103,12 +104,7 @@ def save_views(views: FeatureViews, folder: str | Path) -> Path:
     if views.coverage_radii is not None:
         arrays["coverage_radii"] = views.coverage_radii
     arrays["meta"] = np.array(json.dumps({"n_images_total": views.n_images_total, "grid": list(views.grid)}))
-    path = Path(folder) / VIEWS_FILE
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        np.savez(f, **arrays)
-    tmp.replace(path)
-    return path
+    return save_arrays(Path(folder) / VIEWS_FILE, **arrays)
 
 
 def load_views(folder: str | Path) -> FeatureViews | None:

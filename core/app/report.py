@@ -15,6 +15,7 @@ from plotly.offline import get_plotlyjs
 from . import figures
 from .compare import run_label
 from .render import data_uri, heatmap_panel, region_panel
+from ..files import json_default
 from ..results import RunResults
 from ..rules import Decision, DefectRules
 from ..thresholds import PRESET_LABELS, is_anomalous
@@ -76,7 +77,7 @@ def build_report(run: dict, results: RunResults, image_threshold: float, pixel_t
                       for i in indices]
 
     parts.append("<h2>Model</h2><details><summary>Model card and parameters</summary><pre>"
-                 f"{html.escape(json.dumps(run['model_card'], indent=2, default=str))}</pre></details>")
+                 f"{html.escape(json.dumps(run['model_card'], indent=2, default=json_default))}</pre></details>")
     return ("<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
             f"<title>AnomalyScope report: {html.escape(run_label(run))}</title>"
             f"<style>{_CSS}</style><script type='text/javascript'>{get_plotlyjs()}</script></head><body>"

@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 
 from ..backbones import FeatureExtractor
 from ..data import Preprocess, fit_frame
+from ..files import json_default
 from . import calibration
 
 # progress(stage, done, total); raising core.Cancelled from it stops the work.
@@ -230,7 +231,7 @@ class Detector:
                     tensors[calibration.CALIBRATION_MAPS] = torch.from_numpy(cal.maps)
                 config["calibration"] = cal.to_json()
             save_file(tensors, tmp / "fitted.safetensors")
-            (tmp / "config.json").write_text(json.dumps(config, indent=2, default=_json_default))
+            (tmp / "config.json").write_text(json.dumps(config, indent=2, default=json_default))
             if folder.exists():
                 old = folder.with_name(f".{folder.name}.old")
                 shutil.rmtree(old, ignore_errors=True)
@@ -372,14 +373,6 @@ def _aspect_stretch(sizes_hw, frame: tuple[int, int]) -> float:
     """How far the frame stretches the training images at worst: 1.0 when every aspect ratio is kept."""
     target = frame[1] / frame[0]
     return float(max(max(w / h / target, target * h / w) for h, w in sizes_hw))
-
-
-def _json_default(value):
-    if isinstance(value, (np.generic,)):
-        return value.item()
-    if isinstance(value, Path):
-        return str(value)
-    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
 # --- registry ---------------------------------------------------------------------------------------

@@ -38,6 +38,7 @@ from torch import nn
 
 from ..backbones import DEFAULT_BACKBONE, FeatureExtractor
 from ..data import Preprocess
+from ..files import replacing
 from .base import BackboneDetector, Progress, no_progress, register_detector, resolve_device, store_params
 from .ops import upsample_blur
 from .padim import (check_gaussian_params, from_lower_triangle, lower_triangle, mahalanobis, position_gaussians,
@@ -178,9 +179,8 @@ def train_registration(categories: dict[str, Sequence[np.ndarray]], out: str | P
     header = {"backbone": backbone, "stages": json.dumps(list(stages)), "size": str(size), "steps": str(steps),
               "seed": str(seed), "categories": json.dumps({n: len(v) for n, v in categories.items()}),
               "final_loss": f"{np.mean(losses[-50:]):.4f}"}
-    tmp = out.with_name(out.name + ".tmp")
-    save_file(registration_tensors(net), tmp, metadata=header)
-    tmp.replace(out)
+    with replacing(out) as tmp:
+        save_file(registration_tensors(net), tmp, metadata=header)
     return out
 
 
