@@ -74,6 +74,11 @@ def test_model_card_describes_the_model(name, fitted):
     card = fitted(name).model_card()
     assert card["detector"] == name and card["params"] == fitted(name).get_params()
     assert card["n_images"] == 28 and card["training_set"]["n_images"] == 28
+    extractor = fitted(name).feature_extractor()
+    if extractor is not None:                  # one backbone block, the same on every backbone detector's card
+        assert {k: card["backbone"][k] for k in ("name", "stages", "channels", "strides")} == {
+            "name": fitted(name).backbone, "stages": list(fitted(name).stages), "channels": list(extractor.channels),
+            "strides": list(extractor.strides)}
 
 
 @pytest.mark.parametrize("name, bad, message", [

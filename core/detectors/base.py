@@ -346,6 +346,15 @@ class BackboneDetector(Detector):
         extractor = self.feature_extractor()
         return Preprocess(resize=self.frame(), crop=self.crop, mean=extractor.mean, std=extractor.std)
 
+    def model_card(self) -> dict:
+        """The card, with the backbone block every backbone detector shows; a subclass's own "backbone" entries
+        (a note on what stands in for the paper's backbone) are added to it."""
+        card = super().model_card()
+        ex = self.feature_extractor()
+        card["backbone"] = {"name": self.backbone, "stages": list(self.stages), "channels": list(ex.channels),
+                            "strides": list(ex.strides), **card.get("backbone", {})}
+        return card
+
     def _require_stages(self) -> None:
         if len(self.stages) < 1:
             raise ValueError("stages must name at least one backbone stage")

@@ -389,10 +389,7 @@ class CPR(BackboneDetector):
         self.foreground_ = tensors.get("foreground")
 
     def _card_extra(self) -> dict:
-        ex = self.feature_extractor()
-        return {"backbone": {"name": self.backbone, "stages": list(self.stages), "channels": list(ex.channels),
-                             "strides": list(ex.strides),
-                             "note": "the paper uses DenseNet201 with a learned local-retrieval head; neither is "
+        return {"backbone": {"note": "the paper uses DenseNet201 with a learned local-retrieval head; neither is "
                                      "available offline: raw, L2-normalised features of this backbone stand in"},
                 "retrieval": {"training_images": int(self.banks_[0].shape[0]), "neighbours": self.n_neighbours_,
                               "windows": list(self.windows_), "words": int(len(self.words_)),

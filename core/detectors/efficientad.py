@@ -384,11 +384,9 @@ class EfficientAD(BackboneDetector):
         self.quantiles_ = tensors["quantiles"]
 
     def _card_extra(self) -> dict:
-        ex = self.feature_extractor()
         return {"teacher": {"kind": "frozen pretrained backbone stages (no PDN teacher: the paper's ImageNet-"
-                                    "distilled PDN weights do not exist here)",
-                            "name": self.backbone, "stages": list(self.stages), "channels": list(ex.channels),
-                            "strides": list(ex.strides), "grid": self.grid_,
+                                    "distilled PDN weights do not exist here): see backbone",
+                            "grid": self.grid_,
                             "normalisation": "per-channel mean/std over the training images"},
                 "student": {"architecture": "PDN-S (padded)", "width": float(self.student_width),
                             "parameters": int(sum(p.numel() for p in self.student_.parameters()))},

@@ -283,10 +283,8 @@ class FastFlow(BackboneDetector):
         self.head_ = head.to(resolve_device(self.device)).eval()
 
     def _card_extra(self) -> dict:
-        ex = self.feature_extractor()
         n_params = sum(p.numel() for p in self.head_.parameters())
-        return {"backbone": {"name": self.backbone, "stages": list(self.stages), "channels": list(ex.channels),
-                             "strides": list(ex.strides), "frozen": True},
+        return {"backbone": {"frozen": True},
                 "flows": {"steps_per_stage": int(self.flow_steps), "grids": [list(g) for g in self.grids_],
                           "subnet": "conv3x3-ReLU-conv3x3" if self.conv3x3_only else "alternating 3x3 / 1x1",
                           "trainable_parameters": int(n_params)},

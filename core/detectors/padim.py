@@ -174,9 +174,7 @@ class PaDiM(BackboneDetector):
 
     def _card_extra(self) -> dict:
         ex = self.feature_extractor()
-        return {"backbone": {"name": self.backbone, "stages": list(self.stages), "channels": list(ex.channels),
-                             "strides": list(ex.strides)},
-                "gaussians": {"grid": list(self.grid_), "positions": int(self.mean_.shape[0]),
+        return {"gaussians": {"grid": list(self.grid_), "positions": int(self.mean_.shape[0]),
                               "dim": int(self.mean_.shape[1]), "of_channels": int(sum(ex.channels)),
                               "channel_subset": "random, drawn with seed", "covariance_ridge": self.epsilon},
                 "score": "Mahalanobis distance per position, bilinear upsample + Gaussian blur; image = max of map"}

@@ -325,10 +325,7 @@ class PatchCore(BackboneDetector):
         self._build_index()
 
     def _card_extra(self) -> dict:
-        ex = self.feature_extractor()
         return {"score_border_px": self.score_border_px_,
-                "backbone": {"name": self.backbone, "stages": list(self.stages), "channels": list(ex.channels),
-                             "strides": list(ex.strides)},
                 "memory_bank": {"patches": int(self.memory_bank_.shape[0]), "dim": int(self.memory_bank_.shape[1]),
                                 "from_training_patches": self.n_train_patches_,
                                 "coverage_radius": float(self.coverage_radii_[-1]),

@@ -307,10 +307,7 @@ class RegAD(BackboneDetector):
         self._net = None
 
     def _card_extra(self) -> dict:
-        ex = self.feature_extractor()
-        return {"backbone": {"name": self.backbone, "stages": list(self.stages), "channels": list(ex.channels),
-                             "strides": list(ex.strides),
-                             "note": "the paper trains a ResNet18 with its transformers; here EfficientNet-Lite0 "
+        return {"backbone": {"note": "the paper trains a ResNet18 with its transformers; here EfficientNet-Lite0 "
                                      "stays frozen and only the transformers were trained"},
                 "registration": self.registration or "none (identity transformers)",
                 "support": {"augmented": self.augment, "per_shot": 18 if self.augment else 1},
