@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from ..backbones import FeatureExtractor
-from ..data import ImageSet, Preprocess
+from ..data import ImageSet, Preprocess, image_batches
 from ..detectors import Detector
 from ..detectors.base import Progress, no_progress
 from ..detectors.patchcore import locally_aware_patches
@@ -53,9 +53,8 @@ def compute_views(detector: Detector, dataset: ImageSet, progress: Progress | No
     per_image = max(4, MAX_PATCHES // max(len(images), 1))
     image_vectors, image_scores, patch_rows, patch_vectors, train_patches = [], [], [], [], []
     batch_size = 8
-    for start in range(0, len(images), batch_size):
-        idx = list(range(start, min(start + batch_size, len(images))))
-        pixels = [images[i] for i in idx]
+    for start, pixels in image_batches(images, batch_size):
+        idx = range(start, start + len(pixels))
         emb = embed(embed_preprocess.images_to_tensor(pixels))                       # (n, C, h, w)
         scores, maps = detector.score_tensor(detector.preprocess.images_to_tensor(pixels))
         grid = emb.shape[-2:]

@@ -7,7 +7,7 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -18,6 +18,13 @@ _SPLIT_ORDER = {"train": 0, "test": 1}
 
 def _workers() -> int:
     return max(2, min(8, os.cpu_count() or 2))
+
+
+def image_batches(images: Sequence[np.ndarray], batch_size: int) -> Iterator[tuple[int, list[np.ndarray]]]:
+    """(index of its first image, the images) for consecutive batches of at most `batch_size` images; a lazy
+    :class:`ImageSet` is decoded one batch at a time."""
+    for start in range(0, len(images), batch_size):
+        yield start, [images[i] for i in range(start, min(start + batch_size, len(images)))]
 
 
 class EmptyDatasetError(ValueError):

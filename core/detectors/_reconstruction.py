@@ -62,7 +62,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..data import Preprocess
+from ..data import Preprocess, image_batches
 from .base import Detector, Progress, resolve_device
 from .ops import upsample_blur
 
@@ -245,8 +245,7 @@ def load_tensor(preprocess: Preprocess, images: Sequence[np.ndarray], progress: 
                 batch_size: int = 32) -> torch.Tensor:
     """All images preprocessed into one (N, 3, S, S) CPU tensor, decoding in batches with progress."""
     out = []
-    for start in range(0, len(images), batch_size):
-        batch = [images[i] for i in range(start, min(start + batch_size, len(images)))]
+    for start, batch in image_batches(images, batch_size):
         out.append(preprocess.images_to_tensor(batch))
         progress("load", start + len(batch), len(images))
     return torch.cat(out)

@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..backbones import FeatureExtractor
-from ..data import Preprocess, fit_frame
+from ..data import Preprocess, fit_frame, image_batches
 from ..files import json_default
 from . import calibration
 
@@ -186,8 +186,7 @@ class Detector:
         self._check_fitted()
         progress = progress or no_progress
         scores, maps = [], []
-        for start in range(0, len(images), batch_size):
-            batch = [images[i] for i in range(start, min(start + batch_size, len(images)))]
+        for start, batch in image_batches(images, batch_size):
             s, m = self.score_tensor(self.preprocess.images_to_tensor(batch))
             scores.append(s)
             maps.append(m)

@@ -33,6 +33,7 @@ from sklearn.cluster import KMeans
 from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
 
 from ..backbones import DEFAULT_BACKBONE
+from ..data import image_batches
 from . import auto_settings
 from .base import BackboneDetector, Progress, register_detector, store_params
 from .ops import upsample_blur
@@ -259,8 +260,7 @@ class CPR(BackboneDetector):
         n = len(images)
         rng = np.random.default_rng(self.seed)
         banks: list[torch.Tensor] | None = None
-        for start in range(0, n, batch_size):
-            batch = [images[i] for i in range(start, min(start + batch_size, n))]
+        for start, batch in image_batches(images, batch_size):
             with torch.no_grad():
                 feats = self.embed(self.preprocess.images_to_tensor(batch))
             if banks is None:

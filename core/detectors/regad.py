@@ -37,7 +37,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..backbones import DEFAULT_BACKBONE, FeatureExtractor
-from ..data import Preprocess
+from ..data import Preprocess, image_batches
 from ..files import replacing
 from .base import BackboneDetector, Progress, no_progress, register_detector, resolve_device, store_params
 from .ops import upsample_blur
@@ -272,11 +272,11 @@ class RegAD(BackboneDetector):
         self.channel_idx_ = random_channels(sum(self.feature_extractor().channels), self.n_features, self.seed)
 
         def embeddings():
-            for start in range(0, len(images), batch_size):
-                x = self.preprocess.images_to_tensor([images[i] for i in range(start, min(start + batch_size, len(images)))])
+            for start, batch in image_batches(images, batch_size):
+                x = self.preprocess.images_to_tensor(batch)
                 with torch.no_grad():
                     yield self.embed(augment_support(x) if self.augment else x)[0]
-                progress("support features", min(start + batch_size, len(images)), len(images))
+                progress("support features", start + len(batch), len(images))
 
         self.mean_, self.precision_, self.grid_ = position_gaussians(embeddings(), self.epsilon,
                                                                      resolve_device(self.device))
