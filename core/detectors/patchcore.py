@@ -14,10 +14,10 @@ import torch
 import torch.nn.functional as F
 
 from ..backbones import DEFAULT_BACKBONE
-from .coreset import StreamingCoreset, greedy_coreset
 from ..data import Preprocess
 from . import auto_settings
 from .base import BackboneDetector, Progress, native_long_side, register_detector, store_params
+from .coreset import StreamingCoreset, greedy_coreset
 from .ops import upsample_blur
 
 # The candidates resize="auto" and coreset_ratio="auto" choose from: longer sides up to the images' own,
