@@ -1,6 +1,6 @@
 """AnomalyScope dashboard: the frame around the pages (navigation and the shared sidebar selectors).
 
-Run with `make run` or `streamlit run app.py`. The pages are in app_pages/ (see ui/__init__.py for why not pages/).
+Run with `make run` or `streamlit run app.py`. The pages are in app_pages/ (ui/__init__.py says why not pages/).
 """
 import streamlit as st
 

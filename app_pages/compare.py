@@ -1,8 +1,8 @@
 """Compare: the runs of a dataset side by side (accuracy, latency, memory, size) and the run to deploy."""
 import streamlit as st
 
-from core import figures
-from core.compare import METRIC_COLUMNS, run_table
+from core.app import figures
+from core.app.compare import METRIC_COLUMNS, run_table
 from ui import state
 
 st.title("Compare")

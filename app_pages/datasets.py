@@ -8,10 +8,10 @@ import streamlit as st
 
 from core.audit import load_audit_maps
 from core.data import IMAGE_SUFFIXES, EmptyDatasetError, read_image
-from core.render import heatmap_panel, thumbnail
+from core.app.render import heatmap_panel, thumbnail
 from core.results import colour_scale
-from core.training import TrainingJob
-from core.uploads import create_from_uploads, register_folder
+from core.app.jobs import TrainingJob
+from core.app.uploads import create_from_uploads, register_folder
 from ui import state, widgets
 
 IMAGE_TYPES = sorted(s.lstrip(".") for s in IMAGE_SUFFIXES)

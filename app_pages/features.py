@@ -2,11 +2,11 @@
 embeddings coloured by split, defect type and score. Click a point to see its image."""
 import streamlit as st
 
-from core import figures
+from core.app import figures
 from core.data import read_image
-from core.embeddings import compute_views, patch_box, save_views
-from core.training import STAGE_LABELS
-from core.viz import draw_outline
+from core.app.embeddings import compute_views, patch_box, save_views
+from core.app.jobs import STAGE_LABELS
+from core.app.viz import draw_outline
 from ui import state
 
 CHART_TITLES = {"images": "UMAP of image embeddings (each image's mean patch feature)",

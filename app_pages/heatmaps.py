@@ -6,7 +6,7 @@ parts look defective); the legend shows that scale with the thresholds on it.
 import numpy as np
 import streamlit as st
 
-from core.render import heatmap_panel, region_panel, thumbnail
+from core.app.render import heatmap_panel, region_panel, thumbnail
 from core.rules import DefectRules
 from core.thresholds import is_anomalous
 from ui import state, widgets

@@ -2,8 +2,8 @@
 import pandas as pd
 import streamlit as st
 
-from core.training import TrainingJob
-from core.uploads import register_folder
+from core.app.jobs import TrainingJob
+from core.app.uploads import register_folder
 from core.workspace import DEMO_DIR
 from ui import state, widgets
 

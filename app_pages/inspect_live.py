@@ -2,8 +2,8 @@
 import streamlit as st
 
 from core.data import IMAGE_SUFFIXES, ImageError, read_image
-from core.inspection import inspect_image
-from core.render import heatmap_panel, region_panel
+from core.app.inspection import inspect_image
+from core.app.render import heatmap_panel, region_panel
 from core.rules import DefectRules
 from ui import state, widgets
 

@@ -2,16 +2,16 @@
 threshold, presets, and saving the choice with the run; image level and pixel level.
 
 The panel is a fragment over distributions computed once per run (ui.state.distributions) and plots built
-once per tab (core.figures.ThresholdFigures), so a slider move reruns only the panel and costs one binary
+once per tab (core.app.figures.ThresholdFigures), so a slider move reruns only the panel and costs one binary
 search plus moving the markers.
 """
 import numpy as np
 import streamlit as st
 
 from core.data import IMAGE_SUFFIXES, ImageError, read_image, read_mask
-from core.figures import ThresholdFigures, roi_figure, tradeoff_figure
-from core.render import region_panel, thumbnail
-from core.report import build_report, report_file_name
+from core.app.figures import ThresholdFigures, roi_figure, tradeoff_figure
+from core.app.render import region_panel, thumbnail
+from core.app.report import build_report, report_file_name
 from core.rules import DefectRules, decide, roi_from_shapes
 from core.thresholds import PRESET_LABELS, ScoreDistribution, normal_threshold, synthetic_miss_rate
 from ui import state, widgets

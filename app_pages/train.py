@@ -6,7 +6,8 @@ import streamlit as st
 
 from core.backbones import OFFLINE_WEIGHTS
 from core.detectors import get_detector_class, list_detectors
-from core.training import TrainingJob, chosen_settings, param_specs, parse_value
+from core.app.jobs import TrainingJob, chosen_settings
+from core.params import param_specs, parse_value
 from core.workspace import registrations_dir
 from ui import state, widgets
 

@@ -21,6 +21,7 @@ import numpy as np
 from .detectors import Detector, create_detector
 from .detectors.base import Progress, no_progress
 from .detectors.calibration import FOLDS, MIN_IMAGES, fold_models, take
+from .files import save_arrays
 
 FENCE_IQR = 1.5
 SHOWN = 15      # the audit keeps the anomaly maps of this many top-ranked images, for people to look at
@@ -102,12 +103,8 @@ def fit_tolerant(detector: Detector, images: Sequence[np.ndarray], progress: Pro
 
 def save_audit_maps(folder: str | Path, maps: dict[str, np.ndarray]) -> Path:
     """Write the audit's maps (training image path -> map in the model frame, float16) into a model folder."""
-    path = Path(folder) / MAPS_FILE
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        np.savez(f, maps=np.stack(list(maps.values())).astype(np.float16), paths=np.array(json.dumps(list(maps))))
-    tmp.replace(path)
-    return path
+    return save_arrays(Path(folder) / MAPS_FILE, maps=np.stack(list(maps.values())).astype(np.float16),
+                       paths=np.array(json.dumps(list(maps))))
 
 
 def load_audit_maps(folder: str | Path) -> dict[str, np.ndarray]:

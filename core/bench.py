@@ -330,7 +330,7 @@ def run_coverage(data: str | Path, params: dict | None = None, log=print) -> dic
     size: selection time and the coverage radius each reaches (the largest distance from any training
     patch to its nearest bank patch, in the projected space both select in, computed exactly)."""
     import faiss
-    from .coreset import StreamingCoreset, greedy_coreset, project
+    from .detectors.coreset import StreamingCoreset, greedy_coreset, project
     train = load_mvtec(data).subset(split="train", label=0)
     det = create_detector("patchcore", **(params or {}))
     det.fit(train)

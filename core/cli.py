@@ -5,7 +5,6 @@ As thin as the dashboard: it parses arguments and calls the same functions the p
 from __future__ import annotations
 
 import argparse
-import ast
 import csv
 import json
 import sys
@@ -15,23 +14,7 @@ from pathlib import Path
 
 
 from . import Cancelled
-
-
-def parse_overrides(pairs: list[str]) -> dict:
-    """`key=value` pairs; values are Python literals when they parse as one (0.1, (2, 3), None), else strings."""
-    params = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise SystemExit(f"--set expects key=value, got {pair!r}")
-        try:
-            params[key] = ast.literal_eval(value)
-        except (ValueError, SyntaxError):
-            try:
-                params[key] = float(value)   # "nan" and "inf" are numbers (refused later, by name)
-            except ValueError:
-                params[key] = value
-    return params
+from .params import parse_overrides
 
 
 class LogProgress:
@@ -48,18 +31,21 @@ class LogProgress:
             print(f"[{time.perf_counter() - self.start:7.1f}s] {stage}: {done}/{total}", file=sys.stderr)
 
 
-def _load_any(path: str, dest_dir: Path | None = None):
+def _load_any(path: str):
     from .data import load_dataset
-    from .workspace import workspace_dir
+    from .pipeline import dataset_kind
+    from .workspace import datasets_dir
     if not str(path).strip():
         raise ValueError("--data is empty: name a dataset folder or a .zip archive")
     p = Path(path)
-    kind = "zip" if p.suffix.lower() == ".zip" else ("mvtec" if (p / "train").is_dir() else "folder")
-    # Each load of an archive extracts into its own folder: load_zip refuses a non-empty destination.
-    dest = dest_dir or workspace_dir() / "datasets" / f"{p.stem}-{uuid.uuid4().hex[:8]}"
-    dataset = load_dataset(p, dest_dir=dest) if kind == "zip" else load_dataset(p)
-    if kind == "zip":   # registered where it was extracted, so that the dashboard and evaluate can reopen it
-        dataset.report.source = str(dest)
+    if p.suffix.lower() == ".zip":
+        # Each load of an archive extracts into its own folder: load_zip refuses a non-empty destination.
+        dest = datasets_dir() / f"{p.stem}-{uuid.uuid4().hex[:8]}"
+        dataset, kind = load_dataset(p, dest_dir=dest), "zip"
+        dataset.report.source = str(dest)   # registered where it was extracted, so that open_dataset finds it
+    else:
+        dataset = load_dataset(p)
+        kind = dataset_kind(dataset)
     if dataset.report.skipped or dataset.report.warnings:
         print(f"load report: {dataset.report.summary()}", file=sys.stderr)
         for name, reason in [*dataset.report.skipped, *dataset.report.warnings][:20]:
@@ -84,11 +70,11 @@ def cmd_list(args) -> int:
 def cmd_train(args) -> int:
     from .pipeline import register_dataset, train_run
     from .runs import RunStore
+    params = parse_overrides(args.set)      # a malformed --set fails before anything is loaded or registered
     store = RunStore(args.registry)
     dataset, kind = _load_any(args.data)
     dataset_id = register_dataset(store, dataset, kind, args.dataset_name)
-    run_id = train_run(store, dataset_id, dataset, args.detector, parse_overrides(args.set), LogProgress(), args.name,
-                       audit=args.audit)
+    run_id = train_run(store, dataset_id, dataset, args.detector, params, LogProgress(), args.name, audit=args.audit)
     run = store.get_run(run_id)
     print(json.dumps({"run_id": run_id, "model_path": run["model_path"], "metrics": run["metrics"],
                       "thresholds": run["thresholds"], "timings": run["timings"]}, indent=2))
@@ -140,7 +126,7 @@ def _rules(args, run: dict):
 def cmd_predict(args) -> int:
     from .data import IMAGE_SUFFIXES, ImageError, read_image
     from .rules import decide
-    from .viz import overlay, save_png
+    from .app.viz import overlay, save_png
     from .thresholds import check_threshold, normal_threshold
     detector, run = _detector_and_run(args)
     saved = run["thresholds"]

@@ -31,7 +31,7 @@ __all__ = [
     "roc_points",
     "pr_points",
     "confusion_at",
-    "evaluate",
+    "headline_metrics",
 ]
 
 # 8-connectivity, as in the MVTec AD evaluation code.
@@ -89,7 +89,8 @@ def _image_lists(masks: MasksLike, maps: MasksLike) -> tuple[list[np.ndarray], l
     mask_list, map_list = [], []
     for index, (mask, score_map) in enumerate(zip(masks, maps)):
         if mask is None:
-            raise ValueError(f"mask {index} is None; evaluate() leaves such images out, do the same before calling")
+            raise ValueError(f"mask {index} is None; headline_metrics() leaves such images out, do the same "
+                             "before calling")
         mask, score_map = np.asarray(mask), np.asarray(score_map)
         if mask.ndim != 2 or mask.shape != score_map.shape:
             raise ValueError(
@@ -281,7 +282,7 @@ def aupro(masks: MasksLike, maps: MasksLike, fpr_limit: float = 0.3) -> float:
 # ---------------------------------------------------------------------------------------------- all at once
 
 
-def evaluate(labels, scores, masks: MasksLike | None = None, maps: MasksLike | None = None) -> dict:
+def headline_metrics(labels, scores, masks: MasksLike | None = None, maps: MasksLike | None = None) -> dict:
     """All headline metrics for one test set.
 
     Always: ``image_auroc``, ``f1_max``, ``f1_threshold``. Also ``pixel_auroc`` and ``aupro`` when masks and

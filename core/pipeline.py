@@ -8,6 +8,7 @@ import os
 import shutil
 import time
 import uuid
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,7 +17,6 @@ import numpy as np
 from . import metrics
 from .audit import audit as audit_images
 from .audit import check_auditable, fit_tolerant, save_audit_maps
-from .compare import model_memory_mb
 from .data import ImageSet, load_dataset
 from .detectors import Detector, create_detector, load_detector
 from .detectors.base import Progress, no_progress
@@ -24,10 +24,10 @@ from .detectors.calibration import Calibration
 from .results import RunResults, load_results, save_results
 from .runs import RegistryLockedError, RunStore
 from .thresholds import DEFAULT_FALSE_REJECT, MIN_TAIL_IMAGES, normal_threshold
+from .workspace import datasets_dir, workspace_dir
 
 # Without ground-truth masks, defect regions start at the map level this share of good pixels reach.
 GOOD_PIXEL_SHARE = 0.001
-from .workspace import workspace_dir
 
 
 @dataclass
@@ -50,7 +50,7 @@ def evaluate(detector: Detector, test_set: ImageSet, progress: Progress | None =
         mask = test_set.mask(i)
         masks.append(None if mask is None else detector.preprocess.mask_to_frame(mask))
     labels = test_set.labels
-    result = metrics.evaluate(labels, scores, masks, maps) if len(set(labels.tolist())) == 2 else {}
+    result = metrics.headline_metrics(labels, scores, masks, maps) if len(set(labels.tolist())) == 2 else {}
     return Evaluation(scores, maps, masks, labels, result, seconds)
 
 
@@ -94,14 +94,34 @@ def models_dir() -> Path:
     return workspace_dir() / "models"
 
 
-def register_dataset(store: RunStore, dataset: ImageSet, kind: str, name: str | None = None) -> int:
-    """The registry id of a dataset, adding it on first use (datasets are keyed by name)."""
+def dataset_kind(dataset: ImageSet) -> str:
+    """The registry's kind of a loaded set: "mvtec" when it has a test split, "folder" for normal images only.
+    (Sets the app assembles itself are "upload", and "zip" when extracted from an archive on the command line.)"""
+    return "mvtec" if any(s.split == "test" for s in dataset.samples) else "folder"
+
+
+def register_dataset(store: RunStore, dataset: ImageSet, kind: str | None = None, name: str | None = None) -> int:
+    """The registry id of a dataset, adding it on first use (datasets are keyed by name); the kind is
+    :func:`dataset_kind`'s unless the caller made the set itself ("zip", "upload")."""
     name = name or dataset.name
     found = store.find_dataset(name)
     if found is not None:
         return found["id"]
-    return store.add_dataset(name=name, source=str(dataset.report.source), kind=kind,
+    return store.add_dataset(name=name, source=str(dataset.report.source), kind=kind or dataset_kind(dataset),
                              summary=dataset.summary(), report=report_dict(dataset))
+
+
+def open_dataset(record: dict) -> ImageSet:
+    """Load a registered dataset (a registry row) from where it lives: the one way the CLI, the dashboard and
+    re-evaluation reopen a dataset."""
+    source = Path(record["source"])
+    if source.is_file() and zipfile.is_zipfile(source):
+        # Registered from a zip by an older CLI, which recorded the archive: use its extracted copy.
+        copies = sorted(datasets_dir().glob(f"{source.stem}-*"))
+        source = copies[0] if copies else source
+    if not source.is_dir():
+        raise FileNotFoundError(f"dataset {record['name']!r}: its files are gone from {record['source']}")
+    return load_dataset(source)
 
 
 def report_dict(dataset: ImageSet) -> dict:
@@ -223,6 +243,15 @@ def register_fitted(store: RunStore, dataset_id: int, dataset: ImageSet, det: De
     return run_id
 
 
+def model_memory_mb(detector: Detector, model_path: str | Path) -> float:
+    """Memory the saved model needs to run: its fitted tensors plus the frozen backbone's weights."""
+    fitted = (Path(model_path) / "fitted.safetensors").stat().st_size
+    extractor = detector.feature_extractor()
+    backbone = 0 if extractor is None else sum(
+        t.numel() * t.element_size() for t in [*extractor.parameters(), *extractor.buffers()])
+    return (fitted + backbone) / 2**20
+
+
 def calibration_rows(det: Detector, train: ImageSet) -> list[dict]:
     """Registry rows of the calibration: each held-out (or cross-fitted) good training image's score, split
     "calibration", and its synthetic defect's, split "synthetic" (label 1, the generator as the defect)."""
@@ -277,13 +306,10 @@ def run_results(store: RunStore, run_id: int, progress: Progress | None = None) 
     found = load_results(run["model_path"])
     if found is not None:
         return found
-    test = load_dataset(store.get_dataset(run["dataset_id"])["source"]).subset(split="test")
+    test = open_dataset(store.get_dataset(run["dataset_id"])).subset(split="test")
     if not len(test):
         return None
     det = load_detector(run["model_path"])
     save_results(run["model_path"], test.samples, evaluate(det, test, progress), det.preprocess)
     return load_results(run["model_path"])
 
-
-def load_run_detector(store: RunStore, run_id: int) -> Detector:
-    return load_detector(store.get_run(run_id)["model_path"])

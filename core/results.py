@@ -15,6 +15,7 @@ from typing import Sequence
 import numpy as np
 
 from .data import Preprocess, Sample, image_size, read_image
+from .files import save_arrays
 from .rules import Decision, DefectRules, decide
 from .thresholds import ScoreDistribution
 
@@ -99,14 +100,9 @@ def save_results(folder: str | Path, samples: Sequence[Sample], evaluation, prep
     masks = np.stack([np.zeros(hw, bool) if m is None else m for m in evaluation.masks])
     meta = {"paths": [str(s.path) for s in samples], "defects": [s.defect for s in samples],
             "preprocess": preprocess.to_dict()}
-    path = Path(folder) / RESULTS_FILE
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:   # np.savez appends .npz to names without it, so hand it a file object
-        np.savez(f, labels=np.asarray(evaluation.labels, np.int64),
-                 scores=np.asarray(evaluation.scores, np.float32), maps=evaluation.maps.astype(np.float16),
-                 masks=np.packbits(masks, axis=-1), has_mask=has_mask, meta=np.array(json.dumps(meta)))
-    tmp.replace(path)
-    return path
+    return save_arrays(Path(folder) / RESULTS_FILE, labels=np.asarray(evaluation.labels, np.int64),
+                       scores=np.asarray(evaluation.scores, np.float32), maps=evaluation.maps.astype(np.float16),
+                       masks=np.packbits(masks, axis=-1), has_mask=has_mask, meta=np.array(json.dumps(meta)))
 
 
 def load_results(folder: str | Path) -> RunResults | None:

@@ -21,9 +21,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 from scipy import ndimage
 
-from .data import read_mask
-from .render import png_bytes
-from .thresholds import verdict
+from .data import png_bytes, read_mask
+from .thresholds import is_anomalous, verdict
 
 EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
 OUTSIDE_ROI = "outside the region of interest"
@@ -149,7 +148,7 @@ def find_regions(amap: np.ndarray, pixel_threshold: float, rules: DefectRules, p
     `image_hw`; boxes and areas are given in the image's own pixels either way.
     """
     amap = np.asarray(amap, dtype=np.float32)
-    hot = ~np.isfinite(amap) | (amap >= pixel_threshold)
+    hot = is_anomalous(amap, pixel_threshold)
     if not hot.any():
         return []
     # One map pixel covers this many image pixels (the model frame is the image resized, before any crop).

@@ -1,4 +1,4 @@
-"""Where user artefacts live: the run registry and model files.
+"""Where user artefacts live: the run registry, model files and the datasets the app made.
 
 The default is `data/workspace/` in the repository; `ANOMALYSCOPE_HOME` overrides it.
 """
@@ -20,3 +20,8 @@ def registrations_dir() -> Path:
     folder = workspace_dir() / "registrations"
     folder.mkdir(parents=True, exist_ok=True)
     return folder
+
+
+def datasets_dir() -> Path:
+    """Datasets the app assembled: uploads, and archives named on the command line, extracted."""
+    return workspace_dir() / "datasets"

@@ -1,4 +1,5 @@
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,14 @@ def shared_category(name: str) -> Path:
     if not (path / "train").is_dir():
         pytest.skip(f"{path} not available")
     return path
+
+
+def wait_until(condition, seconds: float, what: str, poll: float = 0.05) -> None:
+    """Poll until condition() holds; past the deadline fail saying what never happened, instead of hanging."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, f"{what} within {seconds:g} s"
+        time.sleep(poll)
 
 
 @pytest.fixture(autouse=True)

@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from core import data
+from core.data import images
 from core.data import (EmptyDatasetError, ImageError, ImageSet, LoadReport, Preprocess, Sample, image_size,
                        load_dataset, load_folder, load_mvtec, load_zip, read_image, read_mask)
 
@@ -194,10 +194,10 @@ def test_pixel_limit_is_configurable(tmp_path, monkeypatch):
     path = save(tmp_path / "small.png", noise(20, 20))
     with pytest.raises(ImageError, match="limit of 0.0001 megapixels"):
         read_image(path, max_pixels=100)
-    monkeypatch.setattr(data, "MAX_PIXELS", 399)
+    monkeypatch.setattr(images, "MAX_PIXELS", 399)
     with pytest.raises(ImageError, match="20x20 pixels"):
         read_image(path)
-    monkeypatch.setattr(data, "MAX_PIXELS", 400)
+    monkeypatch.setattr(images, "MAX_PIXELS", 400)
     assert read_image(path).shape == (20, 20, 3)
 
 

@@ -74,6 +74,11 @@ def test_model_card_describes_the_model(name, fitted):
     card = fitted(name).model_card()
     assert card["detector"] == name and card["params"] == fitted(name).get_params()
     assert card["n_images"] == 28 and card["training_set"]["n_images"] == 28
+    extractor = fitted(name).feature_extractor()
+    if extractor is not None:                  # one backbone block, the same on every backbone detector's card
+        assert {k: card["backbone"][k] for k in ("name", "stages", "channels", "strides")} == {
+            "name": fitted(name).backbone, "stages": list(fitted(name).stages), "channels": list(extractor.channels),
+            "strides": list(extractor.strides)}
 
 
 @pytest.mark.parametrize("name, bad, message", [
@@ -125,3 +130,18 @@ def test_damaged_model_folders_are_one_clear_error_each(tmp_path, demo):
         with pytest.raises(ModelFolderError, match=str(folder.name)):
             load_detector(folder)
         assert main(["predict", "--model", str(folder), "--threshold", "1", image]) == 2, what
+
+
+@pytest.mark.parametrize("name", ["patchcore", "padim", "ae"])
+def test_fit_checks_the_parameters_once_and_before_any_work(name, demo, monkeypatch):
+    train = demo.subset(split="train", label=0)[:6]
+    det = create_detector(name, **{**FAST_PARAMS[name], "calibration_fraction": 0})
+    checks, reports = [], []
+    check = type(det)._validate
+    monkeypatch.setattr(type(det), "_validate", lambda self: checks.append(1) or check(self))
+    det.fit(train)
+    assert len(checks) == 1
+    bad = {"patchcore": {"coreset_ratio": 2.0}, "padim": {"n_features": 0}, "ae": {"epochs": 0}}[name]
+    with pytest.raises(ValueError):
+        create_detector(name, **{**FAST_PARAMS[name], **bad}).fit(train, lambda *a: reports.append(a))
+    assert reports == [], "refused before a single image was read"

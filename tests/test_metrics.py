@@ -243,14 +243,15 @@ def test_aupro_rejects_undefined_cases():
 
 
 def test_aupro_is_fast_on_a_typical_test_set():
-    # 100 maps of 224x224 (~5M pixels); the design budget is about 3 s, the bound here leaves room for a busy CI box.
+    # 100 maps of 224x224 (~5M pixels); the design budget is about 3 s. CPU time, not wall time, in every speed
+    # test: another process busy on the machine (a benchmark, a parallel build) does not count against us.
     rng = np.random.default_rng(8)
     masks = np.zeros((100, 224, 224), dtype=bool)
     masks[50:, 60:120, 80:150] = True
     maps = rng.random(masks.shape, dtype=np.float32) + masks
-    start = time.perf_counter()
+    start = time.process_time()
     value = metrics.aupro(masks, maps)
-    elapsed = time.perf_counter() - start
+    elapsed = time.process_time() - start
     assert value == pytest.approx(1.0)  # every anomalous pixel outranks every normal one
     assert elapsed < 6.0, f"aupro took {elapsed:.2f} s"
 
@@ -311,10 +312,10 @@ def test_confusion_at_is_cheap():
     rng = np.random.default_rng(10)
     labels, scores = rng.integers(0, 2, 1000), rng.random(1000)
     metrics.confusion_at(labels, scores, 0.5)  # warm-up
-    start = time.perf_counter()
+    start = time.process_time()
     for _ in range(200):
         metrics.confusion_at(labels, scores, 0.5)
-    per_call = (time.perf_counter() - start) / 200
+    per_call = (time.process_time() - start) / 200
     assert per_call < 1e-3, f"confusion_at took {per_call * 1e6:.0f} us"
 
 
@@ -340,15 +341,15 @@ def test_evaluate_keys():
     masks, maps = blobby_data(seed=11)
     labels = masks.reshape(len(masks), -1).any(axis=1).astype(int)
     scores = maps.reshape(len(maps), -1).max(axis=1)
-    image_only = metrics.evaluate(labels, scores)
+    image_only = metrics.headline_metrics(labels, scores)
     assert set(image_only) == {"image_auroc", "f1_max", "f1_threshold"}
     assert image_only["image_auroc"] == pytest.approx(roc_auc_score(labels, scores))
-    full = metrics.evaluate(labels, scores, masks, maps)
+    full = metrics.headline_metrics(labels, scores, masks, maps)
     assert set(full) == {"image_auroc", "f1_max", "f1_threshold", "pixel_auroc", "aupro"}
     assert full["aupro"] == pytest.approx(metrics.aupro(masks, maps))
     assert full["pixel_auroc"] == pytest.approx(metrics.pixel_auroc(masks, maps))
     # every mask empty: no pixel metrics
-    assert set(metrics.evaluate(labels, scores, np.zeros_like(masks), maps)) == set(image_only)
+    assert set(metrics.headline_metrics(labels, scores, np.zeros_like(masks), maps)) == set(image_only)
 
 
 def test_evaluate_leaves_out_images_whose_mask_is_none():
@@ -358,11 +359,11 @@ def test_evaluate_leaves_out_images_whose_mask_is_none():
     with_none = list(masks)
     with_none[-1] = None  # an anomalous image without a mask
     with_none[0] = None  # a normal image without a mask
-    result = metrics.evaluate(labels, scores, with_none, list(maps))
+    result = metrics.headline_metrics(labels, scores, with_none, list(maps))
     assert result["pixel_auroc"] == pytest.approx(metrics.pixel_auroc(masks[1:-1], maps[1:-1]), abs=1e-12)
     assert result["aupro"] == pytest.approx(metrics.aupro(masks[1:-1], maps[1:-1]), abs=1e-12)
     assert result["aupro"] != pytest.approx(metrics.aupro(masks, maps), abs=1e-6)
     # only None masks: no pixel metrics
-    assert "aupro" not in metrics.evaluate(labels, scores, [None] * len(maps), list(maps))
+    assert "aupro" not in metrics.headline_metrics(labels, scores, [None] * len(maps), list(maps))
     with pytest.raises(ValueError, match="labels but"):
-        metrics.evaluate(labels, scores, masks[:-1], maps[:-1])
+        metrics.headline_metrics(labels, scores, masks[:-1], maps[:-1])

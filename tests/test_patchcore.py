@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from core import metrics
-from core.coreset import StreamingCoreset, greedy_coreset, project
+from core.detectors.coreset import StreamingCoreset, greedy_coreset, project
 from core.detectors import create_detector
 from core.detectors.ops import upsample_blur
 from core.pipeline import evaluate

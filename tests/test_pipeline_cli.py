@@ -158,6 +158,9 @@ def test_cli_reports_bad_input_clearly(tmp_path, capsys):
     assert "no usable images" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["train", "--data", str(DEMO), "--detector", "nonsense"])
+    assert main(["train", "--data", str(DEMO), "--set", "coreset_ratio"]) == 2      # a --set without "="
+    assert "error: --set expects key=value, got 'coreset_ratio'" in capsys.readouterr().err
+    assert RunStore().list_datasets() == []                                          # refused before loading
 
 
 def test_cli_trains_twice_from_the_same_zip(tmp_path, capsys):
@@ -169,9 +172,37 @@ def test_cli_trains_twice_from_the_same_zip(tmp_path, capsys):
         run_ids.append(json.loads(capsys.readouterr().out)["run_id"])
     assert run_ids == [1, 2]
     # The dataset is registered where the archive was extracted: the dashboard and re-evaluation reopen it.
-    from core.uploads import open_dataset
+    from core.pipeline import open_dataset
     record = RunStore().list_datasets()[0]
     assert Path(record["source"]).is_dir() and len(open_dataset(record).subset(split="test")) == 23
+
+
+def test_a_dataset_recorded_as_its_archive_is_reopened_and_re_evaluated(tmp_path, capsys):
+    import shutil
+    import sqlite3
+    from core.pipeline import run_results
+    from core.results import RESULTS_FILE
+    archive = shutil.make_archive(str(tmp_path / "demo"), "zip", root_dir=DEMO.parent, base_dir=DEMO.name)
+    assert main(["train", "--data", archive, *FASTEST]) == 0
+    run_id = json.loads(capsys.readouterr().out)["run_id"]
+    store = RunStore()
+    with sqlite3.connect(store.path) as conn:        # as an older CLI registered it: the archive's path
+        conn.execute("UPDATE datasets SET source = ?", (archive,))
+    run = store.get_run(run_id)
+    (Path(run["model_path"]) / RESULTS_FILE).unlink()  # a run saved before results were kept: evaluated again
+    assert len(run_results(store, run_id).scores) == 23
+
+
+def test_the_cli_and_a_server_folder_give_a_dataset_the_same_kind(tmp_path, capsys):
+    import shutil
+    from core.app.uploads import register_folder
+    holder = tmp_path / "holder"
+    shutil.copytree(DEMO, holder / DEMO.name)            # an MVTec set one folder down, as unzipped
+    assert main(["train", "--data", str(holder), "--dataset-name", "by cli", *FASTEST]) == 0
+    capsys.readouterr()
+    store = RunStore()
+    _, _ = register_folder(store, holder, "by folder")
+    assert {d["name"]: d["kind"] for d in store.list_datasets()} == {"by cli": "mvtec", "by folder": "mvtec"}
 
 
 def test_cli_refuses_empty_data_unknown_and_non_finite_parameters_and_pipes(tmp_path, capsys):

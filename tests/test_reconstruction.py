@@ -153,3 +153,4 @@ def test_ganomaly_score_is_the_latent_distance_and_map_is_scaled(images, latent_
     # One fitted constant puts the training maps' mean peak on the training scores' mean.
     assert maps.reshape(len(images), -1).max(1).mean() == pytest.approx(scores.mean(), rel=1e-4)
     assert "discriminator" not in " ".join(det._fitted_tensors()), "only the generator is saved"
+    assert f"latent_score={latent_score!r}" in det.model_card()["anomaly_map"]   # the card names it, no braces

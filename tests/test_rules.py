@@ -94,3 +94,13 @@ def test_rules_are_saved_with_the_run(tmp_path):
     assert DefectRules.of_run(store.get_run(rid)).empty
     with pytest.raises(KeyError):
         store.set_rules(rid + 1, rules)
+
+
+def test_the_drawn_region_flags_the_pixels_the_rules_count():
+    from core.app.render import predicted_region
+    amap = np.zeros((8, 8), np.float32)
+    amap[1, 1] = np.nan                      # a broken pixel is never OK, drawn or counted
+    amap[5:7, 5:7] = 2.0
+    drawn = predicted_region(amap, 1.0)
+    assert drawn[1, 1] and drawn[5:7, 5:7].all() and drawn.sum() == 5
+    assert sorted(r.area for r in find_regions(amap, 1.0, DefectRules())) == [1, 4]

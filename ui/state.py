@@ -14,13 +14,12 @@ import streamlit as st
 
 from core.detectors import Detector, ModelFolderError, load_detector
 from core.detectors.calibration import Calibration, load_calibration
-from core.embeddings import VIEWS_FILE, FeatureViews, load_views
-from core.inspection import warm_up
-from core.pipeline import run_results, sweep_unregistered_models
+from core.app.embeddings import VIEWS_FILE, FeatureViews, load_views
+from core.app.inspection import warm_up
+from core.pipeline import open_dataset, run_results, sweep_unregistered_models
 from core.results import RunResults
 from core.runs import REGISTRY_FILENAME, RegistryError, RunStore
 from core.thresholds import ScoreDistribution
-from core.uploads import open_dataset
 from core.workspace import workspace_dir
 from ui.widgets import plain
 

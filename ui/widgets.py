@@ -5,8 +5,8 @@ import re
 
 import streamlit as st
 
-from core import figures
-from core.training import TrainingJob
+from core.app import figures
+from core.app.jobs import TrainingJob
 
 JOB_KEY = "training_job"
 

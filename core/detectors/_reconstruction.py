@@ -62,7 +62,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..data import Preprocess
+from ..data import Preprocess, image_batches
 from .base import Detector, Progress, resolve_device
 from .ops import upsample_blur
 
@@ -245,8 +245,7 @@ def load_tensor(preprocess: Preprocess, images: Sequence[np.ndarray], progress: 
                 batch_size: int = 32) -> torch.Tensor:
     """All images preprocessed into one (N, 3, S, S) CPU tensor, decoding in batches with progress."""
     out = []
-    for start in range(0, len(images), batch_size):
-        batch = [images[i] for i in range(start, min(start + batch_size, len(images)))]
+    for start, batch in image_batches(images, batch_size):
         out.append(preprocess.images_to_tensor(batch))
         progress("load", start + len(batch), len(images))
     return torch.cat(out)
@@ -291,13 +290,6 @@ def reconstruction_loss(x: torch.Tensor, recon: torch.Tensor, ssim_weight: float
 
 # ------------------------------------------------------------------------------------------------ the base class
 
-def store_params(obj, params: dict) -> None:
-    """__init__ helper: store every keyword parameter unchanged (no checks, no derived values)."""
-    for k, v in params.items():
-        if k not in ("self", "__class__"):
-            setattr(obj, k, v)
-
-
 class ReconstructionDetector(Detector):
     """Base of the family: preprocessing, fit/score plumbing, persistence of one `nn.Module` and the card.
 
@@ -339,10 +331,6 @@ class ReconstructionDetector(Detector):
 
     # --- checks -----------------------------------------------------------------------------------
     def _validate(self) -> None:
-        size = self.preprocess.input_size
-        if size < 16 or size & (size - 1):
-            raise ValueError(f"the model input size (crop, or resize when crop is None) must be a power of two "
-                             f">= 16, got {size}")
         self._require_positive("epochs", "batch_size", "latent_dim", "base_channels", "max_channels")
         if self.batch_size < 2:
             raise ValueError("batch_size must be >= 2 (BatchNorm)")
@@ -355,7 +343,10 @@ class ReconstructionDetector(Detector):
 
     # --- Detector hooks ---------------------------------------------------------------------------
     def _fit(self, images: Sequence[np.ndarray], progress: Progress) -> None:
-        self._validate()
+        size = self.preprocess.input_size      # known once fit has fixed the frame
+        if size < 16 or size & (size - 1):
+            raise ValueError(f"the model input size (crop, or resize when crop is None) must be a power of two "
+                             f">= 16, got {size}")
         if len(images) < 2:
             raise ValueError("a reconstruction model needs at least 2 training images")
         device = resolve_device(self.device)

@@ -11,9 +11,9 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .base import register_detector
+from .base import register_detector, store_params
 from ._reconstruction import (ConvDecoder, ConvEncoder, ReconstructionDetector, dcgan_init, reconstruction_loss,
-                              store_params, train_epochs)
+                              train_epochs)
 
 
 class AutoEncoderNet(nn.Module):

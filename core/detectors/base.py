@@ -22,7 +22,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..backbones import FeatureExtractor
-from ..data import Preprocess, fit_frame
+from ..data import Preprocess, fit_frame, image_batches
+from ..files import json_default
 from . import calibration
 
 # progress(stage, done, total); raising core.Cancelled from it stops the work.
@@ -68,7 +69,8 @@ class Prediction:
 
 
 class Detector:
-    """Base class: subclasses implement `_fit`, `_score_batch`, `_fitted_tensors` and `_restore`."""
+    """Base class: subclasses implement `_fit`, `_score_batch`, `_fitted_tensors` and `_restore`, and check
+    their parameters in `_validate` (fit calls it)."""
 
     name: ClassVar[str] = ""
     family: ClassVar[str] = ""    # "representation" or "reconstruction"
@@ -152,6 +154,7 @@ class Detector:
         sizes = (fitted_on.sizes() if hasattr(fitted_on, "sizes")
                  else [fitted_on[i].shape[:2] for i in range(len(fitted_on))])
         try:
+            self._validate()
             self.auto_settings_ = self._auto_settings(fitted_on, sizes, progress)
             frame = self._fit_frame(sizes, self.auto_settings_.get("long_side"))
             Preprocess(resize=frame, crop=self.crop)  # refuses a crop larger than the frame before any work
@@ -183,8 +186,7 @@ class Detector:
         self._check_fitted()
         progress = progress or no_progress
         scores, maps = [], []
-        for start in range(0, len(images), batch_size):
-            batch = [images[i] for i in range(start, min(start + batch_size, len(images)))]
+        for start, batch in image_batches(images, batch_size):
             s, m = self.score_tensor(self.preprocess.images_to_tensor(batch))
             scores.append(s)
             maps.append(m)
@@ -228,7 +230,7 @@ class Detector:
                     tensors[calibration.CALIBRATION_MAPS] = torch.from_numpy(cal.maps)
                 config["calibration"] = cal.to_json()
             save_file(tensors, tmp / "fitted.safetensors")
-            (tmp / "config.json").write_text(json.dumps(config, indent=2, default=_json_default))
+            (tmp / "config.json").write_text(json.dumps(config, indent=2, default=json_default))
             if folder.exists():
                 old = folder.with_name(f".{folder.name}.old")
                 shutil.rmtree(old, ignore_errors=True)
@@ -299,6 +301,9 @@ class Detector:
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
+    def _validate(self) -> None:
+        """Check the parameters, once, when `fit` starts (before any work); raise a ValueError naming the bad one."""
+
     def _auto_settings(self, images: Sequence[np.ndarray], sizes_hw: list[tuple[int, int]],
                        progress: Progress) -> dict:
         """Settings chosen from the training images for parameters left at "auto" (with the evidence), run
@@ -340,6 +345,15 @@ class BackboneDetector(Detector):
         extractor = self.feature_extractor()
         return Preprocess(resize=self.frame(), crop=self.crop, mean=extractor.mean, std=extractor.std)
 
+    def model_card(self) -> dict:
+        """The card, with the backbone block every backbone detector shows; a subclass's own "backbone" entries
+        (a note on what stands in for the paper's backbone) are added to it."""
+        card = super().model_card()
+        ex = self.feature_extractor()
+        card["backbone"] = {"name": self.backbone, "stages": list(self.stages), "channels": list(ex.channels),
+                            "strides": list(ex.strides), **card.get("backbone", {})}
+        return card
+
     def _require_stages(self) -> None:
         if len(self.stages) < 1:
             raise ValueError("stages must name at least one backbone stage")
@@ -347,6 +361,14 @@ class BackboneDetector(Detector):
     def backbone_features(self, x: torch.Tensor) -> list[torch.Tensor]:
         """The chosen stages' feature maps of a preprocessed batch, on the detector's device."""
         return self.feature_extractor()(x.to(resolve_device(self.device)))
+
+
+def store_params(obj, params: dict) -> None:
+    """Every detector's __init__ body: store each parameter unchanged (scikit-learn's rule: no checks and no
+    derived values here; `_validate` checks them when `fit` runs)."""
+    for k, v in params.items():
+        if k not in ("self", "__class__"):
+            setattr(obj, k, v)
 
 
 def native_long_side(sizes_hw) -> int:
@@ -359,14 +381,6 @@ def _aspect_stretch(sizes_hw, frame: tuple[int, int]) -> float:
     """How far the frame stretches the training images at worst: 1.0 when every aspect ratio is kept."""
     target = frame[1] / frame[0]
     return float(max(max(w / h / target, target * h / w) for h, w in sizes_hw))
-
-
-def _json_default(value):
-    if isinstance(value, (np.generic,)):
-        return value.item()
-    if isinstance(value, Path):
-        return str(value)
-    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
 # --- registry ---------------------------------------------------------------------------------------

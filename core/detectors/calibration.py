@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Sequence
 import numpy as np
 from safetensors import safe_open
 
+from ..data import image_batches
 from ..synthetic import synthetic_defect
 
 if TYPE_CHECKING:
@@ -139,8 +140,7 @@ def _score(detector: "Detector", images: Sequence[np.ndarray], rng: np.random.Ge
     """Image scores and sampled maps of these good images, and the score of one synthetic defect in each (made
     a batch at a time)."""
     scores, synthetic, kinds, maps = [], [], [], []
-    for start in range(0, len(images), BATCH):
-        batch = [images[i] for i in range(start, min(start + BATCH, len(images)))]
+    for _, batch in image_batches(images, BATCH):
         defects = [synthetic_defect(image, rng) for image in batch]
         batch_scores, batch_maps = detector.score_maps(batch)
         step = max(1, -(-max(batch_maps.shape[1:]) // MAP_SAMPLE_SIDE))

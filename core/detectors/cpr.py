@@ -33,8 +33,9 @@ from sklearn.cluster import KMeans
 from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
 
 from ..backbones import DEFAULT_BACKBONE
+from ..data import image_batches
 from . import auto_settings
-from .base import BackboneDetector, Progress, register_detector
+from .base import BackboneDetector, Progress, register_detector, store_params
 from .ops import upsample_blur
 
 # Global retrieval: words fitted on at most this many finest-stage patches.
@@ -155,22 +156,7 @@ class CPR(BackboneDetector):
                  n_neighbours: int | str = "auto", windows: tuple | str = "auto", n_words: int = 12, blocks: int = 5, block_share: float = 0.8,
                  foreground: bool = False, blur_sigma: float = 4.0, top_share: float = 0.005,
                  calibration_fraction: float = 0.1, seed: int = 0, device: str = "auto"):
-        self.backbone = backbone
-        self.stages = stages
-        self.weights = weights
-        self.resize = resize
-        self.crop = crop
-        self.n_neighbours = n_neighbours
-        self.windows = windows
-        self.n_words = n_words
-        self.blocks = blocks
-        self.block_share = block_share
-        self.foreground = foreground
-        self.blur_sigma = blur_sigma
-        self.top_share = top_share
-        self.calibration_fraction = calibration_fraction
-        self.seed = seed
-        self.device = device
+        store_params(self, locals())
 
     def _validate(self) -> None:
         self._require_stages()
@@ -204,7 +190,6 @@ class CPR(BackboneDetector):
     def _auto_settings(self, images: Sequence[np.ndarray], sizes_hw, progress: Progress) -> dict:
         """The frame, where `resize` is "auto": the smallest candidate that keeps the images' detail. K and the
         windows are chosen later, on the fitted model itself (`_choose_search`)."""
-        self._validate()
         if self.resize != "auto":
             return {}
         native = int(np.clip(round(np.median([max(hw) for hw in sizes_hw]) / 32) * 32, 256, AUTO_MAX_SIDE))
@@ -272,12 +257,10 @@ class CPR(BackboneDetector):
         return {**super().fold_params(), "n_neighbours": self.n_neighbours_, "windows": self.windows_}
 
     def _fit(self, images: Sequence[np.ndarray], progress: Progress, batch_size: int = 16) -> None:
-        self._validate()
         n = len(images)
         rng = np.random.default_rng(self.seed)
         banks: list[torch.Tensor] | None = None
-        for start in range(0, n, batch_size):
-            batch = [images[i] for i in range(start, min(start + batch_size, n))]
+        for start, batch in image_batches(images, batch_size):
             with torch.no_grad():
                 feats = self.embed(self.preprocess.images_to_tensor(batch))
             if banks is None:
@@ -406,10 +389,7 @@ class CPR(BackboneDetector):
         self.foreground_ = tensors.get("foreground")
 
     def _card_extra(self) -> dict:
-        ex = self.feature_extractor()
-        return {"backbone": {"name": self.backbone, "stages": list(self.stages), "channels": list(ex.channels),
-                             "strides": list(ex.strides),
-                             "note": "the paper uses DenseNet201 with a learned local-retrieval head; neither is "
+        return {"backbone": {"note": "the paper uses DenseNet201 with a learned local-retrieval head; neither is "
                                      "available offline: raw, L2-normalised features of this backbone stand in"},
                 "retrieval": {"training_images": int(self.banks_[0].shape[0]), "neighbours": self.n_neighbours_,
                               "windows": list(self.windows_), "words": int(len(self.words_)),

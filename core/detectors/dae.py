@@ -12,8 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from .ae import AutoEncoder
-from .base import register_detector
-from ._reconstruction import store_params
+from .base import register_detector, store_params
 
 
 @register_detector("dae", family="reconstruction")

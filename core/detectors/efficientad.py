@@ -28,9 +28,22 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..backbones import DEFAULT_BACKBONE
-from .base import BackboneDetector, Progress, register_detector, resolve_device
+from .base import BackboneDetector, Progress, register_detector, resolve_device, store_params
 from .fastflow import split_validation
 from .ops import upsample_blur
+
+# ITU-R BT.601 luma weights (R, G, B): the grey of the penalty crops and of the colour jitter.
+LUMA = (0.299, 0.587, 0.114)
+# The paper's penalty batches: random crops of 25% to 100% of the shorter side, this share made grey.
+MIN_CROP_SHARE, GREY_SHARE = 0.25, 0.3
+FEATURE_BATCH = 16                  # images per pass where nothing is trained (teacher statistics, quantiles)
+LR_DROP_AT, LR_DROP = 0.95, 0.1     # the paper: the learning rate x0.1 for the last 5% of the steps
+HISTORY_POINTS = 10                 # loss-history entries kept over a fit (the card shows them)
+PROGRESS_REPORTS = 100              # progress reports over a fit
+# The paper's map normalisation: the validation maps' quantiles qa and qb; a map value at qa becomes 0 and
+# at qb NORMALISED_QB, and the student-teacher and autoencoder maps are then averaged.
+MAP_QUANTILES = (0.9, 0.995)
+NORMALISED_QB = 0.1
 
 # Natural images that ship inside scikit-image (no download): the penalty set standing in for ImageNet.
 PENALTY_IMAGES = ("astronaut", "chelsea", "coffee", "rocket", "camera", "coins", "hubble_deep_field",
@@ -119,13 +132,13 @@ def sample_penalty(n: int, size: int, generator: torch.Generator) -> torch.Tenso
     for _ in range(n):
         img = pool[int(torch.randint(len(pool), (1,), generator=generator))]
         h, w = img.shape[-2:]
-        side = int(min(h, w) * (0.25 + 0.75 * float(torch.rand(1, generator=generator))))
+        side = int(min(h, w) * (MIN_CROP_SHARE + (1 - MIN_CROP_SHARE) * float(torch.rand(1, generator=generator))))
         top = int(torch.randint(h - side + 1, (1,), generator=generator))
         left = int(torch.randint(w - side + 1, (1,), generator=generator))
         crop = F.interpolate(img[None, :, top:top + side, left:left + side], size=(size, size), mode="bilinear",
                              align_corners=False, antialias=True)[0]
-        if float(torch.rand(1, generator=generator)) < 0.3:
-            crop = (crop * torch.tensor([0.299, 0.587, 0.114]).view(3, 1, 1)).sum(0, keepdim=True).expand(3, -1, -1)
+        if float(torch.rand(1, generator=generator)) < GREY_SHARE:
+            crop = (crop * torch.tensor(LUMA).view(3, 1, 1)).sum(0, keepdim=True).expand(3, -1, -1)
         out.append(crop)
     return torch.stack(out).clamp(0, 1)
 
@@ -134,7 +147,7 @@ def colour_jitter(x01: torch.Tensor, generator: torch.Generator, strength: float
     """Per image, one of brightness, contrast or saturation scaled by a factor in [1 - s, 1 + s] (the paper's
     autoencoder augmentation), on images in [0, 1]."""
     out = []
-    grey_w = torch.tensor([0.299, 0.587, 0.114], device=x01.device).view(3, 1, 1)
+    grey_w = torch.tensor(LUMA, device=x01.device).view(3, 1, 1)
     for img in x01:
         factor = 1.0 + strength * (2 * float(torch.rand(1, generator=generator)) - 1)
         kind = int(torch.randint(3, (1,), generator=generator))
@@ -198,24 +211,7 @@ class EfficientAD(BackboneDetector):
                  lr: float = 1e-3, weight_decay: float = 1e-5, student_width: float = 0.25, ae_width: int = 64,
                  hard_quantile: float = 0.999, penalty_size: int = 128, val_fraction: float = 0.1,
                  blur_sigma: float = 0.0, calibration_fraction: float = 0.1, seed: int = 0, device: str = "auto"):
-        self.backbone = backbone
-        self.stages = stages
-        self.weights = weights
-        self.resize = resize
-        self.crop = crop
-        self.steps = steps
-        self.batch_size = batch_size
-        self.lr = lr
-        self.weight_decay = weight_decay
-        self.student_width = student_width
-        self.ae_width = ae_width
-        self.hard_quantile = hard_quantile
-        self.penalty_size = penalty_size
-        self.val_fraction = val_fraction
-        self.blur_sigma = blur_sigma
-        self.calibration_fraction = calibration_fraction
-        self.seed = seed
-        self.device = device
+        store_params(self, locals())
 
     def _validate(self) -> None:
         self._require_stages()
@@ -267,7 +263,6 @@ class EfficientAD(BackboneDetector):
 
     # --- training ---------------------------------------------------------------------------------
     def _fit(self, images: Sequence[np.ndarray], progress: Progress) -> None:
-        self._validate()
         dev = resolve_device(self.device)
         torch.manual_seed(int(self.seed))
         gen = torch.Generator().manual_seed(int(self.seed))
@@ -283,13 +278,13 @@ class EfficientAD(BackboneDetector):
         # Per-channel teacher statistics over the training images (the paper's teacher normalisation).
         s1 = s2 = None
         count = 0
-        for start in range(0, len(train_idx), 16):
-            f = self._teacher_raw(batch_tensor(train_idx[start:start + 16])).double()
+        for start in range(0, len(train_idx), FEATURE_BATCH):
+            f = self._teacher_raw(batch_tensor(train_idx[start:start + FEATURE_BATCH])).double()
             s1 = f.sum((0, 2, 3)) if s1 is None else s1 + f.sum((0, 2, 3))
             s2 = f.pow(2).sum((0, 2, 3)) if s2 is None else s2 + f.pow(2).sum((0, 2, 3))
             count += f.shape[0] * f.shape[2] * f.shape[3]
             grid = f.shape[-1]
-            progress("features", min(start + 16, len(train_idx)), len(train_idx))
+            progress("features", min(start + FEATURE_BATCH, len(train_idx)), len(train_idx))
         mean = s1 / count
         self.teacher_mean_ = mean.float().view(1, -1, 1, 1)
         self.teacher_std_ = (s2 / count - mean.pow(2)).clamp_min(1e-12).sqrt().float().view(1, -1, 1, 1)
@@ -301,11 +296,11 @@ class EfficientAD(BackboneDetector):
         params = list(student.parameters()) + list(ae.parameters())
         opt = torch.optim.Adam(params, lr=float(self.lr), weight_decay=float(self.weight_decay))
         steps, bs, c = int(self.steps), int(self.batch_size), self._channels
-        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=max(1, int(0.95 * steps)), gamma=0.1)
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=max(1, int(LR_DROP_AT * steps)), gamma=LR_DROP)
         student.train()
         ae.train()
         order, pos, history, running = torch.empty(0, dtype=torch.long), 0, [], []
-        report_every = max(1, steps // 100)
+        report_every = max(1, steps // PROGRESS_REPORTS)
         for step in range(steps):
             if pos + bs > len(order):
                 order, pos = train_idx[torch.randperm(len(train_idx), generator=gen)], 0
@@ -331,7 +326,7 @@ class EfficientAD(BackboneDetector):
             opt.step()
             sched.step()
             running.append([float(v.detach()) for v in (loss_hard, loss_penalty, loss_ae, loss_stae)])
-            if (step + 1) % max(1, steps // 10) == 0 or step + 1 == steps:
+            if (step + 1) % max(1, steps // HISTORY_POINTS) == 0 or step + 1 == steps:
                 mean_losses = np.mean(running, axis=0).tolist()
                 history.append({"step": step + 1, **dict(zip(("hard", "penalty", "ae", "stae"), mean_losses))})
                 running = []
@@ -345,12 +340,12 @@ class EfficientAD(BackboneDetector):
     @torch.no_grad()
     def _fit_quantiles(self, idx: torch.Tensor, batch_tensor) -> None:
         st, ae = [], []
-        for start in range(0, len(idx), 16):
-            m_st, m_ae = self._raw_maps(batch_tensor(idx[start:start + 16]))
+        for start in range(0, len(idx), FEATURE_BATCH):
+            m_st, m_ae = self._raw_maps(batch_tensor(idx[start:start + FEATURE_BATCH]))
             st.append(m_st.flatten().cpu())
             ae.append(m_ae.flatten().cpu())
         st, ae = torch.cat(st).double(), torch.cat(ae).double()
-        q = torch.tensor([0.9, 0.995], dtype=torch.float64)
+        q = torch.tensor(MAP_QUANTILES, dtype=torch.float64)
         self.quantiles_ = torch.cat([_quantile(st, q), _quantile(ae, q)]).float()
         self.n_quantile_images_ = int(len(idx))
 
@@ -358,8 +353,8 @@ class EfficientAD(BackboneDetector):
     def _score_batch(self, x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         m_st, m_ae = self._raw_maps(x.to(resolve_device(self.device)))
         q = self.quantiles_.to(m_st.device)
-        m_st = 0.1 * (m_st - q[0]) / (q[1] - q[0]).clamp_min(1e-12)
-        m_ae = 0.1 * (m_ae - q[2]) / (q[3] - q[2]).clamp_min(1e-12)
+        m_st = NORMALISED_QB * (m_st - q[0]) / (q[1] - q[0]).clamp_min(1e-12)
+        m_ae = NORMALISED_QB * (m_ae - q[2]) / (q[3] - q[2]).clamp_min(1e-12)
         grid_map = (0.5 * m_st + 0.5 * m_ae).float().cpu()
         maps = upsample_blur(grid_map, tuple(x.shape[-2:]), float(self.blur_sigma))
         return maps.flatten(1).max(1).values.numpy(), maps.numpy().astype(np.float32)
@@ -389,11 +384,9 @@ class EfficientAD(BackboneDetector):
         self.quantiles_ = tensors["quantiles"]
 
     def _card_extra(self) -> dict:
-        ex = self.feature_extractor()
         return {"teacher": {"kind": "frozen pretrained backbone stages (no PDN teacher: the paper's ImageNet-"
-                                    "distilled PDN weights do not exist here)",
-                            "name": self.backbone, "stages": list(self.stages), "channels": list(ex.channels),
-                            "strides": list(ex.strides), "grid": self.grid_,
+                                    "distilled PDN weights do not exist here): see backbone",
+                            "grid": self.grid_,
                             "normalisation": "per-channel mean/std over the training images"},
                 "student": {"architecture": "PDN-S (padded)", "width": float(self.student_width),
                             "parameters": int(sum(p.numel() for p in self.student_.parameters()))},

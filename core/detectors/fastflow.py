@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..backbones import DEFAULT_BACKBONE
-from .base import BackboneDetector, Progress, register_detector, resolve_device
+from .base import BackboneDetector, Progress, register_detector, resolve_device, store_params
 from .ops import upsample_blur
 
 
@@ -174,24 +174,7 @@ class FastFlow(BackboneDetector):
                  clamp: float = 2.0, conv3x3_only: bool = True, epochs: int = 20, batch_size: int = 8,
                  lr: float = 1e-3, weight_decay: float = 1e-5, val_fraction: float = 0.1, blur_sigma: float = 4.0,
                  calibration_fraction: float = 0.1, seed: int = 0, device: str = "auto"):
-        self.backbone = backbone
-        self.stages = stages
-        self.weights = weights
-        self.resize = resize
-        self.crop = crop
-        self.flow_steps = flow_steps
-        self.hidden_ratio = hidden_ratio
-        self.clamp = clamp
-        self.conv3x3_only = conv3x3_only
-        self.epochs = epochs
-        self.batch_size = batch_size
-        self.lr = lr
-        self.weight_decay = weight_decay
-        self.val_fraction = val_fraction
-        self.blur_sigma = blur_sigma
-        self.calibration_fraction = calibration_fraction
-        self.seed = seed
-        self.device = device
+        store_params(self, locals())
 
     def _validate(self) -> None:
         self._require_stages()
@@ -216,7 +199,6 @@ class FastFlow(BackboneDetector):
         return [torch.cat(stage) for stage in zip(*parts)]
 
     def _fit(self, images: Sequence[np.ndarray], progress: Progress) -> None:
-        self._validate()
         dev = resolve_device(self.device)
         torch.manual_seed(int(self.seed))
         gen = torch.Generator().manual_seed(int(self.seed))
@@ -301,10 +283,8 @@ class FastFlow(BackboneDetector):
         self.head_ = head.to(resolve_device(self.device)).eval()
 
     def _card_extra(self) -> dict:
-        ex = self.feature_extractor()
         n_params = sum(p.numel() for p in self.head_.parameters())
-        return {"backbone": {"name": self.backbone, "stages": list(self.stages), "channels": list(ex.channels),
-                             "strides": list(ex.strides), "frozen": True},
+        return {"backbone": {"frozen": True},
                 "flows": {"steps_per_stage": int(self.flow_steps), "grids": [list(g) for g in self.grids_],
                           "subnet": "conv3x3-ReLU-conv3x3" if self.conv3x3_only else "alternating 3x3 / 1x1",
                           "trainable_parameters": int(n_params)},

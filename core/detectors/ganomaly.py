@@ -29,9 +29,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .base import register_detector
+from .base import register_detector, store_params
 from ._reconstruction import (ConvDecoder, ConvEncoder, ReconstructionDetector, dcgan_init, error_map,
-                              store_params, train_epochs)
+                              train_epochs)
 
 
 class GanomalyGenerator(nn.Module):
@@ -173,4 +173,4 @@ class Ganomaly(ReconstructionDetector):
         ssim = f" + {self.ssim_weight} * (1 - SSIM)" if self.ssim_weight > 0 else ""
         return (f"generator reconstruction error (L2 over RGB{ssim}), Gaussian blur sigma {self.blur_sigma} px, times "
                 f"map_scale {self.train_info_['map_scale']:.4g} fitted on the training set; for display only: the "
-                "image score is the latent distance (latent_score={self.latent_score!r}), not taken from the map")
+                f"image score is the latent distance (latent_score={self.latent_score!r}), not taken from the map")

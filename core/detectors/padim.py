@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from ..backbones import DEFAULT_BACKBONE
-from .base import BackboneDetector, Progress, register_detector, resolve_device
+from .base import BackboneDetector, Progress, register_detector, resolve_device, store_params
 from .ops import upsample_blur
 
 
@@ -117,17 +117,7 @@ class PaDiM(BackboneDetector):
     def __init__(self, backbone: str = DEFAULT_BACKBONE, stages: tuple = (1, 2, 3), weights: str | None = None,
                  resize: int | str | tuple = 256, crop: int | None = None, n_features: int | None = 100, epsilon: float = 0.01,
                  blur_sigma: float = 4.0, calibration_fraction: float = 0.1, seed: int = 0, device: str = "auto"):
-        self.backbone = backbone
-        self.stages = stages
-        self.weights = weights
-        self.resize = resize
-        self.crop = crop
-        self.n_features = n_features
-        self.epsilon = epsilon
-        self.blur_sigma = blur_sigma
-        self.calibration_fraction = calibration_fraction
-        self.seed = seed
-        self.device = device
+        store_params(self, locals())
 
     def _validate(self) -> None:
         self._require_stages()
@@ -139,7 +129,6 @@ class PaDiM(BackboneDetector):
         return emb.index_select(1, self.channel_idx_.to(emb.device))
 
     def _fit(self, images: Sequence[np.ndarray], progress: Progress, batch_size: int = 16) -> None:
-        self._validate()
         if len(images) < 2:
             raise ValueError("PaDiM needs at least 2 training images to estimate covariances")
         self.channel_idx_ = random_channels(sum(self.feature_extractor().channels), self.n_features, self.seed)
@@ -185,9 +174,7 @@ class PaDiM(BackboneDetector):
 
     def _card_extra(self) -> dict:
         ex = self.feature_extractor()
-        return {"backbone": {"name": self.backbone, "stages": list(self.stages), "channels": list(ex.channels),
-                             "strides": list(ex.strides)},
-                "gaussians": {"grid": list(self.grid_), "positions": int(self.mean_.shape[0]),
+        return {"gaussians": {"grid": list(self.grid_), "positions": int(self.mean_.shape[0]),
                               "dim": int(self.mean_.shape[1]), "of_channels": int(sum(ex.channels)),
                               "channel_subset": "random, drawn with seed", "covariance_ridge": self.epsilon},
                 "score": "Mahalanobis distance per position, bilinear upsample + Gaussian blur; image = max of map"}

@@ -14,10 +14,10 @@ import torch
 import torch.nn.functional as F
 
 from ..backbones import DEFAULT_BACKBONE
-from ..coreset import StreamingCoreset, greedy_coreset
 from ..data import Preprocess
 from . import auto_settings
-from .base import BackboneDetector, Progress, native_long_side, register_detector
+from .base import BackboneDetector, Progress, native_long_side, register_detector, store_params
+from .coreset import StreamingCoreset, greedy_coreset
 from .ops import upsample_blur
 
 # The candidates resize="auto" and coreset_ratio="auto" choose from: longer sides up to the images' own,
@@ -114,24 +114,7 @@ class PatchCore(BackboneDetector):
                  min_bank: int = 2000, projection_dim: int = 128, search: str = "auto", nprobe: int = 4,
                  ivf_min_bank: int = 20000, score_border: int | str = "auto", reweight: bool = True, n_reweight: int = 9,
                  blur_sigma: float = 4.0, calibration_fraction: float = 0.1, seed: int = 0, device: str = "auto"):
-        self.backbone = backbone
-        self.stages = stages
-        self.weights = weights
-        self.resize = resize
-        self.crop = crop
-        self.coreset_ratio = coreset_ratio
-        self.min_bank = min_bank
-        self.projection_dim = projection_dim
-        self.search = search
-        self.nprobe = nprobe
-        self.ivf_min_bank = ivf_min_bank
-        self.score_border = score_border
-        self.reweight = reweight
-        self.n_reweight = n_reweight
-        self.blur_sigma = blur_sigma
-        self.calibration_fraction = calibration_fraction
-        self.seed = seed
-        self.device = device
+        store_params(self, locals())
 
     def _validate(self) -> None:
         if self.coreset_ratio != "auto" and not (isinstance(self.coreset_ratio, (int, float)) and
@@ -150,7 +133,6 @@ class PatchCore(BackboneDetector):
         return locally_aware_patches(self.backbone_features(x)).float().cpu()
 
     def _fit(self, images: Sequence[np.ndarray], progress: Progress, batch_size: int = 16) -> None:
-        self._validate()
         coreset = None
         for start in range(0, len(images), batch_size):
             batch = [images[i] for i in range(start, min(start + batch_size, len(images)))]
@@ -174,7 +156,6 @@ class PatchCore(BackboneDetector):
         self._build_index()
 
     def _auto_settings(self, images: Sequence[np.ndarray], sizes_hw, progress: Progress) -> dict:
-        self._validate()
         tune = {"size": self.resize == "auto", "bank": self.coreset_ratio == "auto",
                 "border": self.score_border == "auto"}
         if not any(tune.values()):
@@ -347,10 +328,7 @@ class PatchCore(BackboneDetector):
         self._build_index()
 
     def _card_extra(self) -> dict:
-        ex = self.feature_extractor()
         return {"score_border_px": self.score_border_px_,
-                "backbone": {"name": self.backbone, "stages": list(self.stages), "channels": list(ex.channels),
-                             "strides": list(ex.strides)},
                 "memory_bank": {"patches": int(self.memory_bank_.shape[0]), "dim": int(self.memory_bank_.shape[1]),
                                 "from_training_patches": self.n_train_patches_,
                                 "coverage_radius": float(self.coverage_radii_[-1]),

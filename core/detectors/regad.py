@@ -37,8 +37,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..backbones import DEFAULT_BACKBONE, FeatureExtractor
-from ..data import Preprocess
-from .base import BackboneDetector, Progress, no_progress, register_detector, resolve_device
+from ..data import Preprocess, image_batches
+from ..files import replacing
+from .base import BackboneDetector, Progress, no_progress, register_detector, resolve_device, store_params
 from .ops import upsample_blur
 from .padim import (check_gaussian_params, from_lower_triangle, lower_triangle, mahalanobis, position_gaussians,
                     random_channels, stage_embedding)
@@ -178,9 +179,8 @@ def train_registration(categories: dict[str, Sequence[np.ndarray]], out: str | P
     header = {"backbone": backbone, "stages": json.dumps(list(stages)), "size": str(size), "steps": str(steps),
               "seed": str(seed), "categories": json.dumps({n: len(v) for n, v in categories.items()}),
               "final_loss": f"{np.mean(losses[-50:]):.4f}"}
-    tmp = out.with_name(out.name + ".tmp")
-    save_file(registration_tensors(net), tmp, metadata=header)
-    tmp.replace(out)
+    with replacing(out) as tmp:
+        save_file(registration_tensors(net), tmp, metadata=header)
     return out
 
 
@@ -232,19 +232,7 @@ class RegAD(BackboneDetector):
                  weights: str | None = None, resize: int | str | tuple = 224, crop: int | None = None,
                  augment: bool = True, n_features: int | None = 100, epsilon: float = 0.01, blur_sigma: float = 4.0,
                  calibration_fraction: float = 0.1, seed: int = 0, device: str = "auto"):
-        self.registration = registration
-        self.backbone = backbone
-        self.stages = stages
-        self.weights = weights
-        self.resize = resize
-        self.crop = crop
-        self.augment = augment
-        self.n_features = n_features
-        self.epsilon = epsilon
-        self.blur_sigma = blur_sigma
-        self.calibration_fraction = calibration_fraction
-        self.seed = seed
-        self.device = device
+        store_params(self, locals())
 
     def _validate(self) -> None:
         self._require_stages()
@@ -279,17 +267,16 @@ class RegAD(BackboneDetector):
         return emb.index_select(1, self.channel_idx_.to(emb.device)), theta
 
     def _fit(self, images: Sequence[np.ndarray], progress: Progress, batch_size: int = 16) -> None:
-        self._validate()
         self.registration_ = self._load_registration()
         self._net = None
         self.channel_idx_ = random_channels(sum(self.feature_extractor().channels), self.n_features, self.seed)
 
         def embeddings():
-            for start in range(0, len(images), batch_size):
-                x = self.preprocess.images_to_tensor([images[i] for i in range(start, min(start + batch_size, len(images)))])
+            for start, batch in image_batches(images, batch_size):
+                x = self.preprocess.images_to_tensor(batch)
                 with torch.no_grad():
                     yield self.embed(augment_support(x) if self.augment else x)[0]
-                progress("support features", min(start + batch_size, len(images)), len(images))
+                progress("support features", start + len(batch), len(images))
 
         self.mean_, self.precision_, self.grid_ = position_gaussians(embeddings(), self.epsilon,
                                                                      resolve_device(self.device))
@@ -320,10 +307,7 @@ class RegAD(BackboneDetector):
         self._net = None
 
     def _card_extra(self) -> dict:
-        ex = self.feature_extractor()
-        return {"backbone": {"name": self.backbone, "stages": list(self.stages), "channels": list(ex.channels),
-                             "strides": list(ex.strides),
-                             "note": "the paper trains a ResNet18 with its transformers; here EfficientNet-Lite0 "
+        return {"backbone": {"note": "the paper trains a ResNet18 with its transformers; here EfficientNet-Lite0 "
                                      "stays frozen and only the transformers were trained"},
                 "registration": self.registration or "none (identity transformers)",
                 "support": {"augmented": self.augment, "per_shot": 18 if self.augment else 1},

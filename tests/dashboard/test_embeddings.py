@@ -1,21 +1,22 @@
 """Feature views of a run: real UMAP layouts, patch sampling, the coreset view, and the saved file."""
 import numpy as np
 
-from core import embeddings
+from core.app import embeddings
 from core.data import load_mvtec
-from core.embeddings import load_views, patch_box, run_views
-from core.pipeline import load_run_detector
+from core.detectors import load_detector
+from core.app.embeddings import compute_views, load_views, patch_box, save_views
 from core.workspace import DEMO_DIR
 
 
 def test_views_cover_images_patches_and_the_coreset(workspace, tmp_path, monkeypatch):
     monkeypatch.setattr(embeddings, "MAX_PATCHES", 400)   # the layout is what is tested, not its size
     store, run_id = workspace["store"], workspace["run_id"]
-    detector = load_run_detector(store, run_id)
+    detector = load_detector(store.get_run(run_id)["model_path"])
     demo = load_mvtec(DEMO_DIR / "hazelnut_toy")
     few = demo[[*range(0, 28, 4), *range(28, 51, 3)]]      # 7 train and 8 test images keep it quick
     stages = []
-    views = run_views(detector, few, tmp_path, lambda stage, done, total: stages.append(stage))
+    views = compute_views(detector, few, lambda stage, done, total: stages.append(stage))
+    save_views(views, tmp_path)
     assert {"features", "layout"} <= set(stages)
     images, patches = views.images, views.patches
     assert len(images) == len(few) and np.isfinite(images[["x", "y"]].to_numpy()).all()
@@ -30,4 +31,4 @@ def test_views_cover_images_patches_and_the_coreset(workspace, tmp_path, monkeyp
 
     again = load_views(tmp_path)
     assert again.grid == views.grid and again.images.equals(views.images)
-    assert run_views(detector, few, tmp_path).patches.equals(views.patches)      # read back, not recomputed
+    assert again.patches.equals(views.patches) and again.bank.equals(views.bank)

@@ -6,10 +6,11 @@ import zipfile
 
 import numpy as np
 import pytest
+from conftest import wait_until
 from PIL import Image
 from streamlit.testing.v1 import AppTest
 
-from core import embeddings
+from core.app import embeddings
 from core.data import Preprocess, Sample
 from core.pipeline import Evaluation
 from core.results import save_results
@@ -43,9 +44,9 @@ def metric(at: AppTest, label: str) -> str:
 
 def wait_for_job(at: AppTest, seconds: float = 240) -> None:
     """Rerun the page as the browser's polling would, until the training job has ended."""
-    deadline = time.time() + seconds
+    deadline = time.monotonic() + seconds
     while "training_job" in at.session_state:
-        assert time.time() < deadline, "training did not finish"
+        assert time.monotonic() < deadline, f"the training job did not end within {seconds:g} s"
         time.sleep(0.5)
         at.run()
     assert not at.exception, at.exception
@@ -114,8 +115,8 @@ def test_train_page_builds_the_form_and_cancel_registers_nothing(workspace):
     before = len(workspace["store"].list_runs())
     next(b for b in at.button if b.label == "Train").click().run()
     assert "training_job" in at.session_state
-    while not at.session_state["training_job"]["job"].snapshot().stages:
-        time.sleep(0.1)
+    job = at.session_state["training_job"]["job"]
+    wait_until(lambda: job.snapshot().stages, 120, "the training job never started a stage")
     at.run()
     next(b for b in at.button if b.label == "Cancel training").click().run()
     wait_for_job(at)
@@ -486,7 +487,7 @@ def test_a_new_variant_from_three_good_images_gets_a_regad_model_and_a_threshold
 
 def test_a_dataset_whose_folder_is_gone_stops_every_page_with_the_reason(tmp_path):
     import shutil
-    from core.uploads import register_folder
+    from core.app.uploads import register_folder
     line = tmp_path / "line"
     line.mkdir()
     for p in sorted((DEMO / "train" / "good").iterdir())[:3]:

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from core.data import read_image
-from core.pipeline import load_run_detector, run_results
+from core.detectors import load_detector
+from core.pipeline import run_results
 from core.results import RESULTS_FILE, colour_scale, load_results
 
 
@@ -27,7 +28,7 @@ def test_training_saves_maps_and_masks_next_to_the_model(workspace):
 def test_saved_maps_are_the_detector_maps(workspace):
     store, run_id = workspace["store"], workspace["run_id"]
     results = run_results(store, run_id)
-    scores, maps = load_run_detector(store, run_id).score_maps([read_image(results.paths[5])])
+    scores, maps = load_detector(store.get_run(run_id)["model_path"]).score_maps([read_image(results.paths[5])])
     np.testing.assert_allclose(results.map(5), maps[0], rtol=2e-3, atol=2e-2)   # float16 storage
     assert results.scores[5] == pytest.approx(scores[0], rel=1e-5)
 

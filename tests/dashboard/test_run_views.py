@@ -1,18 +1,19 @@
 """Core pieces behind the pages: training jobs, parameter specs, the report, the run table, live inspection."""
 import inspect
 import re
-import time
 
 import pytest
+from conftest import wait_until
 
-from core.compare import run_table
+from core.app.compare import run_table
 from core.data import load_mvtec, read_image
-from core.detectors import get_detector_class
-from core.inspection import inspect_image, warm_up
-from core.pipeline import load_run_detector, models_dir, run_results
-from core.report import build_report
+from core.detectors import get_detector_class, load_detector
+from core.app.inspection import inspect_image, warm_up
+from core.pipeline import models_dir, run_results
+from core.app.report import build_report
 from core.runs import RunStore
-from core.training import TrainingJob, param_specs, parse_value
+from core.app.jobs import TrainingJob
+from core.params import param_specs, parse_value
 from core.workspace import DEMO_DIR
 
 DEMO = DEMO_DIR / "hazelnut_toy"
@@ -33,7 +34,7 @@ def test_param_specs_carry_defaults_types_and_help():
 
 
 def test_the_fit_says_what_it_chose_from_the_data(workspace):
-    from core.training import chosen_settings
+    from core.app.jobs import chosen_settings
     card = workspace["store"].get_run(workspace["run_id"])["model_card"]
     frame, bank, auto = chosen_settings(card)       # the demo sets resize and coreset_ratio; score_border is auto
     assert frame.startswith("Input frame 256 x 256 px") and "aspect ratio" in frame
@@ -42,13 +43,17 @@ def test_the_fit_says_what_it_chose_from_the_data(workspace):
     assert auto.startswith("Chosen automatically: ") and "image scored" in auto and "input" not in auto
 
 
+def test_a_wait_that_never_ends_fails_clearly_instead_of_hanging():
+    with pytest.raises(AssertionError, match="the job never started a stage within 0.2 s"):
+        wait_until(lambda: False, 0.2, "the job never started a stage")
+
+
 def test_a_cancelled_training_registers_nothing():
     store = RunStore()
     dataset = load_mvtec(DEMO)
     dataset_id = store.add_dataset("demo", str(DEMO), "mvtec", {}, {})
     job = TrainingJob(store, dataset_id, dataset, "patchcore", {"coreset_ratio": 0.05, "resize": 256}).start()
-    while not job.snapshot().stages:          # cancel once it is really under way
-        time.sleep(0.05)
+    wait_until(lambda: job.snapshot().stages, 120, "the training job never started a stage")  # really under way
     job.cancel()
     snapshot = job.wait(120)
     assert snapshot.status == "cancelled" and snapshot.run_id is None
@@ -86,7 +91,7 @@ def test_report_is_self_contained_with_metrics_curves_and_images(workspace):
 
 def test_inspect_answers_within_a_second_with_a_map_at_input_size(workspace):
     store, run_id = workspace["store"], workspace["run_id"]
-    detector = load_run_detector(store, run_id)
+    detector = load_detector(store.get_run(run_id)["model_path"])
     warm_up(detector)
     threshold = store.get_run(run_id)["thresholds"]["image"]
     good, bad = read_image(next((DEMO / "test" / "good").iterdir())), read_image(DEMO / "test" / "colour" / "00.jpg")

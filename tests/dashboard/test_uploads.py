@@ -6,7 +6,9 @@ import pytest
 
 from core.data import EmptyDatasetError
 from core.runs import RunStore
-from core.uploads import create_from_uploads, datasets_dir, open_dataset, register_folder
+from core.app.uploads import create_from_uploads, register_folder
+from core.pipeline import open_dataset
+from core.workspace import datasets_dir
 from core.workspace import DEMO_DIR
 
 DEMO = DEMO_DIR / "hazelnut_toy"

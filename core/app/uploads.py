@@ -15,20 +15,16 @@ import zipfile
 from pathlib import Path
 from typing import Sequence
 
-from .data import (IMAGE_SUFFIXES, EmptyDatasetError, ImageSet, LoadReport, extract_zip, load_dataset, load_mvtec,
+from ..data import (IMAGE_SUFFIXES, EmptyDatasetError, ImageSet, LoadReport, extract_zip, load_dataset, load_mvtec,
                    load_zip)
-from .pipeline import report_dict
-from .runs import RunStore
-from .workspace import workspace_dir
+from ..pipeline import dataset_kind, report_dict
+from ..runs import RunStore
+from ..workspace import datasets_dir
 
 # An upload as the browser hands it over: (file name, possibly with folders, and its bytes).
 UploadedFile = tuple[str, bytes]
 # Longest dataset name, and longest stored file name stem (file systems stop at 255 bytes).
 MAX_NAME_CHARS, MAX_STEM_BYTES = 100, 150
-
-
-def datasets_dir() -> Path:
-    return workspace_dir() / "datasets"
 
 
 def folder_name(name: str) -> str:
@@ -113,21 +109,8 @@ def register_folder(store: RunStore, path: str | Path, name: str | None = None) 
         if Path(found["source"]).resolve() == folder.resolve():
             return found["id"], dataset
         raise ValueError(f"a dataset named {name!r} already exists (from {found['source']}): choose another name")
-    kind = "mvtec" if any(s.split == "test" for s in dataset.samples) else "folder"
-    return store.add_dataset(name=name, source=str(folder.resolve()), kind=kind, summary=dataset.summary(),
+    return store.add_dataset(name=name, source=str(folder.resolve()), kind=dataset_kind(dataset), summary=dataset.summary(),
                              report=report_dict(dataset)), dataset
-
-
-def open_dataset(record: dict) -> ImageSet:
-    """Load a registered dataset (a registry row) from where it lives."""
-    source = Path(record["source"])
-    if source.is_file() and zipfile.is_zipfile(source):
-        # Registered from a zip by an older CLI, which recorded the archive: use its extracted copy.
-        copies = sorted(datasets_dir().glob(f"{source.stem}-*"))
-        source = copies[0] if copies else source
-    if not source.is_dir():
-        raise FileNotFoundError(f"dataset {record['name']!r}: its files are gone from {record['source']}")
-    return load_dataset(source)
 
 
 def _one_zip(files: Sequence[UploadedFile]) -> UploadedFile:

@@ -1,7 +1,7 @@
 """A run's results for stakeholders: one self-contained HTML file (metrics, curves, threshold, worst images).
 
 Everything is inline: plotly.js once in the head, the curves as plotly figures (the same ones the dashboard
-shows, from :mod:`core.figures`) and the images as base64 PNGs, so the file opens offline and can be mailed.
+shows, from :mod:`core.app.figures`) and the images as base64 PNGs, so the file opens offline and can be mailed.
 """
 from __future__ import annotations
 
@@ -15,9 +15,10 @@ from plotly.offline import get_plotlyjs
 from . import figures
 from .compare import run_label
 from .render import data_uri, heatmap_panel, region_panel
-from .results import RunResults
-from .rules import Decision, DefectRules
-from .thresholds import PRESET_LABELS, is_anomalous
+from ..files import json_default
+from ..results import RunResults
+from ..rules import Decision, DefectRules
+from ..thresholds import PRESET_LABELS, is_anomalous
 
 WORST_IMAGES = 6
 
@@ -76,7 +77,7 @@ def build_report(run: dict, results: RunResults, image_threshold: float, pixel_t
                       for i in indices]
 
     parts.append("<h2>Model</h2><details><summary>Model card and parameters</summary><pre>"
-                 f"{html.escape(json.dumps(run['model_card'], indent=2, default=str))}</pre></details>")
+                 f"{html.escape(json.dumps(run['model_card'], indent=2, default=json_default))}</pre></details>")
     return ("<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
             f"<title>AnomalyScope report: {html.escape(run_label(run))}</title>"
             f"<style>{_CSS}</style><script type='text/javascript'>{get_plotlyjs()}</script></head><body>"

@@ -18,11 +18,12 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from .backbones import FeatureExtractor
-from .data import ImageSet, Preprocess
-from .detectors import Detector
-from .detectors.base import Progress, no_progress
-from .detectors.patchcore import locally_aware_patches
+from ..backbones import FeatureExtractor
+from ..data import ImageSet, Preprocess, image_batches
+from ..detectors import Detector
+from ..detectors.base import Progress, no_progress
+from ..detectors.patchcore import locally_aware_patches
+from ..files import save_arrays
 
 VIEWS_FILE = "feature_views.npz"
 MAX_IMAGES = 400           # images embedded for the maps (a stratified sample beyond this)
@@ -52,9 +53,8 @@ def compute_views(detector: Detector, dataset: ImageSet, progress: Progress | No
     per_image = max(4, MAX_PATCHES // max(len(images), 1))
     image_vectors, image_scores, patch_rows, patch_vectors, train_patches = [], [], [], [], []
     batch_size = 8
-    for start in range(0, len(images), batch_size):
-        idx = list(range(start, min(start + batch_size, len(images))))
-        pixels = [images[i] for i in idx]
+    for start, pixels in image_batches(images, batch_size):
+        idx = range(start, start + len(pixels))
         emb = embed(embed_preprocess.images_to_tensor(pixels))                       # (n, C, h, w)
         scores, maps = detector.score_tensor(detector.preprocess.images_to_tensor(pixels))
         grid = emb.shape[-2:]
@@ -103,12 +103,7 @@ def save_views(views: FeatureViews, folder: str | Path) -> Path:
     if views.coverage_radii is not None:
         arrays["coverage_radii"] = views.coverage_radii
     arrays["meta"] = np.array(json.dumps({"n_images_total": views.n_images_total, "grid": list(views.grid)}))
-    path = Path(folder) / VIEWS_FILE
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        np.savez(f, **arrays)
-    tmp.replace(path)
-    return path
+    return save_arrays(Path(folder) / VIEWS_FILE, **arrays)
 
 
 def load_views(folder: str | Path) -> FeatureViews | None:
@@ -123,16 +118,6 @@ def load_views(folder: str | Path) -> FeatureViews | None:
         meta = json.loads(str(data["meta"]))
         return FeatureViews(table("images"), table("patches"), radii, table("bank"), meta["n_images_total"],
                             tuple(meta["grid"]))
-
-
-def run_views(detector: Detector, dataset: ImageSet, folder: str | Path,
-              progress: Progress | None = None) -> FeatureViews:
-    """The views saved in a model folder, computed and saved on first use."""
-    found = load_views(folder)
-    if found is None:
-        found = compute_views(detector, dataset, progress)
-        save_views(found, folder)
-    return found
 
 
 # -- helpers ---------------------------------------------------------------------------------------

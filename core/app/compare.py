@@ -5,21 +5,11 @@ from pathlib import Path
 
 import pandas as pd
 
-from .detectors import Detector
-from .runs import RunStore
+from ..runs import RunStore
 
 # Files that make up a model (the rest of a model folder holds cached views of its results).
 MODEL_FILES = ("config.json", "fitted.safetensors")
 METRIC_COLUMNS = {"image_auroc": "image AUROC", "pixel_auroc": "pixel AUROC", "aupro": "AUPRO", "f1_max": "F1-max"}
-
-
-def model_memory_mb(detector: Detector, model_path: str | Path) -> float:
-    """Memory the saved model needs to run: its fitted tensors plus the frozen backbone's weights."""
-    fitted = (Path(model_path) / "fitted.safetensors").stat().st_size
-    extractor = detector.feature_extractor()
-    backbone = 0 if extractor is None else sum(
-        t.numel() * t.element_size() for t in [*extractor.parameters(), *extractor.buffers()])
-    return (fitted + backbone) / 2**20
 
 
 def model_size_mb(model_path: str | Path) -> float | None:

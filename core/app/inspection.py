@@ -6,8 +6,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .detectors import Detector
-from .rules import Decision, DefectRules, decide
+from ..detectors import Detector
+from ..rules import Decision, DefectRules, decide
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""Training as a background job a view can watch and cancel, and the parameter specs a form is built from.
+"""Training as a background job a view can watch and cancel.
 
 A :class:`TrainingJob` runs :func:`core.pipeline.train_run` (or registers a saved model) in a thread. Its
 progress callback records every stage's progress and raises :class:`core.Cancelled` once ``cancel()`` was
@@ -7,21 +7,17 @@ nothing. Views poll :meth:`TrainingJob.snapshot`; they never share the thread's 
 """
 from __future__ import annotations
 
-import importlib
-import inspect
-import re
 import threading
 import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import Cancelled
-from .cli import parse_overrides
-from .data import ImageSet
-from .detectors import get_detector_class, load_detector
-from .pipeline import register_fitted, train_run
-from .runs import RunStore
+from .. import Cancelled
+from ..data import ImageSet
+from ..detectors import load_detector
+from ..pipeline import register_fitted, train_run
+from ..runs import RunStore
 
 # Stage names as detectors report them, worded for people.
 STAGE_LABELS = {"features": "Extracting features", "coreset": "Selecting the coreset",
@@ -31,83 +27,6 @@ STAGE_LABELS = {"features": "Extracting features", "coreset": "Selecting the cor
                 "auto settings": "Choosing settings on held-out images with synthetic defects",
                 "calibration": "Scoring held-out good images and synthetic defects (for thresholds)",
                 "audit": "Auditing the training images (each scored by a model fitted without it)"}
-
-
-# Parameters most detectors share, for docstrings that leave them out.
-COMMON_HELP = {"seed": "random seed: the same seed and data give the same model",
-               "device": '"auto" uses a CUDA GPU when there is one, else the CPU; or name one: "cpu", "cuda:0"'}
-
-
-@dataclass(frozen=True)
-class ParamSpec:
-    """One constructor parameter of a detector: its default, its type (from the default) and help text."""
-    name: str
-    default: object
-    help: str
-
-    @property
-    def kind(self) -> str:
-        """'bool', 'int', 'float', 'str' or 'literal' (tuples, None and "auto": typed as Python literals, so
-        that an "auto" parameter also takes a number or a tuple)."""
-        if isinstance(self.default, bool):
-            return "bool"
-        if self.default == "auto" and self.name != "device":
-            return "literal"
-        for kind in (int, float, str):
-            if isinstance(self.default, kind):
-                return kind.__name__
-        return "literal"
-
-
-def param_specs(detector: str) -> list[ParamSpec]:
-    """The detector's parameters in signature order, with help from the Parameters sections of its docstrings."""
-    cls = get_detector_class(detector)
-    helps = {**COMMON_HELP, **_documented_params(cls)}
-    signature = inspect.signature(cls.__init__)
-    return [ParamSpec(name, p.default, helps.get(name, ""))
-            for name, p in signature.parameters.items() if name != "self"]
-
-
-def parse_value(spec: ParamSpec, text: str):
-    """A typed-in value for a 'literal' parameter: a Python literal ((2, 3), None, 0.1) or else the text."""
-    return parse_overrides([f"{spec.name}={text}"])[spec.name]
-
-
-def _documented_params(cls: type) -> dict[str, str]:
-    """Help texts of cls and its bases; an "Others : as :class:`.ae.AutoEncoder`" entry brings that class's."""
-    helps: dict[str, str] = {}
-    for klass in reversed(cls.__mro__):
-        own = _docstring_params(inspect.cleandoc(klass.__doc__ or ""))
-        referred = re.search(r":class:`\.?([\w.]+)`", own.pop("Others", ""))
-        if referred:
-            module, _, name = referred.group(1).rpartition(".")
-            package = klass.__module__.rpartition(".")[0]
-            helps.update(_documented_params(getattr(importlib.import_module(f"{package}.{module}"), name)))
-        helps.update(own)
-    return helps
-
-
-def _docstring_params(doc: str) -> dict[str, str]:
-    """numpydoc 'a, b : text' entries, with indented continuation lines, -> {name: text}."""
-    lines = doc.splitlines()
-    start = next((i + 2 for i in range(len(lines) - 1)
-                  if lines[i].strip() == "Parameters" and set(lines[i + 1].strip()) == {"-"}), None)
-    if start is None:
-        return {}
-    out: dict[str, str] = {}
-    names: list[str] = []
-    for line, following in zip(lines[start:], lines[start + 1:] + [""]):
-        if following.strip() and set(following.strip()) == {"-"}:
-            break                                   # `line` is the next section's title
-        entry = re.match(r"^(\w[\w, ]*?)\s*:\s*(.*)$", line)
-        if entry:
-            names = [n.strip() for n in entry.group(1).split(",")]
-            out.update({n: entry.group(2).strip() for n in names})
-        elif line[:1].isspace() and line.strip() and names:
-            out.update({n: f"{out[n]} {line.strip()}" for n in names})
-        else:
-            names = []
-    return out
 
 
 @dataclass

@@ -2,7 +2,7 @@
 
 Functions take precomputed data (a :class:`~core.thresholds.ScoreDistribution`, tables) and only draw;
 none computes a metric. Colours: normal green, anomalous red, the threshold orange, maps in
-:data:`core.viz.COLORSCALE`.
+:data:`core.app.viz.COLORSCALE`.
 """
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 
-from .thresholds import ScoreDistribution
+from ..thresholds import ScoreDistribution
 from .viz import COLORSCALE, colourise
 
 NORMAL, ANOMALOUS, THRESHOLD, NEUTRAL = "#2ca02c", "#d62728", "#ff7f0e", "#7f7f7f"
@@ -135,7 +135,7 @@ def colourbar_figure(vmin: float, vmax: float, image_threshold: float | None = N
                      pixel_threshold: float | None = None) -> go.Figure:
     """The run's colour scale as a horizontal bar, with the thresholds marked on it.
 
-    The bar is drawn from :func:`core.viz.colourise`, the very lookup table the heatmaps use, so the legend
+    The bar is drawn from :func:`core.app.viz.colourise`, the very lookup table the heatmaps use, so the legend
     cannot drift from the images.
     """
     step = (vmax - vmin) / 256

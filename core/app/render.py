@@ -1,16 +1,17 @@
 """Pictures of one image's result, as the dashboard, the report and the live demo show them.
 
-Built from :mod:`core.viz`: the heatmap overlay on the run's one colour scale, the ground-truth contour
+Built from :mod:`core.app.viz`: the heatmap overlay on the run's one colour scale, the ground-truth contour
 (green) and the region predicted at the pixel threshold (cyan fill and contour).
 """
 from __future__ import annotations
 
 import base64
-import io
 
 import numpy as np
 from PIL import Image
 
+from ..data import png_bytes
+from ..thresholds import is_anomalous
 from .viz import draw_outline, overlay
 
 GROUND_TRUTH = (0, 255, 0)
@@ -20,8 +21,8 @@ OUTSIDE_DIMMING = 0.35
 
 
 def predicted_region(amap: np.ndarray, pixel_threshold: float) -> np.ndarray:
-    """Pixels flagged anomalous (map >= threshold, as everywhere in AnomalyScope)."""
-    return np.asarray(amap) >= pixel_threshold
+    """Pixels flagged anomalous: the OK/NG rule of core.thresholds, applied to each pixel as the defect rules do."""
+    return is_anomalous(amap, pixel_threshold)
 
 
 def heatmap_panel(image: np.ndarray, amap: np.ndarray, scale: tuple[float, float], alpha: float = 0.5,
@@ -55,12 +56,6 @@ def thumbnail(image: np.ndarray, size: int = 160) -> np.ndarray:
     pil = Image.fromarray(image)
     pil.thumbnail((size, size), Image.Resampling.BILINEAR)
     return np.asarray(pil)
-
-
-def png_bytes(image: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(image).save(buffer, format="PNG", optimize=False)
-    return buffer.getvalue()
 
 
 def data_uri(image: np.ndarray) -> str:
