@@ -19,6 +19,7 @@ import torch
 
 from .data import image_batches, load_mvtec
 from .detectors import create_detector, load_detector
+from .files import json_default, replacing
 from .pipeline import evaluate
 from .thresholds import is_anomalous, normal_threshold, synthetic_miss_rate
 
@@ -383,4 +384,5 @@ def format_table(results: list[dict], columns: list[tuple[str, str]] | None = No
 def write_json(results: list[dict], path: str | Path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(results, indent=2, default=lambda v: v.item() if isinstance(v, np.generic) else str(v)))
+    with replacing(path) as tmp:
+        tmp.write_text(json.dumps(results, indent=2, default=json_default))
