@@ -17,8 +17,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .data import load_mvtec
+from .data import image_batches, load_mvtec
 from .detectors import create_detector, load_detector
+from .files import json_default, replacing
 from .pipeline import evaluate
 from .thresholds import is_anomalous, normal_threshold, synthetic_miss_rate
 
@@ -336,8 +337,8 @@ def run_coverage(data: str | Path, params: dict | None = None, log=print) -> dic
     det.fit(train)
     log(f"[coverage] {len(train)} images at {det.frame()}: {det.n_train_patches_} patches, bank {len(det.memory_bank_)}")
     rows = []
-    for start in range(0, len(train), 16):
-        emb = det.embed(det.preprocess.images_to_tensor([train[i] for i in range(start, min(start + 16, len(train)))]))
+    for _, batch in image_batches(train, 16):
+        emb = det.embed(det.preprocess.images_to_tensor(batch))
         rows.append(emb.permute(0, 2, 3, 1).reshape(-1, emb.shape[1]))
     rows = torch.cat(rows)
     z = project(rows, det.projection_dim, det.seed)
@@ -383,4 +384,5 @@ def format_table(results: list[dict], columns: list[tuple[str, str]] | None = No
 def write_json(results: list[dict], path: str | Path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(results, indent=2, default=lambda v: v.item() if isinstance(v, np.generic) else str(v)))
+    with replacing(path) as tmp:
+        tmp.write_text(json.dumps(results, indent=2, default=json_default))

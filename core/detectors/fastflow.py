@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..backbones import DEFAULT_BACKBONE
+from ..data import image_batches
 from .base import BackboneDetector, Progress, register_detector, resolve_device, store_params
 from .ops import upsample_blur
 
@@ -191,8 +192,7 @@ class FastFlow(BackboneDetector):
     def _features(self, images: Sequence[np.ndarray], progress: Progress, batch_size: int = 16) -> list[torch.Tensor]:
         """Per stage, the frozen features of all images (N, C, h, w), on the detector's device."""
         parts: list[list[torch.Tensor]] = []
-        for start in range(0, len(images), batch_size):
-            batch = [images[i] for i in range(start, min(start + batch_size, len(images)))]
+        for start, batch in image_batches(images, batch_size):
             feats = self.backbone_features(self.preprocess.images_to_tensor(batch))
             parts.append([f.float() for f in feats])
             progress("features", start + len(batch), len(images))

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from ..backbones import DEFAULT_BACKBONE
+from ..data import image_batches
 from .base import BackboneDetector, Progress, register_detector, resolve_device, store_params
 from .ops import upsample_blur
 
@@ -134,8 +135,7 @@ class PaDiM(BackboneDetector):
         self.channel_idx_ = random_channels(sum(self.feature_extractor().channels), self.n_features, self.seed)
 
         def embeddings():
-            for start in range(0, len(images), batch_size):
-                batch = [images[i] for i in range(start, min(start + batch_size, len(images)))]
+            for start, batch in image_batches(images, batch_size):
                 with torch.no_grad():
                     yield self.embed(self.preprocess.images_to_tensor(batch))
                 progress("features", start + len(batch), len(images))

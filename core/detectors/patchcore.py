@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from ..backbones import DEFAULT_BACKBONE
-from ..data import Preprocess
+from ..data import Preprocess, image_batches
 from . import auto_settings
 from .base import BackboneDetector, Progress, native_long_side, register_detector, store_params
 from .coreset import StreamingCoreset, greedy_coreset
@@ -134,8 +134,7 @@ class PatchCore(BackboneDetector):
 
     def _fit(self, images: Sequence[np.ndarray], progress: Progress, batch_size: int = 16) -> None:
         coreset = None
-        for start in range(0, len(images), batch_size):
-            batch = [images[i] for i in range(start, min(start + batch_size, len(images)))]
+        for start, batch in image_batches(images, batch_size):
             emb = self.embed(self.preprocess.images_to_tensor(batch))
             if coreset is None:
                 # Every image has the model's frame, so the patch count is known from the first batch.
