@@ -69,7 +69,11 @@ def test_training_is_seeded_and_cancellable(demo):
     images = [train[i] for i in range(6)]
     params = dict(resize=64, crop=None, flow_steps=2, epochs=2, batch_size=2, seed=5)
     a = create_detector("fastflow", **params).fit(images)
+    torch.manual_seed(123)
+    expected_next = torch.rand(3)
+    torch.manual_seed(123)
     b = create_detector("fastflow", **params).fit(images)
+    assert torch.equal(torch.rand(3), expected_next), "fit must leave the caller's torch RNG where it was"
     assert a.history_ == b.history_ and len(a.history_) == 2 and "val_nll" in a.history_[0]
     for (ka, va), (kb, vb) in zip(a.head_.state_dict().items(), b.head_.state_dict().items()):
         assert ka == kb and torch.equal(va, vb)

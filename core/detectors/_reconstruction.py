@@ -54,8 +54,7 @@ from __future__ import annotations
 
 import math
 import time
-from contextlib import contextmanager
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -63,7 +62,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..data import Preprocess, image_batches
-from .base import Detector, Progress, resolve_device
+from .base import Detector, Progress, resolve_device, seeded
 from .ops import upsample_blur
 
 # Model inputs are scaled to [-1, 1] and reconstructed through tanh.
@@ -203,14 +202,6 @@ def recalibrate_batchnorm(forward: Callable[[torch.Tensor], object], modules: nn
 
 
 # ------------------------------------------------------------------------------------------------ training
-
-@contextmanager
-def seeded(seed: int, device: torch.device) -> Iterator[None]:
-    """All torch randomness inside runs from `seed`; the caller's RNG state is restored afterwards."""
-    with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
-        torch.manual_seed(seed)
-        yield
-
 
 def train_epochs(step: Callable[[torch.Tensor], dict], data: torch.Tensor, epochs: int, batch_size: int,
                  device: torch.device, progress: Progress, stage: str = "train") -> list[dict]:

@@ -12,10 +12,11 @@ import os
 import shutil
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from fnmatch import fnmatch
 from pathlib import Path
-from typing import Callable, ClassVar, Sequence
+from typing import Callable, ClassVar, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -59,6 +60,15 @@ def resolve_device(device: str) -> torch.device:
         return torch.device(device)
     except (RuntimeError, TypeError):
         raise ValueError(f"device {device!r} is not a device: use 'auto', 'cpu', 'cuda' or 'cuda:N'") from None
+
+
+@contextmanager
+def seeded(seed: int, device: torch.device) -> Iterator[None]:
+    """All torch randomness inside runs from `seed`; the caller's RNG state is restored afterwards, so that
+    fitting a model never reseeds the caller's own random numbers."""
+    with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
+        torch.manual_seed(int(seed))
+        yield
 
 
 @dataclass

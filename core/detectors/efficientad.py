@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..backbones import DEFAULT_BACKBONE
-from .base import BackboneDetector, Progress, register_detector, resolve_device, store_params
+from .base import BackboneDetector, Progress, register_detector, resolve_device, seeded, store_params
 from .fastflow import split_validation
 from .ops import upsample_blur
 
@@ -264,7 +264,10 @@ class EfficientAD(BackboneDetector):
     # --- training ---------------------------------------------------------------------------------
     def _fit(self, images: Sequence[np.ndarray], progress: Progress) -> None:
         dev = resolve_device(self.device)
-        torch.manual_seed(int(self.seed))
+        with seeded(self.seed, dev):
+            self._train(images, progress, dev)
+
+    def _train(self, images: Sequence[np.ndarray], progress: Progress, dev: torch.device) -> None:
         gen = torch.Generator().manual_seed(int(self.seed))
         train_idx, val_idx = split_validation(len(images), float(self.val_fraction), gen)
         pre = self.preprocess

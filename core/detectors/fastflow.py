@@ -20,7 +20,7 @@ from torch import nn
 
 from ..backbones import DEFAULT_BACKBONE
 from ..data import image_batches
-from .base import BackboneDetector, Progress, register_detector, resolve_device, store_params
+from .base import BackboneDetector, Progress, register_detector, resolve_device, seeded, store_params
 from .ops import upsample_blur
 
 
@@ -200,7 +200,10 @@ class FastFlow(BackboneDetector):
 
     def _fit(self, images: Sequence[np.ndarray], progress: Progress) -> None:
         dev = resolve_device(self.device)
-        torch.manual_seed(int(self.seed))
+        with seeded(self.seed, dev):
+            self._train(images, progress, dev)
+
+    def _train(self, images: Sequence[np.ndarray], progress: Progress, dev: torch.device) -> None:
         gen = torch.Generator().manual_seed(int(self.seed))
         feats = self._features(images, progress)
         self.grids_ = [tuple(f.shape[-2:]) for f in feats]

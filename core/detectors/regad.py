@@ -39,7 +39,7 @@ from torch import nn
 from ..backbones import DEFAULT_BACKBONE, FeatureExtractor
 from ..data import Preprocess, image_batches
 from ..files import replacing
-from .base import BackboneDetector, Progress, no_progress, register_detector, resolve_device, store_params
+from .base import BackboneDetector, Progress, no_progress, register_detector, resolve_device, seeded, store_params
 from .ops import upsample_blur
 from .padim import (check_gaussian_params, from_lower_triangle, lower_triangle, mahalanobis, position_gaussians,
                     random_channels, stage_embedding)
@@ -143,37 +143,37 @@ def train_registration(categories: dict[str, Sequence[np.ndarray]], out: str | P
     categories = {name: images for name, images in categories.items() if len(images) >= 2}
     if not categories:
         raise ValueError("registration training needs at least one category with 2 or more normal images")
-    torch.manual_seed(seed)
-    rng = np.random.default_rng(seed)
-    extractor = FeatureExtractor(backbone, tuple(stages))
-    net = RegistrationNet(extractor)
-    last = extractor.channels[-1]
-    predictor = nn.Sequential(nn.Conv2d(last, last // 2, 1), nn.BatchNorm2d(last // 2), nn.ReLU(),
-                              nn.Conv2d(last // 2, last, 1))
-    optimiser = torch.optim.Adam([*net.transformers.parameters(), *predictor.parameters()], lr=lr)
-    preprocess = Preprocess(resize=(size, size), crop=None, mean=extractor.mean, std=extractor.std)
-    names = sorted(categories)
-    losses = []
-    for step in range(steps):
-        name = names[rng.integers(len(names))]
-        # Half the pairs are one image in two poses: a pose difference the transformers can always undo.
-        pairs = [rng.choice(len(categories[name]), 2, replace=False) if rng.random() < 0.5 else
-                 [rng.integers(len(categories[name]))] * 2 for _ in range(batch_pairs)]
-        x = preprocess.images_to_tensor([categories[name][int(i)] for pair in pairs for i in pair])
-        angles = torch.from_numpy(rng.uniform(-ROTATION_RANGE, ROTATION_RANGE, len(x))).float()
-        x = warp(x, rotation_theta(angles, (size, size)), padding="reflection")
-        z = net.registered(x)[0][-1]
-        p = predictor(z)
-        z1, z2, p1, p2 = z[0::2], z[1::2], p[0::2], p[1::2]
-        loss = -(F.cosine_similarity(p1, z2.detach(), dim=1).mean()
-                 + F.cosine_similarity(p2, z1.detach(), dim=1).mean()) / 2
-        optimiser.zero_grad()
-        loss.backward()
-        optimiser.step()
-        losses.append(loss.item())
-        progress("registration", step + 1, steps)
-        if (step + 1) % 50 == 0:
-            log(f"step {step + 1}/{steps}: loss {np.mean(losses[-50:]):.4f}")
+    with seeded(seed, torch.device("cpu")):
+        rng = np.random.default_rng(seed)
+        extractor = FeatureExtractor(backbone, tuple(stages))
+        net = RegistrationNet(extractor)
+        last = extractor.channels[-1]
+        predictor = nn.Sequential(nn.Conv2d(last, last // 2, 1), nn.BatchNorm2d(last // 2), nn.ReLU(),
+                                  nn.Conv2d(last // 2, last, 1))
+        optimiser = torch.optim.Adam([*net.transformers.parameters(), *predictor.parameters()], lr=lr)
+        preprocess = Preprocess(resize=(size, size), crop=None, mean=extractor.mean, std=extractor.std)
+        names = sorted(categories)
+        losses = []
+        for step in range(steps):
+            name = names[rng.integers(len(names))]
+            # Half the pairs are one image in two poses: a pose difference the transformers can always undo.
+            pairs = [rng.choice(len(categories[name]), 2, replace=False) if rng.random() < 0.5 else
+                     [rng.integers(len(categories[name]))] * 2 for _ in range(batch_pairs)]
+            x = preprocess.images_to_tensor([categories[name][int(i)] for pair in pairs for i in pair])
+            angles = torch.from_numpy(rng.uniform(-ROTATION_RANGE, ROTATION_RANGE, len(x))).float()
+            x = warp(x, rotation_theta(angles, (size, size)), padding="reflection")
+            z = net.registered(x)[0][-1]
+            p = predictor(z)
+            z1, z2, p1, p2 = z[0::2], z[1::2], p[0::2], p[1::2]
+            loss = -(F.cosine_similarity(p1, z2.detach(), dim=1).mean()
+                     + F.cosine_similarity(p2, z1.detach(), dim=1).mean()) / 2
+            optimiser.zero_grad()
+            loss.backward()
+            optimiser.step()
+            losses.append(loss.item())
+            progress("registration", step + 1, steps)
+            if (step + 1) % 50 == 0:
+                log(f"step {step + 1}/{steps}: loss {np.mean(losses[-50:]):.4f}")
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     header = {"backbone": backbone, "stages": json.dumps(list(stages)), "size": str(size), "steps": str(steps),
