@@ -71,6 +71,15 @@ def seeded(seed: int, device: torch.device) -> Iterator[None]:
         yield
 
 
+class SeededTraining:
+    """For detectors that train networks: `_fit` runs their `_train` inside :func:`seeded` with their `seed`."""
+
+    def _fit(self, images: Sequence[np.ndarray], progress: Progress) -> None:
+        dev = resolve_device(self.device)
+        with seeded(self.seed, dev):
+            self._train(images, progress, dev)
+
+
 @dataclass
 class Prediction:
     """Scores and maps for a batch of images, maps at each image's own resolution."""

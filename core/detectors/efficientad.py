@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..backbones import DEFAULT_BACKBONE
-from .base import BackboneDetector, Progress, register_detector, resolve_device, seeded, store_params
+from .base import BackboneDetector, Progress, register_detector, resolve_device, SeededTraining, store_params
 from .fastflow import split_validation
 from .ops import upsample_blur
 
@@ -171,7 +171,7 @@ def hard_feature_loss(teacher: torch.Tensor, student: torch.Tensor, quantile: fl
 
 
 @register_detector("efficientad", family="representation")
-class EfficientAD(BackboneDetector):
+class EfficientAD(SeededTraining, BackboneDetector):
     """EfficientAD-S anomaly detector: student-teacher plus autoencoder, on a frozen pretrained teacher.
 
     Parameters
@@ -262,11 +262,6 @@ class EfficientAD(BackboneDetector):
         return (t - s[:, :c]).pow(2).mean(1), (a - s[:, c:]).pow(2).mean(1)
 
     # --- training ---------------------------------------------------------------------------------
-    def _fit(self, images: Sequence[np.ndarray], progress: Progress) -> None:
-        dev = resolve_device(self.device)
-        with seeded(self.seed, dev):
-            self._train(images, progress, dev)
-
     def _train(self, images: Sequence[np.ndarray], progress: Progress, dev: torch.device) -> None:
         gen = torch.Generator().manual_seed(int(self.seed))
         train_idx, val_idx = split_validation(len(images), float(self.val_fraction), gen)

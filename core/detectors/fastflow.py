@@ -20,7 +20,7 @@ from torch import nn
 
 from ..backbones import DEFAULT_BACKBONE
 from ..data import image_batches
-from .base import BackboneDetector, Progress, register_detector, resolve_device, seeded, store_params
+from .base import BackboneDetector, Progress, register_detector, resolve_device, SeededTraining, store_params
 from .ops import upsample_blur
 
 
@@ -130,7 +130,7 @@ def split_validation(n: int, fraction: float, generator: torch.Generator) -> tup
 
 
 @register_detector("fastflow", family="representation")
-class FastFlow(BackboneDetector):
+class FastFlow(SeededTraining, BackboneDetector):
     """FastFlow anomaly detector: 2D normalizing flows over frozen backbone features.
 
     Parameters
@@ -197,11 +197,6 @@ class FastFlow(BackboneDetector):
             parts.append([f.float() for f in feats])
             progress("features", start + len(batch), len(images))
         return [torch.cat(stage) for stage in zip(*parts)]
-
-    def _fit(self, images: Sequence[np.ndarray], progress: Progress) -> None:
-        dev = resolve_device(self.device)
-        with seeded(self.seed, dev):
-            self._train(images, progress, dev)
 
     def _train(self, images: Sequence[np.ndarray], progress: Progress, dev: torch.device) -> None:
         gen = torch.Generator().manual_seed(int(self.seed))
