@@ -125,34 +125,11 @@ def _rules(args, run: dict):
 
 def cmd_predict(args) -> int:
     from .data import IMAGE_SUFFIXES, ImageError, read_image
-    from .rules import decide
     from .app.viz import overlay, save_png
-    from .thresholds import check_threshold, normal_threshold
+    from .line.inspector import Inspector
     detector, run = _detector_and_run(args)
-    saved = run["thresholds"]
-    rules = _rules(args, run)
-    pixel = args.pixel_threshold if args.pixel_threshold is not None else saved["pixel"]
-    threshold = args.threshold if args.threshold is not None else saved["image"]
-    review = args.review_threshold if args.review_threshold is not None else saved["review"]
-    if args.false_reject_rate is not None:
-        if detector.calibration_ is None:
-            raise ValueError("--false-reject-rate needs a model saved with held-out good images; this one was "
-                             "saved before calibration existed or fitted on too few images: give --threshold")
-        chosen = normal_threshold(detector.calibration_.scores, args.false_reject_rate)
-        print(f"threshold {chosen.threshold:.6g}: {chosen.describe()}", file=sys.stderr)
-        threshold = chosen.threshold
-    if threshold is not None:
-        threshold = check_threshold(threshold, "image threshold")
-    if review is not None:
-        review = check_threshold(review, "review threshold")
-        if threshold is None or review >= threshold:
-            raise ValueError(f"the review threshold {review:.6g} must be below the image threshold "
-                             f"({'none' if threshold is None else format(threshold, '.6g')})")
-    if not rules.empty:
-        if threshold is None:
-            raise ValueError("defect rules (--roi, --min-area) need an image threshold: give --threshold")
-        # Regions are found at the pixel threshold; a run without one uses the image threshold (as the dashboard).
-        pixel = check_threshold(pixel if pixel is not None else threshold, "pixel threshold")
+    inspector = Inspector.from_run(detector, run, args.threshold, args.review_threshold, args.pixel_threshold,
+                                   _rules(args, run), args.false_reject_rate)
     out = Path(args.out) if args.out else None
     if out:
         if out.exists() and not out.is_dir():
@@ -163,7 +140,6 @@ def cmd_predict(args) -> int:
         raise ValueError(f"no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) in {' '.join(args.images)}")
     writer = csv.writer(sys.stdout)
     writer.writerow(["path", "score", "verdict", "reason", *(["heatmap"] if out else [])])
-    scale_max = args.vmax
     failed = 0
     used: set[str] = set()
     for path in paths:
@@ -173,14 +149,10 @@ def cmd_predict(args) -> int:
             print(f"skipped: {exc}", file=sys.stderr)
             failed += 1
             continue
-        pred = detector.predict([image])
-        score = float(pred.scores[0])
-        label = reason = ""
-        if threshold is not None:
-            decision = decide(score, pred.maps[0], threshold, review, pixel, rules)
-            label, reason = decision.label, decision.rule
+        result = inspector.inspect(image)
+        row = [str(path), f"{result.score:.6g}", result.label, result.reason]
         if not out:
-            writer.writerow([str(path), f"{score:.6g}", label, reason])
+            writer.writerow(row)
             continue
         # Images from different folders may share a name: never let one heatmap overwrite another.
         name, n = f"{path.stem}_heatmap.png", 1
@@ -188,9 +160,8 @@ def cmd_predict(args) -> int:
             n += 1
             name = f"{path.stem}_{n}_heatmap.png"
         used.add(name)
-        writer.writerow([str(path), f"{score:.6g}", label, reason, str(out / name)])
-        vmax = scale_max if scale_max is not None else (2 * threshold if threshold else float(pred.maps[0].max()))
-        save_png(overlay(image, pred.maps[0], 0.0, vmax), out / name)
+        writer.writerow([*row, str(out / name)])
+        save_png(overlay(image, result.map, 0.0, inspector.heatmap_scale(result.map, args.vmax)), out / name)
     return 1 if failed else 0
 
 
