@@ -334,7 +334,14 @@ class Detector:
         raise NotImplementedError
 
     def _score_batch(self, x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-        raise NotImplementedError
+        scores, maps = self.score_graph(x)
+        return scores.cpu().numpy(), maps.cpu().numpy().astype(np.float32)
+
+    def score_graph(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scores (N,) and maps (N, H, W) of a preprocessed batch in torch operations only: the graph an
+        export traces (core.line.export). Detectors that score through another library override
+        `_score_batch` as well, and give here the same computation written in torch."""
+        raise NotImplementedError(f"{type(self).__name__} has no torch-only scoring graph to export")
 
     def _fitted_tensors(self) -> dict[str, torch.Tensor]:
         raise NotImplementedError

@@ -348,14 +348,14 @@ class EfficientAD(SeededTraining, BackboneDetector):
         self.n_quantile_images_ = int(len(idx))
 
     # --- scoring ----------------------------------------------------------------------------------
-    def _score_batch(self, x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    def score_graph(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         m_st, m_ae = self._raw_maps(x.to(resolve_device(self.device)))
         q = self.quantiles_.to(m_st.device)
         m_st = NORMALISED_QB * (m_st - q[0]) / (q[1] - q[0]).clamp_min(1e-12)
         m_ae = NORMALISED_QB * (m_ae - q[2]) / (q[3] - q[2]).clamp_min(1e-12)
         grid_map = (0.5 * m_st + 0.5 * m_ae).float().cpu()
         maps = upsample_blur(grid_map, tuple(x.shape[-2:]), float(self.blur_sigma))
-        return maps.flatten(1).max(1).values.numpy(), maps.numpy().astype(np.float32)
+        return maps.flatten(1).max(1).values, maps
 
     # --- persistence ------------------------------------------------------------------------------
     def _fitted_tensors(self) -> dict[str, torch.Tensor]:

@@ -253,7 +253,7 @@ class FastFlow(SeededTraining, BackboneDetector):
                 totals[k] += float(flow_nll([out]).sum())
         return [t / n for t in totals]
 
-    def _score_batch(self, x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    def score_graph(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         feats = [f.float() for f in self.backbone_features(x)]
         size = tuple(x.shape[-2:])
         prob = 0
@@ -263,7 +263,7 @@ class FastFlow(SeededTraining, BackboneDetector):
         maps = 1.0 - prob.cpu() / len(feats)
         if self.blur_sigma > 0:
             maps = upsample_blur(maps, size, float(self.blur_sigma))
-        return maps.flatten(1).max(1).values.numpy(), maps.numpy().astype(np.float32)
+        return maps.flatten(1).max(1).values, maps
 
     def _fitted_tensors(self) -> dict[str, torch.Tensor]:
         return {f"head.{k}": v for k, v in self.head_.state_dict().items()}

@@ -32,6 +32,7 @@ def upsample_blur_matrix(grid: int, size: int, sigma: float) -> torch.Tensor:
 def upsample_blur(maps: torch.Tensor, size: int | tuple[int, int], sigma: float) -> torch.Tensor:
     """(N, gh, gw) patch-score grids -> (N, H, W) maps (size: H = W, or (H, W)), upsampled then blurred."""
     h, w = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
-    rows = upsample_blur_matrix(maps.shape[-2], h, float(sigma)).to(maps.dtype)
-    cols = upsample_blur_matrix(maps.shape[-1], w, float(sigma)).to(maps.dtype)
+    # Plain ints: an export traces the matrices as constants (and the cache finds them) whatever the sizes' type.
+    rows = upsample_blur_matrix(int(maps.shape[-2]), h, float(sigma)).to(maps.dtype)
+    cols = upsample_blur_matrix(int(maps.shape[-1]), w, float(sigma)).to(maps.dtype)
     return rows @ maps @ cols.T

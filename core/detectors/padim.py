@@ -149,11 +149,11 @@ class PaDiM(BackboneDetector):
         dev = resolve_device(self.device)
         self._mean_dev, self._precision_dev = self.mean_.to(dev), self.precision_.to(dev)
 
-    def _score_batch(self, x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    def score_graph(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         emb = self.embed(x).flatten(2).transpose(1, 2)
         dist = mahalanobis(emb, self._mean_dev, self._precision_dev).cpu()
-        maps = upsample_blur(dist.reshape(len(x), *self.grid_), tuple(x.shape[-2:]), self.blur_sigma)
-        return maps.flatten(1).max(1).values.numpy(), maps.numpy().astype(np.float32)
+        maps = upsample_blur(dist.reshape(-1, *self.grid_), tuple(x.shape[-2:]), self.blur_sigma)
+        return maps.flatten(1).max(1).values, maps
 
     def _fitted_tensors(self) -> dict[str, torch.Tensor]:
         return {"channel_idx": self.channel_idx_, "mean": self.mean_,

@@ -30,6 +30,8 @@ AUTO_BORDER_CELLS = (0, 1, 2, 3)
 AUTO_TUNE_PATCHES, AUTO_TUNE_IMAGES = 100_000, 100
 # coreset_ratio="auto" on a set too small to hold images out.
 SMALL_SET_RATIO = 0.1
+# Bank patches per matrix product in the torch search (score_graph): 2304 patches x 4096 is 38 MB of distances.
+SEARCH_CHUNK = 4096
 
 
 def locally_aware_patches(features: list[torch.Tensor]) -> torch.Tensor:
@@ -295,6 +297,38 @@ class PatchCore(BackboneDetector):
                                                 nearest[:, 0].reshape(n, h * w)[np.arange(n), worst])
         maps = upsample_blur(torch.from_numpy(patch_scores.reshape(n, h, w)), tuple(x.shape[-2:]), self.blur_sigma)
         return scores.astype(np.float32), maps.numpy().astype(np.float32)
+
+    def score_graph(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`_score_batch` in torch operations, with an exact search written as matrix products over the bank in
+        chunks (what an exported graph runs; on a model that searches an IVF index the two differ by the
+        index's recall)."""
+        emb = locally_aware_patches(self.backbone_features(x)).float().cpu()
+        n, c, h, w = emb.shape
+        queries = emb.permute(0, 2, 3, 1).reshape(n, h * w, c)
+        bank = self.memory_bank_.float()
+        bank_sq = bank.pow(2).sum(1)
+        query_sq = queries.pow(2).sum(2, keepdim=True)
+        best, nearest = [], []
+        for start in range(0, len(bank), SEARCH_CHUNK):   # bounds the (patches x chunk) distance matrix
+            chunk = slice(start, start + SEARCH_CHUNK)
+            sq = query_sq - 2 * queries @ bank[chunk].T + bank_sq[chunk]
+            value, index = sq.min(dim=2)
+            best.append(value)
+            nearest.append(index + start)
+        sq_dist, which = torch.stack(best).min(dim=0)                        # (n, h w)
+        nearest = torch.stack(nearest).gather(0, which[None])[0]
+        patch_scores = sq_dist.clamp_min(0).sqrt()
+        border = round(self.score_border_px_ / self.feature_extractor().strides[0])
+        inner = torch.from_numpy(_inner(np.ones((1, h, w), np.float32), border)).reshape(1, h * w)
+        worst = (patch_scores * inner).argmax(dim=1)
+        rows = torch.arange(n)
+        scores = patch_scores[rows, worst]
+        if self.reweight:
+            support = bank[torch.from_numpy(self._bank_neighbours)[nearest[rows, worst]]]     # (n, b, c)
+            dist = (support - queries[rows, worst][:, None, :]).pow(2).sum(2).sqrt()
+            scores = scores * (1.0 - torch.softmax(dist, dim=1)[:, 0])
+        maps = upsample_blur(patch_scores.reshape(n, h, w), tuple(x.shape[-2:]), self.blur_sigma)
+        return scores, maps
 
     def _eq7_weights(self, worst_patches: np.ndarray, worst_nearest: np.ndarray) -> np.ndarray:
         """w = 1 - softmax of distances to the nearest bank patch's b neighbours, taken at that patch."""
