@@ -309,7 +309,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-megapixels", type=float, default=25.0,
                        help="largest image accepted, megapixels, read from its header (default 25)")
     serve.add_argument("--concurrency", type=int, default=1,
-                       help="images one model scores at once (default 1: torch already uses every core)")
+                       help="images one model scores at once (default 1: torch already uses every core; 2 is "
+                            "tested with PatchCore on EfficientNet-Lite, see the README's 'Inspection service')")
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     serve.set_defaults(func=cmd_serve)
     return parser

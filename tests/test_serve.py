@@ -283,3 +283,16 @@ def test_scoring_is_serialised_per_model(registry, monkeypatch):
     with ThreadPoolExecutor(4) as pool:
         list(pool.map(lambda i: service.inspect(variant, data, f"{i}.jpg"), range(8)))
     assert most[0] == 1
+
+
+def test_two_images_at_once_score_exactly_as_one_at_a_time(registry):
+    """--concurrency 2 (PatchCore on EfficientNet-Lite): the same scores, bit for bit, as serial scoring."""
+    path, _ = registry
+    service = Service(RunStore(path), concurrency=2)
+    service.load_all()
+    [variant] = service.variants.values()
+    images = [p.read_bytes() for p in sorted((DEMO / "test").rglob("*.jpg"))[::3]]
+    serial = [service.inspect(variant, data)["score"] for data in images]
+    with ThreadPoolExecutor(4) as pool:
+        concurrent = list(pool.map(lambda data: service.inspect(variant, data)["score"], images * 2))
+    assert concurrent == serial * 2

@@ -22,9 +22,12 @@ Refusals: 404 unknown variant (naming the served ones), 413 a body over ``max_by
 image in the request, 503 a variant still loading (or whose model failed to load) or a registry that stayed
 locked (the result was not recorded: send it again).
 
-Scoring: one model scores one image at a time (``concurrency``, default 1): torch already spreads one image
-over the machine's cores, and two at once on 2 cores were slower at p50 and p99 (README, "Inspection service").
-Decoding, the heatmap PNG and the registry write run outside that lock, in the server's thread pool.
+Scoring: one model scores one image at a time by default (``concurrency`` 1, a semaphore per model): torch
+already spreads one image over the machine's cores, and not every backbone is safe to run from two threads
+(timm's hook-based feature nets keep their outputs on the module). ``concurrency`` 2 is tested to give the
+same scores bit for bit with PatchCore on EfficientNet-Lite; the README's "Inspection service" has what each
+setting measured. Decoding, the heatmap PNG and the registry write run outside the semaphore, in the server's
+thread pool.
 
 The hot folder polls a directory (no inotify: polling also works on network shares), scores each image
 file once its size and modification time are the same on two polls, records it, and moves it to ``done/``,
