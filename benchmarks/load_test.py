@@ -215,6 +215,7 @@ def main() -> int:
         cpu_after = cpu_seconds(server.pid)
         load_after = os.getloadavg()
         recorded = store.count_inspections(run["id"]) - before
+        model_ms = 1000 * np.array([r["seconds"] for r in store.list_inspections(run["id"], limit=args.requests)])
         bad = bad_requests(url, variant, images[0][1])
         after_bad = store.count_inspections(run["id"]) - before
     finally:
@@ -225,6 +226,8 @@ def main() -> int:
             server.kill()
     result.update(
         variant=variant, run_id=run["id"], detector=run["detector"], params=run["params"],
+        model_p50_ms=round(float(np.percentile(model_ms, 50)), 1) if len(model_ms) else None,
+        model_p99_ms=round(float(np.percentile(model_ms, 99)), 1) if len(model_ms) else None,
         server_cpu_ms_per_request=(None if cpu_before is None or cpu_after is None
                                    else round(1000 * (cpu_after - cpu_before) / args.requests, 1)),
         service_concurrency=args.concurrency, omp_threads=args.omp_threads, images=len(images),
@@ -240,6 +243,7 @@ def main() -> int:
           f"{result['wall_s']} s: {result['throughput_per_s']} images/s")
     print(f"latency ms: p50 {result['p50_ms']}  p90 {result['p90_ms']}  p99 {result['p99_ms']}  "
           f"max {result['max_ms']}  mean {result['mean_ms']}")
+    print(f"model time alone (the registry's seconds): p50 {result['model_p50_ms']} ms, p99 {result['model_p99_ms']} ms")
     print(f"service CPU time per request: {result['server_cpu_ms_per_request']} ms (all its threads; the "
           f"machine's {result['cpus']} CPUs could serve at most {result['cpus']} s of it per second)")
     print(f"registry: {recorded} new inspections for {args.requests} requests "
