@@ -1,4 +1,4 @@
-"""Command line: `python -m core train | evaluate | predict | bench | list | regad-train`.
+"""Command line: `python -m core train | evaluate | predict | bench | list | regad-train | serve`.
 
 As thin as the dashboard: it parses arguments and calls the same functions the pages call.
 """
@@ -209,6 +209,13 @@ def cmd_regad_train(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    from .line.serve import serve
+    return serve(args.registry, args.variant, args.host, args.port, args.hot_folder, not args.no_http,
+                 args.poll_seconds, int(args.max_mb * 2**20), int(args.max_megapixels * 1e6), args.concurrency,
+                 args.log_level)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .detectors import list_detectors
     parser = argparse.ArgumentParser(prog="python -m core", description="AnomalyScope: unsupervised visual inspection")
@@ -284,6 +291,28 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--draws", type=int, default=3, help="random draws of the shots (default 3)")
     bench.add_argument("--json", default="bench_results/bench.json", help="where to write the results")
     bench.set_defaults(func=cmd_bench)
+
+    serve = sub.add_parser("serve", help="HTTP inspection service for the deployed run of each product variant, "
+                                         "and/or a hot folder (see the README's 'Inspection service')")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--variant", action="append", metavar="NAME",
+                       help="a product variant (dataset name) to serve, its deployed run; repeat for several "
+                            "(default: every dataset with a deployed run)")
+    serve.add_argument("--hot-folder", metavar="DIR",
+                       help="also score each image file written into DIR (then moved to DIR/done or DIR/failed) "
+                            "with the one --variant")
+    serve.add_argument("--no-http", action="store_true", help="only the hot folder, no HTTP service")
+    serve.add_argument("--poll-seconds", type=float, default=1.0,
+                       help="hot folder poll interval; a file is scored once unchanged over two polls")
+    serve.add_argument("--max-mb", type=float, default=20.0, help="largest image file accepted, MiB (default 20)")
+    serve.add_argument("--max-megapixels", type=float, default=25.0,
+                       help="largest image accepted, megapixels, read from its header (default 25)")
+    serve.add_argument("--concurrency", type=int, default=1,
+                       help="images one model scores at once (default 1: torch already uses every core; 2 is "
+                            "tested with PatchCore on EfficientNet-Lite, see the README's 'Inspection service')")
+    serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    serve.set_defaults(func=cmd_serve)
     return parser
 
 

@@ -1,8 +1,10 @@
-"""The run registry: datasets, training runs and per-image scores in one SQLite file.
+"""The run registry: datasets, training runs, per-image scores and the line's inspections in one SQLite file.
 
 Everything a user makes is recorded here: the datasets they registered, every run (detector, params,
-model path, metrics, timings, model card, chosen thresholds, which run is deployed) and the score of
-every test image. The default file is ``workspace_dir() / "registry.sqlite"`` (``ANOMALYSCOPE_HOME``
+model path, metrics, timings, model card, chosen thresholds, which run is deployed), the score of
+every test image, and every image the inspection service scored (``inspections``: run, variant, time,
+source name, score, verdict, reason, seconds; see :meth:`RunStore.add_inspection`). Inspections are the
+line's record: they are kept when their run is deleted (their ``run_id`` then names a deleted run). The default file is ``workspace_dir() / "registry.sqlite"`` (``ANOMALYSCOPE_HOME``
 moves it). Only the standard library's ``sqlite3`` is used, no ORM.
 
 Concurrency
@@ -60,7 +62,8 @@ __all__ = ["RunStore", "RegistryError", "RegistryLockedError", "SCHEMA_VERSION",
 # 2: runs.threshold_review, the lower end of the OK / review / NG band (NULL: two bands only).
 # 3: runs.rules (JSON: minimum defect area, scale) and runs.roi (the region of interest as a PNG), see core.rules;
 #    datasets.excluded (JSON list of training image paths the user left out).
-SCHEMA_VERSION = 3
+# 4: the inspections table (every image the inspection service scored); a new table, so older files only gain it.
+SCHEMA_VERSION = 4
 
 
 class RegistryError(ValueError):
@@ -73,6 +76,7 @@ REGISTRY_FILENAME = "registry.sqlite"
 DATASET_KINDS = ("mvtec", "folder", "zip", "upload")
 BUSY_TIMEOUT_S = 30.0
 SCORE_COLUMNS = ["path", "split", "label", "defect", "score"]
+VERDICTS = ("OK", "review", "NG", "")    # "": the run had no image threshold
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS datasets (
@@ -118,6 +122,19 @@ CREATE TABLE IF NOT EXISTS scores (
     score   REAL
 );
 CREATE INDEX IF NOT EXISTS scores_by_run ON scores(run_id, id);
+-- no foreign key on run_id: the line's record outlives a deleted run
+CREATE TABLE IF NOT EXISTS inspections (
+    id       INTEGER PRIMARY KEY AUTOINCREMENT,
+    run_id   INTEGER NOT NULL,
+    variant  TEXT    NOT NULL,
+    time     TEXT    NOT NULL,
+    source   TEXT,
+    score    REAL,
+    verdict  TEXT    NOT NULL,
+    reason   TEXT    NOT NULL DEFAULT '',
+    seconds  REAL
+);
+CREATE INDEX IF NOT EXISTS inspections_by_run ON inspections(run_id, id);
 """
 
 _RUN_SELECT = """
@@ -611,3 +628,57 @@ class RunStore:
             conn.execute("DELETE FROM scores WHERE run_id = ?", (run_id,))
             conn.execute("DELETE FROM runs WHERE id = ?", (run_id,))
         return row["model_path"]
+
+    # -- inspections (the inspection service's results) -------------------------------------
+    def add_inspection(self, *, run_id: int, variant: str, score: float, verdict: str, reason: str = "",
+                       seconds: float | None = None, source: str | None = None, time: str | None = None) -> int:
+        """Record one inspected image and return its id. ``verdict`` is "OK", "review", "NG" or "" (a run
+        without a threshold); a non-finite score is stored as NULL (read back as NaN). ``time`` defaults to
+        now (ISO-8601 UTC). One short transaction, so concurrent requests each keep their row."""
+        run_id = _as_id(run_id, "run_id")
+        if not isinstance(variant, str) or not variant:
+            raise ValueError(f"variant must be a non-empty string, got {variant!r}")
+        if verdict not in VERDICTS:
+            raise ValueError(f"verdict must be one of {VERDICTS}, got {verdict!r}")
+        try:
+            score = float(score)
+        except (TypeError, ValueError):
+            raise ValueError(f"score must be a number, got {score!r}") from None
+        seconds = None if seconds is None else float(seconds)
+        with self._write() as conn:
+            cur = conn.execute(
+                "INSERT INTO inspections (run_id, variant, time, source, score, verdict, reason, seconds) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (run_id, variant, time or _now(), None if source is None else str(source),
+                 score if math.isfinite(score) else None, verdict, str(reason or ""), seconds))
+            return int(cur.lastrowid)
+
+    def list_inspections(self, run_id: int | None = None, variant: str | None = None,
+                         limit: int | None = 100) -> list[dict]:
+        """Inspections, newest first, of one run and/or variant or of all; at most ``limit`` (None: all).
+        Each a dict of the table's columns: id, run_id, variant, time, source, score, verdict, reason, seconds."""
+        where, args = [], []
+        if run_id is not None:
+            where.append("run_id = ?"), args.append(_as_id(run_id, "run_id"))
+        if variant is not None:
+            where.append("variant = ?"), args.append(str(variant))
+        sql = "SELECT * FROM inspections" + (" WHERE " + " AND ".join(where) if where else "") + " ORDER BY id DESC"
+        if limit is not None:
+            if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
+                raise ValueError(f"limit must be an integer >= 0 or None, got {limit!r}")
+            sql += " LIMIT ?"
+            args.append(limit)
+        with self._read() as conn:
+            rows = conn.execute(sql, args).fetchall()
+        out = [dict(r) for r in rows]
+        for r in out:
+            r["score"] = math.nan if r["score"] is None else r["score"]
+        return out
+
+    def count_inspections(self, run_id: int | None = None) -> int:
+        """How many inspections are recorded (of one run, or of all)."""
+        with self._read() as conn:
+            if run_id is None:
+                return int(conn.execute("SELECT COUNT(*) FROM inspections").fetchone()[0])
+            return int(conn.execute("SELECT COUNT(*) FROM inspections WHERE run_id = ?",
+                                    (_as_id(run_id, "run_id"),)).fetchone()[0])

@@ -14,8 +14,8 @@ import torch
 from PIL import Image
 
 from core.data import images
-from core.data import (EmptyDatasetError, ImageError, ImageSet, LoadReport, Preprocess, Sample, image_size,
-                       load_dataset, load_folder, load_mvtec, load_zip, read_image, read_mask)
+from core.data import (EmptyDatasetError, ImageError, ImageSet, ImageTooLargeError, LoadReport, Preprocess, Sample,
+                       image_size, load_dataset, load_folder, load_mvtec, load_zip, read_image, read_mask)
 
 DATASETS = Path(os.environ.get("ANOMALYSCOPE_DATASETS",
                                Path(__file__).resolve().parents[1].parent / "shared" / "datasets"))
@@ -180,13 +180,14 @@ def test_huge_header_is_refused_before_decoding(tmp_path):
     with pytest.raises(ImageError) as e:
         read_image(huge)
     assert "huge.png" in str(e.value) and "80 megapixels" in str(e.value)
+    assert isinstance(e.value, ImageTooLargeError)     # the service answers 413 to it, not 415
     big = tmp_path / "big.png"
     big.write_bytes(fake_png_header(10000, 10000))       # 100 MP: between Pillow's warning and error levels
     with pytest.raises(ImageError, match="limit of 80 megapixels"):
         read_image(big)
     mid = tmp_path / "mid.png"
     mid.write_bytes(fake_png_header(9000, 9000))         # 81 MP: under Pillow's levels, over ours
-    with pytest.raises(ImageError, match=r"9000x9000 pixels .*limit of 80 megapixels.*not decoded"):
+    with pytest.raises(ImageTooLargeError, match=r"9000x9000 pixels .*limit of 80 megapixels.*not decoded"):
         read_image(mid)
 
 

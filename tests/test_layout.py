@@ -3,8 +3,9 @@ import ast
 from pathlib import Path
 
 CORE = Path(__file__).resolve().parents[1] / "core"
-# The command line is a view of the engine, as the dashboard is: it may use core.app (heatmap overlays).
-VIEWS_IN_CORE = {"cli.py", "__main__.py"}
+# The command line is a view of the engine, as the dashboard is: it may use core.app (heatmap overlays). So is
+# the inspection service (core/line/serve.py), whose ?heatmap=true answer is the same overlay as predict's.
+VIEWS_IN_CORE = {"cli.py", "__main__.py", "line/serve.py"}
 
 
 def imported_modules(path: Path) -> set[str]:

@@ -435,3 +435,70 @@ def test_a_version_1_registry_gains_the_review_and_rules_columns_and_keeps_its_r
     assert store.get_dataset(1)["excluded"] == []
     store.set_excluded(1, ["/d/b.png", "/d/a.png", "/d/a.png"])
     assert store.get_dataset(1)["excluded"] == ["/d/a.png", "/d/b.png"]
+
+
+# -- inspections (the inspection service's record) ---------------------------------------------------
+def test_inspections_round_trip_newest_first_and_outlive_their_run(store, ds):
+    rid = add_run(store, ds)
+    first = store.add_inspection(run_id=rid, variant="bottle", score=1.5, verdict="NG", reason="score above",
+                                 seconds=0.02, source="a.png")
+    store.add_inspection(run_id=rid, variant="bottle", score=float("nan"), verdict="", seconds=None)
+    [newest, oldest] = store.list_inspections(run_id=rid)
+    assert oldest["id"] == first and oldest["source"] == "a.png" and oldest["verdict"] == "NG"
+    assert (oldest["score"], oldest["reason"], oldest["seconds"]) == (1.5, "score above", 0.02)
+    assert math.isnan(newest["score"]) and newest["source"] is None and newest["verdict"] == ""
+    assert dt.datetime.fromisoformat(oldest["time"]).tzinfo is not None
+    assert store.list_inspections(limit=1)[0]["id"] == newest["id"]
+    assert store.list_inspections(variant="other") == [] and store.count_inspections(rid) == 2
+    with pytest.raises(ValueError, match="verdict must be one of"):
+        store.add_inspection(run_id=rid, variant="bottle", score=1.0, verdict="bad")
+    with pytest.raises(ValueError, match="score must be a number"):
+        store.add_inspection(run_id=rid, variant="bottle", score="high", verdict="OK")
+    store.delete_run(rid)                        # the line's record stays
+    assert store.count_inspections(rid) == 2 and store.count_inspections() == 2
+
+
+def test_inspections_from_many_threads_are_all_kept(tmp_path):
+    path = tmp_path / "reg.sqlite"
+    rid = add_run(RunStore(path), RunStore(path).add_dataset("d", "/d", "folder", {}, {}))
+    errors, start = [], threading.Barrier(4)
+
+    def worker(k):
+        try:
+            store = RunStore(path)
+            start.wait()
+            for i in range(50):
+                store.add_inspection(run_id=rid, variant="d", score=float(i), verdict="OK", source=f"{k}/{i}")
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not errors, errors
+    assert {r["source"] for r in RunStore(path).list_inspections(limit=None)} == {
+        f"{k}/{i}" for k in range(4) for i in range(50)}
+
+
+def test_a_version_3_registry_gains_the_inspections_table_and_keeps_its_runs(tmp_path):
+    path = tmp_path / "v3.sqlite"
+    conn = sqlite3.connect(path)
+    old_schema = _SCHEMA[:_SCHEMA.index("-- no foreign key on run_id")]
+    assert "inspections" not in old_schema
+    conn.executescript(old_schema)
+    conn.execute("INSERT INTO datasets (name, source, kind, created) VALUES ('d', '/d', 'folder', 'now')")
+    conn.execute("INSERT INTO runs (dataset_id, detector, model_path, threshold_image, created) "
+                 "VALUES (1, 'patchcore', '/m', 3.0, 'now')")
+    conn.execute("PRAGMA user_version = 3")
+    conn.commit()
+    conn.close()
+    store = RunStore(path)
+    assert store.get_run(1)["thresholds"]["image"] == 3.0
+    assert store.list_inspections() == []
+    store.add_inspection(run_id=1, variant="d", score=4.0, verdict="NG")
+    assert store.count_inspections(1) == 1
+    conn = sqlite3.connect(path)
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 4
+    conn.close()

@@ -17,13 +17,14 @@ Example::
     x = Preprocess().images_to_tensor([train[0], train[1]])   # (2, 3, 224, 224) float32
 """
 from .dataset import EmptyDatasetError, ImageSet, LoadReport, Sample, image_batches
-from .images import IMAGE_SUFFIXES, MAX_PIXELS, ImageError, image_size, png_bytes, read_image, read_mask
+from .images import (IMAGE_SUFFIXES, MAX_PIXELS, ImageError, ImageTooLargeError, image_size, png_bytes, read_image,
+                     read_mask)
 from .loaders import load_dataset, load_folder, load_mvtec, load_zip
 from .preprocess import Preprocess, fit_frame
 from .zips import extract_zip
 
 __all__ = [
-    "IMAGE_SUFFIXES", "MAX_PIXELS", "ImageError", "EmptyDatasetError", "read_image", "read_mask", "image_size",
+    "IMAGE_SUFFIXES", "MAX_PIXELS", "ImageError", "ImageTooLargeError", "EmptyDatasetError", "read_image", "read_mask", "image_size",
     "png_bytes", "Sample", "LoadReport", "ImageSet", "image_batches", "load_mvtec", "load_folder", "load_zip", "load_dataset",
     "extract_zip", "Preprocess", "fit_frame",
 ]

@@ -37,6 +37,11 @@ class ImageError(ValueError):
         super().__init__(f"{self.file}: {reason}")
 
 
+class ImageTooLargeError(ImageError):
+    """An image refused for its pixel count, read from its header before any pixel was decoded (a service
+    answers it differently from a file that is not an image)."""
+
+
 def _source_name(source) -> str:
     if isinstance(source, (str, os.PathLike)):
         return str(source)
@@ -99,9 +104,9 @@ def _open_header(stream, name: str, check_limit: int | None) -> Image.Image:
         n = int(found.group(1)) if found else None
         size = f"{_mp(n)} megapixels" if n else "too many pixels"
         if n is not None and n <= limit:
-            raise ImageError(name, f"image has {size}: Pillow refuses it as a possible decompression bomb (raise "
+            raise ImageTooLargeError(name, f"image has {size}: Pillow refuses it as a possible decompression bomb (raise "
                                    "PIL.Image.MAX_IMAGE_PIXELS to allow it); it was not decoded") from None
-        raise ImageError(name, f"image has {size}, above the limit of {_mp(limit)} megapixels (Pillow refuses it "
+        raise ImageTooLargeError(name, f"image has {size}, above the limit of {_mp(limit)} megapixels (Pillow refuses it "
                                "as a possible decompression bomb); it was not decoded") from None
     except UnidentifiedImageError:
         empty = False
@@ -118,7 +123,7 @@ def _open_header(stream, name: str, check_limit: int | None) -> Image.Image:
     if check_limit is not None:
         w, h = img.size
         if w * h > check_limit:
-            raise ImageError(name, f"image is {w}x{h} pixels ({_mp(w * h)} megapixels), above the limit of "
+            raise ImageTooLargeError(name, f"image is {w}x{h} pixels ({_mp(w * h)} megapixels), above the limit of "
                                    f"{_mp(check_limit)} megapixels; it was not decoded")
     return img
 
