@@ -1,4 +1,4 @@
-"""Command line: `python -m core train | evaluate | predict | bench | list | regad-train | serve`.
+"""Command line: `python -m core train | evaluate | predict | export | bench | list | regad-train | serve`.
 
 As thin as the dashboard: it parses arguments and calls the same functions the pages call.
 """
@@ -209,6 +209,15 @@ def cmd_regad_train(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from .line.export import export
+    detector, run = _detector_and_run(args)
+    folder = Path(args.model if args.run is None else run["model_path"]) / "export"
+    out = Path(args.out) if args.out else folder / f"model.{'onnx' if args.format == 'onnx' else 'xml'}"
+    print(f"wrote {export(detector, args.format, out, run if args.run is not None else None)}")
+    return 0
+
+
 def cmd_serve(args) -> int:
     from .line.serve import serve
     return serve(args.registry, args.variant, args.host, args.port, args.hot_folder, not args.no_http,
@@ -263,6 +272,13 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--out", help="folder for heatmap overlays")
             p.add_argument("--vmax", type=float, help="top of the heatmap colour scale (default: 2x threshold)")
             p.set_defaults(func=cmd_predict)
+
+    exp = sub.add_parser("export", help="the whole scoring graph to ONNX or OpenVINO, thresholds as metadata")
+    exp.add_argument("--run", type=int, help="run id in the registry (its model, thresholds and training images)")
+    exp.add_argument("--model", help="a saved model folder instead of a run")
+    exp.add_argument("--format", choices=["onnx", "openvino"], default="onnx")
+    exp.add_argument("--out", help="file to write (default: the model folder's export/model.onnx or model.xml)")
+    exp.set_defaults(func=cmd_export)
 
     regad = sub.add_parser("regad-train", help="train RegAD's feature registration on other categories' good images")
     regad.add_argument("--data", nargs="+", required=True, help="MVTec-layout categories (never the target one)")

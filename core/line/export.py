@@ -97,7 +97,7 @@ def export_onnx(detector: Detector, path: str | Path, run: dict | None = None) -
         raw = Path(tmp) / "graph.onnx"
         with torch.no_grad():
             torch.onnx.export(graph, (example,), str(raw), input_names=["image"], output_names=["score", "map"],
-                              dynamic_axes={"image": {0: "batch"}, "score": {0: "batch"}, "map": {0: "batch"}},
+                              dynamic_shapes=({0: torch.export.Dim.DYNAMIC},),
                               opset_version=OPSET, dynamo=True, verbose=False)
         model = onnx.load(str(raw))
         entry = model.metadata_props.add()
@@ -108,22 +108,14 @@ def export_onnx(detector: Detector, path: str | Path, run: dict | None = None) -
     return path
 
 
-def export_openvino(detector: Detector, path: str | Path, run: dict | None = None,
-                    int8_images: Sequence[np.ndarray] | None = None) -> Path:
-    """Write an OpenVINO IR (`path` .xml plus its .bin) converted from the ONNX graph; with `int8_images`
-    (normal images), the backbone's convolutions are quantised to INT8 with NNCF's post-training
-    quantisation calibrated on them (the search, the flows' couplings and the blur stay FP32)."""
+def export_openvino(detector: Detector, path: str | Path, run: dict | None = None) -> Path:
+    """Write an OpenVINO IR (`path` .xml plus its .bin), converted from the ONNX graph, FP32."""
     import openvino as ov
     path = Path(path).with_suffix(".xml")
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
-        onnx_path = export_onnx(detector, Path(tmp) / "graph.onnx", run)
-        model = ov.convert_model(str(onnx_path))
-        meta = metadata(detector, run)
-        if int8_images is not None:
-            model = _quantise(model, detector, int8_images)
-            meta["precision"] = f"INT8 convolutions (NNCF post-training, {len(int8_images)} normal images)"
-        model.set_rt_info(json.dumps(meta), METADATA_KEY)
+        model = ov.convert_model(str(export_onnx(detector, Path(tmp) / "graph.onnx", run)))
+        model.set_rt_info(json.dumps(metadata(detector, run)), METADATA_KEY)
         staged = Path(tmp) / path.name
         ov.save_model(model, str(staged), compress_to_fp16=False)
         os.replace(staged.with_suffix(".bin"), path.with_suffix(".bin"))
@@ -131,25 +123,10 @@ def export_openvino(detector: Detector, path: str | Path, run: dict | None = Non
     return path
 
 
-def _quantise(model, detector: Detector, images: Sequence[np.ndarray]):
-    import nncf
-    pre = detector.preprocess
-    frames = [pre.image_to_frame(images[i])[None] for i in range(len(images))]
-    # Only convolutions are quantised: an INT8 distance to the memory bank or an INT8 coupling loses the
-    # small differences that anomaly scores are made of.
-    ignored = nncf.IgnoredScope(types=["MatMul", "Einsum", "Softmax", "ReduceMin", "ReduceMax"], validate=False)
-    return nncf.quantize(model, nncf.Dataset(frames), subset_size=len(frames), ignored_scope=ignored)
-
-
-def export(detector: Detector, fmt: str, path: str | Path, run: dict | None = None,
-           int8_images: Sequence[np.ndarray] | None = None) -> Path:
+def export(detector: Detector, fmt: str, path: str | Path, run: dict | None = None) -> Path:
     if fmt not in FORMATS:
         raise ValueError(f"format must be one of {', '.join(FORMATS)}, not {fmt!r}")
-    if fmt == "onnx":
-        if int8_images is not None:
-            raise ValueError("INT8 is OpenVINO's post-training quantisation: use --format openvino with --int8")
-        return export_onnx(detector, path, run)
-    return export_openvino(detector, path, run, int8_images)
+    return (export_onnx if fmt == "onnx" else export_openvino)(detector, path, run)
 
 
 class ExportedModel:
