@@ -2,7 +2,7 @@
 import streamlit as st
 
 from core.data import IMAGE_SUFFIXES, ImageError, read_image
-from core.app.inspection import inspect_image
+from core.line.inspector import Inspector
 from core.app.render import heatmap_panel, region_panel
 from core.rules import DefectRules
 from ui import state, widgets
@@ -48,14 +48,13 @@ except ImageError as exc:
     st.stop()
 
 rules = DefectRules.of_run(run)
-verdict = inspect_image(detector, image, image_threshold, run["thresholds"]["review"], pixel_threshold, rules)
-decision = verdict.decision
-colour = VERDICT_COLOURS[decision.label]
+verdict = Inspector(detector, image_threshold, run["thresholds"]["review"], pixel_threshold, rules).inspect(image)
+colour = VERDICT_COLOURS[verdict.label]
 left, right = st.columns([1, 2], vertical_alignment="center")
 with left:
-    st.markdown(f"<div style='font-size:5rem;font-weight:800;color:{colour};line-height:1'>{decision.label}</div>",
+    st.markdown(f"<div style='font-size:5rem;font-weight:800;color:{colour};line-height:1'>{verdict.label}</div>",
                 unsafe_allow_html=True)
-    st.markdown(f"Why: {decision.rule}.")
+    st.markdown(f"Why: {verdict.reason}.")
     st.metric("Anomaly score", f"{verdict.score:.4g}", delta=f"{verdict.score - image_threshold:+.3g} vs threshold",
               delta_color="inverse")
     review = run["thresholds"]["review"]

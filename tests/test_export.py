@@ -13,7 +13,7 @@ from core.runs import RunStore
 # (float32 operations reordered by the runtimes; measured about 3e-6 on the demo images).
 TOLERANCE = 1e-4
 # Small, fast fits on a non-square frame, so that the graph's geometry is not the square default.
-FAST = {"patchcore": {"coreset_ratio": 0.1, "score_border": 0}, "padim": {}, "fastflow": {"epochs": 1},
+FAST = {"patchcore": {"coreset_ratio": 0.1, "score_border": 0}, "padim": {}, "fastflow": {"epochs": 1, "flow_steps": 2},
         "efficientad": {"steps": 20, "resize": 128}}   # EfficientAD's networks need a square input
 
 

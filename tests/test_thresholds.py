@@ -90,7 +90,8 @@ def test_a_threshold_move_on_1000_scores_is_microseconds(scored):
 
 
 def test_a_non_finite_score_is_never_ok_and_a_non_finite_threshold_is_refused():
-    from core.app.inspection import Verdict
+    from core.detectors import Prediction
+    from core.line.inspector import Inspector
     from core.thresholds import is_anomalous
     assert is_anomalous(np.nan, 1.0) and is_anomalous(np.inf, 1.0) and is_anomalous(-np.inf, 1.0)
     assert not is_anomalous(0.5, 1.0) and is_anomalous(1.0, 1.0)
@@ -98,7 +99,11 @@ def test_a_non_finite_score_is_never_ok_and_a_non_finite_threshold_is_refused():
     for bad in (np.nan, np.inf, -np.inf):
         with pytest.raises(ValueError, match="finite"):
             is_anomalous(0.5, bad)
-    assert Verdict(float("nan"), 1.0, np.zeros((2, 2)), 0.0).label == "NG"
+
+    class BrokenDetector:   # a computation gone wrong: the score is NaN
+        def predict(self, images):
+            return Prediction(np.array([np.nan]), [np.zeros((2, 2))])
+    assert Inspector(BrokenDetector(), threshold=1.0).inspect(np.zeros((2, 2, 3), np.uint8)).label == "NG"
 
 
 def test_a_model_holding_nan_is_refused_at_load_and_predict_refuses_a_nan_threshold(tmp_path, demo, capsys):

@@ -15,7 +15,7 @@ import streamlit as st
 from core.detectors import Detector, ModelFolderError, load_detector
 from core.detectors.calibration import Calibration, load_calibration
 from core.app.embeddings import VIEWS_FILE, FeatureViews, load_views
-from core.app.inspection import warm_up
+from core.line.inspector import Inspector
 from core.pipeline import open_dataset, run_results, sweep_unregistered_models
 from core.results import RunResults
 from core.runs import REGISTRY_FILENAME, RegistryError, RunStore
@@ -87,7 +87,7 @@ def distributions(run_id: int) -> tuple[ScoreDistribution, ScoreDistribution | N
 @st.cache_resource(max_entries=4, show_spinner="Loading the model…")
 def _detector(registry: str, run_id: int, model_path: str) -> Detector:
     detector = load_detector(model_path)
-    warm_up(detector)
+    Inspector(detector).warm_up()
     return detector
 
 

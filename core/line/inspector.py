@@ -79,6 +79,11 @@ class Inspector:
         decision = decide(score, amap, self.threshold, self.review, self.pixel_threshold, self.rules)
         return Inspection(score, decision.label, decision.rule, amap, seconds)
 
+    def warm_up(self) -> None:
+        """Score one blank image at the model's frame, so that lazy initialisation is not paid by the first part."""
+        h, w = getattr(self.detector, "input_frame_", None) or (256, 256)
+        self.detector.predict([np.full((int(h), int(w), 3), 128, dtype=np.uint8)])
+
     def heatmap_scale(self, amap: np.ndarray, vmax: float | None = None) -> float:
         """Top of a heatmap's colour scale: `vmax`, else twice the threshold, else the map's own maximum."""
         return vmax if vmax is not None else (2 * self.threshold if self.threshold else float(amap.max()))

@@ -111,8 +111,7 @@ class Variant:
             detector = load_detector(self.run["model_path"])
             inspector = Inspector.from_run(detector, self.run, log=log.info)
             if warm_up:
-                h, w = tuple(getattr(detector, "input_frame_", None) or (256, 256))
-                inspector.inspect(np.full((int(h), int(w), 3), 128, np.uint8))
+                inspector.warm_up()
         except Exception as exc:  # noqa: BLE001 - a model that cannot load is reported by /ready, not fatal
             self.error = f"{type(exc).__name__}: {exc}"
             log.error("variant %s: run %s could not be loaded: %s", self.name, self.run["id"], self.error)

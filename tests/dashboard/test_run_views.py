@@ -8,7 +8,7 @@ from conftest import wait_until
 from core.app.compare import run_table
 from core.data import load_mvtec, read_image
 from core.detectors import get_detector_class, load_detector
-from core.app.inspection import inspect_image, warm_up
+from core.line.inspector import Inspector
 from core.pipeline import models_dir, run_results
 from core.app.report import build_report
 from core.runs import RunStore
@@ -92,11 +92,12 @@ def test_report_is_self_contained_with_metrics_curves_and_images(workspace):
 def test_inspect_answers_within_a_second_with_a_map_at_input_size(workspace):
     store, run_id = workspace["store"], workspace["run_id"]
     detector = load_detector(store.get_run(run_id)["model_path"])
-    warm_up(detector)
     threshold = store.get_run(run_id)["thresholds"]["image"]
+    inspector = Inspector(detector, threshold)
+    inspector.warm_up()
     good, bad = read_image(next((DEMO / "test" / "good").iterdir())), read_image(DEMO / "test" / "colour" / "00.jpg")
-    verdicts = [inspect_image(detector, image, threshold) for image in (good, bad)]
+    verdicts = [inspector.inspect(image) for image in (good, bad)]
     assert [v.label for v in verdicts] == ["OK", "NG"]
     assert verdicts[0].map.shape == good.shape[:2]
     # The best of a few answers: what the machine can do, not how busy its other tenants are.
-    assert min(inspect_image(detector, bad, threshold).seconds for _ in range(3)) < 1.0
+    assert min(inspector.inspect(bad).seconds for _ in range(3)) < 1.0
