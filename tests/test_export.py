@@ -50,7 +50,7 @@ def test_export_command_writes_an_openvino_model_with_the_runs_thresholds(demo, 
     from core.pipeline import register_dataset, train_run
     store = RunStore()
     dataset_id = register_dataset(store, demo)
-    run_id = train_run(store, dataset_id, demo, "padim", {"resize": 96})
+    run_id = train_run(store, dataset_id, demo, "padim", {"resize": 96, "calibration_fraction": 0})
     store.set_threshold(run_id, image=123.5)
     assert main(["export", "--run", str(run_id), "--format", "openvino"]) == 0
     run = store.get_run(run_id)
