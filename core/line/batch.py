@@ -194,14 +194,16 @@ def score_ray(recipe: InspectorRecipe, paths: Sequence[Path], render: Render | N
         else:
             cpus = (workers or max(1, (os.cpu_count() or 1) // threads)) * threads
             log(f"starting a local Ray with {cpus} CPUs")
-            ray.init(num_cpus=cpus, include_dashboard=False, **quiet)
+            # address="local": always a new Ray of our own, never one found in RAY_ADDRESS or /tmp/ray.
+            ray.init(address="local", num_cpus=cpus, include_dashboard=False, **quiet)
         stats.started_here = True
     stats.startup_s = time.perf_counter() - start
     try:
         if workers is None:
             workers = max(1, int(ray.cluster_resources().get("CPU", 1)) // threads)
         stats.workers = workers
-        log(f"Ray: {workers} workers x {threads} CPU{'s' if threads > 1 else ''} (ready in {stats.startup_s:.1f} s)")
+        log(f"Ray: {workers} worker{'s' if workers > 1 else ''} x {threads} CPU{'s' if threads > 1 else ''} "
+            f"(ready in {stats.startup_s:.1f} s)")
         context = ray.data.DataContext.get_current()
         context.enable_progress_bars = False            # progress is ours, one line per 10% on stderr
         context.execution_options.preserve_order = True
