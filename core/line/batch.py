@@ -6,7 +6,7 @@ the same rows and the same heatmap files. With Ray, Ray Data does the scheduling
 ``map_batches`` runs them through a pool of actors that each load the model once (:class:`RayScorer`).
 
 Scores are bit-identical between engines when each scoring process runs torch with the same number of threads.
-Across thread counts they are not: oneDNN's convolutions sum in a different order (about 1e-6 relative on the
+Across thread counts they are not: oneDNN's convolutions sum in a different order (about 1e-7 relative on the
 demo set), which can move the sixth printed digit of a score.
 """
 from __future__ import annotations
@@ -217,7 +217,7 @@ def score_ray(recipe: InspectorRecipe, paths: Sequence[Path], render: Render | N
             compute=ray.data.ActorPoolStrategy(size=workers))
         pending: dict[int, Scored] = {}
         expected = 0
-        for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
+        for batch in _worker_errors_explained(dataset.iter_batches(batch_size=None, batch_format="numpy")):
             for j in range(len(batch["index"])):
                 error = str(batch["error"][j])
                 result = Scored(int(batch["index"][j]), None if error else float(batch["score"][j]),
@@ -233,6 +233,18 @@ def score_ray(recipe: InspectorRecipe, paths: Sequence[Path], render: Render | N
     finally:
         if stats.started_here:
             ray.shutdown()
+
+
+def _worker_errors_explained(batches: Iterator) -> Iterator:
+    """A worker that cannot start (most often: the model folder is not at that path on its node) ends the job with
+    the worker's own last line, not Ray's nested traceback."""
+    import ray.exceptions
+    try:
+        yield from batches
+    except ray.exceptions.RayActorError as exc:
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        raise ValueError(f"a Ray worker failed: {lines[-1] if lines else type(exc).__name__} (on a cluster, the model "
+                         "folder and the images must be at the same paths on every node)") from exc
 
 
 def score_images(inspector: Inspector, paths: Sequence[Path], stream: TextIO, *, engine: str = "local",
