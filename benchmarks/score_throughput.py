@@ -91,6 +91,9 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--repeat", type=int, default=1, help="score the list this many times (a longer job)")
     parser.add_argument("--no-heatmaps", action="store_true")
+    parser.add_argument("--configs", nargs="+", choices=["local", "local1", "ray"], default=["local", "local1", "ray"],
+                        help="which to run: local (torch's threads), local1 (1 thread), ray (shorter in a quiet "
+                             "window)")
     parser.add_argument("--json", default="bench_results/score_throughput.json")
     args = parser.parse_args()
 
@@ -100,7 +103,11 @@ def main() -> None:
             raise SystemExit(f"{model} does not exist: give --fit DATA to train it")
         fit(args.fit, model, args.set)
     from core.detectors import load_detector
+    start = time.perf_counter()
     detector = load_detector(model)
+    load_s = time.perf_counter() - start
+    print(f"model loaded in {load_s:.1f} s (the local engines' start-up; each Ray worker loads it too)",
+          file=sys.stderr)
     threshold = args.threshold
     if threshold is None and detector.calibration_ is not None:
         from core.thresholds import normal_threshold
@@ -111,21 +118,23 @@ def main() -> None:
 
     results = []
     with tempfile.TemporaryDirectory() as tmp:
-        for name, engine in [("1 process (local engine, torch's threads)", dict(engine="local")),
-                             ("1 process at 1 thread", dict(engine="local", threads=1)),
-                             (f"Ray, {args.workers} workers x 1 CPU", dict(engine="ray", workers=args.workers))]:
+        configs = {"local": ("1 process (local engine, torch's threads)", dict(engine="local")),
+                   "local1": ("1 process at 1 thread", dict(engine="local", threads=1)),
+                   "ray": (f"Ray, {args.workers} workers x 1 CPU", dict(engine="ray", workers=args.workers))}
+        for name, engine in [configs[c] for c in args.configs]:
             out = None if args.no_heatmaps else Path(tmp) / f"heat{len(results)}"
             if out:
                 out.mkdir()
             results.append(run(name, inspector, model, paths, out, **engine))
-    for other in results[1:]:
-        print(compare(results[0], other), file=sys.stderr)
-    print(compare(results[1], results[2]), file=sys.stderr)
+    for i, first in enumerate(results):
+        for other in results[i + 1:]:
+            print(compare(first, other), file=sys.stderr)
 
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     summary = [{k: v for k, v in r.items() if k != "rows"} for r in results]
     Path(args.json).write_text(json.dumps({"images": [str(p) for p in args.images], "repeat": args.repeat,
                                            "heatmaps": not args.no_heatmaps, "model": str(model),
+                                           "model_load_s": round(load_s, 2),
                                            "results": summary}, indent=2))
     print(f"wrote {args.json}", file=sys.stderr)
     print("| config | images | Ray start-up s | first result s | scoring s | images/s | after first result "
