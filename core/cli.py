@@ -1,15 +1,15 @@
-"""Command line: `python -m core train | evaluate | predict | export | bench | list | regad-train | serve`.
+"""Command line: `python -m core train | evaluate | predict | score | export | bench | list | regad-train | serve`.
 
 As thin as the dashboard: it parses arguments and calls the same functions the pages call.
 """
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import sys
 import time
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -123,9 +123,28 @@ def _rules(args, run: dict):
     return DefectRules(roi, min_area, saved.mm_per_px if args.mm_per_px is None else args.mm_per_px)
 
 
-def cmd_predict(args) -> int:
-    from .data import IMAGE_SUFFIXES, ImageError, read_image
-    from .app.viz import overlay, save_png
+def heatmap_png(image, amap, vmax: float) -> bytes:
+    """A heatmap overlay as PNG bytes (module level, so that Ray workers unpickle it by name)."""
+    from .app.viz import overlay
+    from .data import png_bytes
+    return png_bytes(overlay(image, amap, 0.0, vmax))
+
+
+@contextmanager
+def _csv_output(path: str | None):
+    """stdout, or a file that appears whole when scoring ends (a cancelled job leaves none)."""
+    if path is None:
+        yield sys.stdout
+        return
+    from .files import replacing
+    with replacing(path) as tmp, open(tmp, "w", newline="") as f:
+        yield f
+
+
+def cmd_score(args) -> int:
+    """`predict` and `score`: one path, `predict` being `score --engine local` writing to stdout."""
+    from .data import IMAGE_SUFFIXES
+    from .line.batch import RayStats, score_images
     from .line.inspector import Inspector
     detector, run = _detector_and_run(args)
     inspector = Inspector.from_run(detector, run, args.threshold, args.review_threshold, args.pixel_threshold,
@@ -138,31 +157,27 @@ def cmd_predict(args) -> int:
     paths = _image_paths(args.images)
     if not paths:
         raise ValueError(f"no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) in {' '.join(args.images)}")
-    writer = csv.writer(sys.stdout)
-    writer.writerow(["path", "score", "verdict", "reason", *(["heatmap"] if out else [])])
-    failed = 0
-    used: set[str] = set()
-    for path in paths:
-        try:
-            image = read_image(path)
-        except ImageError as exc:
-            print(f"skipped: {exc}", file=sys.stderr)
-            failed += 1
-            continue
-        result = inspector.inspect(image)
-        row = [str(path), f"{result.score:.6g}", result.label, result.reason]
-        if not out:
-            writer.writerow(row)
-            continue
-        # Images from different folders may share a name: never let one heatmap overwrite another.
-        name, n = f"{path.stem}_heatmap.png", 1
-        while name in used:
-            n += 1
-            name = f"{path.stem}_{n}_heatmap.png"
-        used.add(name)
-        writer.writerow([*row, str(out / name)])
-        save_png(overlay(image, result.map, 0.0, inspector.heatmap_scale(result.map, args.vmax)), out / name)
-    return 1 if failed else 0
+    log = lambda m: print(m, file=sys.stderr)  # noqa: E731
+    stats, start = RayStats(), time.perf_counter()
+    try:
+        with _csv_output(args.csv) as stream:
+            writer = score_images(inspector, paths, stream, engine=args.engine,
+                                   model=args.model if args.run is None else run["model_path"], out=out,
+                                   render=heatmap_png, vmax=args.vmax, threads=args.threads, workers=args.workers,
+                                   address=args.address, progress=LogProgress() if args.command == "score" else None,
+                                   log=log, stats=stats)
+    except KeyboardInterrupt:
+        raise Cancelled() from None     # Ray, when started here, is already shut down
+    if args.command == "score":
+        seconds = time.perf_counter() - start - stats.startup_s
+        log(f"scored {writer.written} images ({writer.skipped} skipped) in {seconds:.1f} s after "
+            f"{stats.startup_s:.1f} s of Ray start-up: {writer.written / max(seconds, 1e-9):.2f} images/s"
+            if args.engine == "ray" else
+            f"scored {writer.written} images ({writer.skipped} skipped) in {seconds:.1f} s: "
+            f"{writer.written / max(seconds, 1e-9):.2f} images/s")
+        if args.csv:
+            log(f"wrote {args.csv}")
+    return 1 if writer.skipped else 0
 
 
 def cmd_bench(args) -> int:
@@ -246,32 +261,49 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(func=cmd_train)
 
     for name, helptext in [("evaluate", "metrics of a saved model on a labelled test split"),
-                           ("predict", "score images: CSV of path, score, verdict and its reason; heatmap PNGs with --out")]:
+                           ("predict", "score images: CSV of path, score, verdict and its reason; heatmap PNGs with --out"),
+                           ("score", "predict's CSV and heatmaps for many images, in this process or across Ray workers "
+                                     "(a local Ray, or a cluster with --address)")]:
         p = sub.add_parser(name, help=helptext)
         p.add_argument("--run", type=int, help="run id in the registry (uses its model and threshold)")
         p.add_argument("--model", help="a saved model folder instead of a run")
         if name == "evaluate":
             p.add_argument("--data", required=True, help="MVTec-layout category with a test split")
             p.set_defaults(func=cmd_evaluate)
+            continue
+        p.add_argument("images", nargs="+", help="image files or folders")
+        p.add_argument("--threshold", type=float, help="image threshold (default: the run's)")
+        p.add_argument("--review-threshold", type=float,
+                       help="scores from this up to the image threshold are 'review', not OK (default: the run's)")
+        p.add_argument("--false-reject-rate", type=float, metavar="RATE",
+                       help="set the image threshold from the model's held-out good images to reject this "
+                            "share of good parts (0.01 = 1%%)")
+        p.add_argument("--pixel-threshold", type=float,
+                       help="map level where defect regions start, for the rules (default: the run's, else the "
+                            "image threshold)")
+        p.add_argument("--roi", metavar="MASK",
+                       help="region of interest: a mask image, nonzero where defects count (default: the run's)")
+        p.add_argument("--min-area", type=float, metavar="PIXELS",
+                       help="smallest defect region that counts, in image pixels (default: the run's)")
+        p.add_argument("--mm-per-px", type=float, help="the images' scale, to report areas in mm²")
+        p.add_argument("--out", help="folder for heatmap overlays")
+        p.add_argument("--vmax", type=float, help="top of the heatmap colour scale (default: 2x threshold)")
+        p.set_defaults(func=cmd_score)
+        if name == "predict":
+            p.set_defaults(engine="local", address=None, workers=None, threads=None, csv=None)
         else:
-            p.add_argument("images", nargs="+", help="image files or folders")
-            p.add_argument("--threshold", type=float, help="image threshold (default: the run's)")
-            p.add_argument("--review-threshold", type=float,
-                           help="scores from this up to the image threshold are 'review', not OK (default: the run's)")
-            p.add_argument("--false-reject-rate", type=float, metavar="RATE",
-                           help="set the image threshold from the model's held-out good images to reject this "
-                                "share of good parts (0.01 = 1%%)")
-            p.add_argument("--pixel-threshold", type=float,
-                           help="map level where defect regions start, for the rules (default: the run's, else the "
-                                "image threshold)")
-            p.add_argument("--roi", metavar="MASK",
-                           help="region of interest: a mask image, nonzero where defects count (default: the run's)")
-            p.add_argument("--min-area", type=float, metavar="PIXELS",
-                           help="smallest defect region that counts, in image pixels (default: the run's)")
-            p.add_argument("--mm-per-px", type=float, help="the images' scale, to report areas in mm²")
-            p.add_argument("--out", help="folder for heatmap overlays")
-            p.add_argument("--vmax", type=float, help="top of the heatmap colour scale (default: 2x threshold)")
-            p.set_defaults(func=cmd_predict)
+            p.add_argument("--engine", choices=["local", "ray"], default="local",
+                           help="local: this process (as predict); ray: Ray Data over a pool of worker processes")
+            p.add_argument("--address",
+                           help="join a running Ray cluster ('auto', or ray://HEAD:10001) instead of starting a "
+                                "local Ray; the model folder and the images must be at the same paths on every node")
+            p.add_argument("--workers", type=int, metavar="N",
+                           help="Ray workers, each loading the model once (default: the CPUs / --threads)")
+            p.add_argument("--threads", type=int, metavar="T",
+                           help="torch threads per scoring process; with Ray also the CPUs each worker reserves "
+                                "(default: ray 1, local torch's own). Scores are bit-identical across engines at "
+                                "the same T")
+            p.add_argument("--csv", metavar="FILE", help="write the CSV here (whole, at the end) instead of stdout")
 
     exp = sub.add_parser("export", help="the whole scoring graph to ONNX or OpenVINO, thresholds as metadata")
     exp.add_argument("--run", type=int, help="run id in the registry (its model, thresholds and training images)")
