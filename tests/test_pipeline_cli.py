@@ -17,7 +17,7 @@ from core.runs import RunStore
 
 from conftest import DEMO
 
-FAST = ["--set", "coreset_ratio=0.05", "resize=256"]
+FAST = ["--set", "coreset_ratio=0.05", "resize=160"]
 FASTEST = [*FAST, "calibration_fraction=0"]    # where the calibration is not what the test is about
 
 
@@ -25,7 +25,7 @@ def test_train_run_registers_model_scores_and_thresholds(demo):
     store = RunStore()
     dataset_id = register_dataset(store, demo, "mvtec")
     stages = set()
-    run_id = train_run(store, dataset_id, demo, "patchcore", {"coreset_ratio": 0.05, "resize": 256},
+    run_id = train_run(store, dataset_id, demo, "patchcore", {"coreset_ratio": 0.05, "resize": 160},
                        progress=lambda stage, done, total: stages.add(stage))
     run = store.get_run(run_id)
     # score_border is left to "auto"; the 28 training images are too few to hold out, so they are cross-fitted
