@@ -1,7 +1,7 @@
 """Compare: the runs of a dataset side by side (accuracy, latency, memory, size) and the run to deploy."""
 import streamlit as st
 
-from core.app import figures
+from core.app import figures, manage
 from core.app.compare import METRIC_COLUMNS, run_table
 from ui import state
 
@@ -10,6 +10,9 @@ record = state.current_dataset()
 if record is None:
     st.info("Create a dataset and train a few runs first.")
     st.stop()
+message = st.session_state.pop("run_message", None)   # what a rename or delete did, shown after its rerun
+if message:
+    st.success(message, icon=":material/check_circle:")
 table = run_table(state.store(), record["id"])
 if table.empty:
     st.info(f"No runs on {record['name']} yet.")
@@ -39,4 +42,22 @@ choice = st.selectbox("Run to deploy", list(labels), format_func=labels.get,
 if st.button("Deploy this run", type="primary", icon=":material/rocket_launch:"):
     state.store().set_deployed(record["id"], int(choice))
     st.toast(f"{labels[choice]} is deployed: the Inspect page uses it.", icon=":material/check_circle:")
+    st.rerun()
+
+st.subheader("Rename or delete a run")
+target = st.selectbox("Run", list(labels), format_func=labels.get, key="manage_run",
+                      index=list(labels).index(state.current_run()["id"]) if state.current_run() else 0)
+run = state.store().get_run(int(target))
+new_name = st.text_input("New name", value=run["name"] or "", key=f"rename_run_{run['id']}",
+                         placeholder=run["detector"])
+if st.button("Rename", key="rename_run", disabled=new_name.strip() == (run["name"] or "")):
+    manage.rename_run(state.store(), run["id"], new_name)
+    st.session_state["run_message"] = f"Run #{run['id']} renamed."
+    st.rerun()
+confirm = (f"Yes, delete {labels[target]} with its model files, although it is the deployed run: the line's service "
+           "loses it at its next start" if run["deployed"] else f"Yes, delete {labels[target]} with its model files")
+confirmed = st.checkbox(confirm, key=f"confirm_delete_run_{run['id']}")
+if st.button("Delete run", icon=":material/delete:", key="delete_run", disabled=not confirmed):
+    manage.delete_run(state.store(), run["id"])
+    st.session_state["run_message"] = f"Deleted {labels[target]} and its model files."
     st.rerun()

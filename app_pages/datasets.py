@@ -11,6 +11,7 @@ from core.data import IMAGE_SUFFIXES, EmptyDatasetError, read_image
 from core.app.render import heatmap_panel, thumbnail
 from core.results import colour_scale
 from core.app.jobs import TrainingJob
+from core.app import manage
 from core.app.uploads import create_from_uploads, register_folder
 from ui import state, widgets
 
@@ -83,6 +84,10 @@ with create_folder, st.form("folder_form"):
             st.session_state["created_dataset"] = folder_name or path
             st.rerun()
 
+message = st.session_state.pop("dataset_message", None)   # what a rename or delete did, shown after its rerun
+if message:
+    st.success(message, icon=":material/check_circle:")
+
 created = st.session_state.pop("created_dataset", None)
 if created:
     st.success(f"Dataset {created!r} is ready. Next: train a model on it.", icon=":material/check_circle:")
@@ -94,6 +99,40 @@ if record is None:
     st.stop()
 
 st.header(record["name"])
+
+
+def manage_dataset(record: dict) -> None:
+    """Rename the dataset, or delete it with its runs and model files once the user has confirmed."""
+    runs = state.store().list_runs(record["id"])
+    deployed = [r for r in runs if r["deployed"]]
+    with st.expander("Rename or delete this dataset", icon=":material/edit:"):
+        new_name = st.text_input("New name", value=record["name"], key=f"rename_dataset_{record['id']}")
+        if st.button("Rename", key="rename_dataset", disabled=new_name.strip() in ("", record["name"])):
+            try:
+                manage.rename_dataset(state.store(), record["id"], new_name)
+            except ValueError as exc:
+                st.error(f"Not renamed: {widgets.plain(exc)}")
+            else:
+                st.session_state["dataset_message"] = f"Renamed to {new_name.strip()!r}."
+                st.rerun()
+        st.divider()
+        files = ("its uploaded images" if record["kind"] == "upload"
+                 else "nothing of the folder it was read from (those files are yours)")
+        what = f"{len(runs)} run{'s' if len(runs) != 1 else ''} and their model files" if runs else "no runs"
+        st.markdown(f"Deleting removes it from the registry with {what}, and {files}.")
+        on_line = ", ".join(f"#{r['id']}" for r in deployed)
+        confirmed = st.checkbox(f"Yes, delete {record['name']!r}" + (
+            f", although run {on_line} is deployed on the line" if deployed else ""),
+            key=f"confirm_delete_dataset_{record['id']}")
+        if st.button("Delete dataset", type="primary", icon=":material/delete:", key="delete_dataset",
+                     disabled=not confirmed or widgets.running_job() is not None):
+            deleted = manage.delete_dataset(state.store(), record["id"])
+            st.session_state["dataset_message"] = (f"Deleted {record['name']!r} and {len(deleted.runs)} "
+                                                  f"run{'s' if len(deleted.runs) != 1 else ''}.")
+            st.rerun()
+
+
+manage_dataset(record)
 dataset = state.dataset_images(record)
 # What the import refused is gone from the folder: the registered report keeps it, today's load adds to it.
 stored = record.get("report") or {}

@@ -415,6 +415,19 @@ class RunStore:
             if cur.rowcount == 0:
                 raise KeyError(f"no dataset with id {dataset_id}")
 
+    def rename_dataset(self, dataset_id: int, name: str) -> None:
+        """Give the dataset another name (names stay unique: a clash raises ValueError naming it)."""
+        dataset_id = _as_id(dataset_id, "dataset_id")
+        if not isinstance(name, str) or not name.strip():
+            raise ValueError(f"dataset name must be a non-empty string, got {name!r}")
+        with self._write() as conn:
+            clash = conn.execute("SELECT id FROM datasets WHERE name = ? AND id != ?", (name, dataset_id)).fetchone()
+            if clash is not None:
+                raise ValueError(f"a dataset named {name!r} already exists (id {clash['id']}): choose another name")
+            cur = conn.execute("UPDATE datasets SET name = ? WHERE id = ?", (name, dataset_id))
+            if cur.rowcount == 0:
+                raise KeyError(f"no dataset with id {dataset_id}")
+
     def find_dataset(self, name: str) -> dict | None:
         """The dataset with exactly this name, or None."""
         with self._read() as conn:
@@ -617,6 +630,15 @@ class RunStore:
             row = conn.execute(_RUN_SELECT + " WHERE r.dataset_id = ? AND r.deployed = 1",
                                (_as_id(dataset_id, "dataset_id"),)).fetchone()
         return None if row is None else self._run_dict(row)
+
+    def rename_run(self, run_id: int, name: str | None) -> None:
+        """Set the run's name (None or blank: unnamed, shown by its detector); names need not be unique."""
+        run_id = _as_id(run_id, "run_id")
+        name = (name or "").strip() or None
+        with self._write() as conn:
+            cur = conn.execute("UPDATE runs SET name = ? WHERE id = ?", (name, run_id))
+            if cur.rowcount == 0:
+                raise KeyError(f"no run with id {run_id}")
 
     def delete_run(self, run_id: int) -> str:
         """Delete the run and its scores; return its ``model_path`` (the files are the caller's)."""

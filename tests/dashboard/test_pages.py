@@ -3,6 +3,7 @@ import io
 import shutil
 import time
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -497,3 +498,70 @@ def test_a_dataset_whose_folder_is_gone_stops_every_page_with_the_reason(tmp_pat
     for page in ("train", "datasets"):            # every page asks through state.dataset_images
         at = open_page(page)                      # asserts no exception reached the page
         assert any("'moved away' cannot be opened any more" in e.value for e in at.error), (page, texts(at))
+
+
+# -- renaming and deleting ------------------------------------------------------------------------------------
+def copied_run(workspace) -> dict:
+    """A second run on the demo set whose model folder is this test's own copy (the trained one is shared)."""
+    from core.pipeline import models_dir
+    store, trained = workspace["store"], workspace["store"].get_run(workspace["run_id"])
+    folder = models_dir() / "patchcore-copy"
+    shutil.copytree(trained["model_path"], folder)
+    run_id = store.add_run(dataset_id=workspace["dataset_id"], detector="patchcore", params=trained["params"],
+                           model_path=str(folder), metrics=trained["metrics"], timings=trained["timings"],
+                           model_card=trained["model_card"], thresholds={"image": trained["thresholds"]["image"]},
+                           scores=store.run_scores(trained["id"]).to_dict("records"), name="copy")
+    return store.get_run(run_id)
+
+
+def button(at: AppTest, key: str):
+    return next(b for b in at.button if b.key == key)
+
+
+def test_a_run_is_renamed_then_deleted_with_its_model_folder_after_a_confirmation(workspace):
+    store, run = workspace["store"], copied_run(workspace)
+    store.set_deployed(workspace["dataset_id"], run["id"])
+    at = open_page("compare")
+    at.selectbox(key="manage_run").set_value(run["id"]).run()
+    at.text_input(key=f"rename_run_{run['id']}").set_value("night shift").run()
+    button(at, "rename_run").click().run()
+    assert store.get_run(run["id"])["name"] == "night shift" and f"Run #{run['id']} renamed" in texts(at)
+    assert button(at, "delete_run").disabled                          # not before the confirmation
+    confirm = at.checkbox(key=f"confirm_delete_run_{run['id']}")
+    assert "although it is the deployed run" in confirm.label         # a deployed run says so in the confirmation
+    confirm.check().run()
+    button(at, "delete_run").click().run()
+    assert not at.exception, at.exception
+    with pytest.raises(KeyError):
+        store.get_run(run["id"])
+    assert not Path(run["model_path"]).exists()                       # the model files went with it
+    assert Path(store.get_run(workspace["run_id"])["model_path"]).is_dir()   # and nothing of the other run
+    assert f"Deleted #{run['id']} night shift and its model files" in texts(at)
+    assert at.dataframe[0].value["run"].tolist() == [f"#{workspace['run_id']} patchcore"]
+
+
+def test_a_dataset_is_renamed_then_deleted_with_its_runs_and_their_models(workspace):
+    store, run = workspace["store"], copied_run(workspace)
+    at = open_page("datasets")
+    at.text_input(key=f"rename_dataset_{workspace['dataset_id']}").set_value("hazelnuts, line 2").run()
+    button(at, "rename_dataset").click().run()
+    assert store.get_dataset(workspace["dataset_id"])["name"] == "hazelnuts, line 2"
+    assert at.header[0].value == "hazelnuts, line 2"
+    assert button(at, "delete_dataset").disabled
+    at.checkbox(key=f"confirm_delete_dataset_{workspace['dataset_id']}").check().run()
+    button(at, "delete_dataset").click().run()
+    assert not at.exception, at.exception
+    assert store.list_datasets() == [] and store.list_runs() == []
+    assert not Path(run["model_path"]).exists()
+    assert DEMO.is_dir()                               # a folder registered in place keeps its files
+    assert "Deleted 'hazelnuts, line 2' and 2 runs" in texts(at) and "No dataset yet" in texts(at)
+
+
+def test_the_demo_again_reuses_its_dataset_and_run_instead_of_training_a_copy(workspace):
+    at = open_page()
+    next(b for b in at.button if b.label == "Run the demo").click().run()
+    assert not at.exception, at.exception
+    assert at.title[0].value == "Heatmaps" and "training_job" not in at.session_state
+    store = workspace["store"]
+    assert [d["id"] for d in store.list_datasets()] == [workspace["dataset_id"]]
+    assert [r["id"] for r in store.list_runs()] == [workspace["run_id"]]
