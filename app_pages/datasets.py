@@ -25,8 +25,12 @@ def uploads(files) -> list[tuple[str, bytes]]:
     return [(f.name, f.getvalue()) for f in files or []]
 
 
+problems = []   # refused creations of this script run: the page then shows no other dataset's report below them
+
+
 def show_problem(exc: Exception) -> None:
     """A bad upload: say what was wrong and that nothing was stored."""
+    problems.append(exc)
     message = str(exc)
     if isinstance(exc, EmptyDatasetError):
         st.error(f"No usable normal images, so nothing was stored. {widgets.plain(message)}")
@@ -55,10 +59,21 @@ with create_upload:
         test = uploads([test_zip] if test_zip else [])
     elif test_kind == "A folder":
         test = uploads(st.file_uploader("Test set folder", accept_multiple_files="directory", key=f"test_dir_{form}"))
-    if st.button("Create dataset", type="primary", icon=":material/add:", key="create_dataset"):
+    clicked = st.button("Create dataset", type="primary", icon=":material/add:", key="create_dataset")
+    # A click while a file is still uploading reaches the server before the file does: the uploader is still
+    # empty then. The click is kept, said so, and acted on in the rerun that the finished upload starts.
+    missing = [] if normal else ["the normal images"]
+    if test_kind != "None" and not test:
+        missing.append(f"the test set {test_kind.removeprefix('A ')}")
+    waiting = st.session_state.get("create_waiting") == form
+    if (clicked or waiting) and missing:
+        st.session_state["create_waiting"] = form
+        st.info(f"Waiting for {' and '.join(missing)}: a file still uploading shows its progress above, and the "
+                "dataset is created as soon as it has arrived. If you have not chosen it yet, choose it now.",
+                icon=":material/hourglass_top:")
+    elif clicked or waiting:
+        st.session_state.pop("create_waiting", None)
         try:
-            if test_kind != "None" and not test:
-                raise ValueError(f"you chose a test set as {test_kind.lower()} but uploaded none")
             with st.spinner("Checking every image…"):
                 dataset_id, _ = create_from_uploads(state.store(), name, uploads(normal), test)
         except (ValueError, OSError) as exc:   # EmptyDatasetError and ImageError are ValueErrors
@@ -83,6 +98,10 @@ with create_folder, st.form("folder_form"):
             state.select(dataset_id)
             st.session_state["created_dataset"] = folder_name or path
             st.rerun()
+
+if problems:
+    st.caption("The datasets you already have are unchanged: pick one in the sidebar to see it.")
+    st.stop()
 
 message = st.session_state.pop("dataset_message", None)   # what a rename or delete did, shown after its rerun
 if message:
@@ -138,7 +157,8 @@ dataset = state.dataset_images(record)
 stored = record.get("report") or {}
 skipped = list(dict.fromkeys(map(tuple, [*stored.get("skipped", []), *dataset.report.skipped])))
 warnings = list(dict.fromkeys(map(tuple, [*stored.get("warnings", []), *dataset.report.warnings])))
-st.caption(f"{record['kind']} · {record['source']} · images loaded: {len(dataset)} · skipped: {len(skipped)} · "
+origin = "uploaded" if record["kind"] == "upload" else record["source"]   # an upload's folder is the app's business
+st.caption(f"{record['kind']} · {origin} · images loaded: {len(dataset)} · skipped: {len(skipped)} · "
            f"warnings: {len(warnings)}")
 
 counts = dataset.counts()
@@ -160,7 +180,7 @@ with left:
 with right:
     st.subheader("Load report")
     if not skipped and not warnings:
-        st.success("Every file loaded cleanly.", icon=":material/check_circle:")
+        st.success(f"Every file of {record['name']!r} loaded cleanly.", icon=":material/check_circle:")
     if skipped:
         st.markdown(f"**{len(skipped)} skipped**")
         st.dataframe(pd.DataFrame(skipped, columns=["file", "why it was skipped"]), hide_index=True)

@@ -93,7 +93,7 @@ def test_datasets_upload_shows_counts_report_and_thumbnails():
     assert dict(zip(counts["type"] + "/" + counts["split"], counts["images"])) == {
         "good/train": 6, "good/test": 6, "colour/test": 17}
     skipped = at.dataframe[1].value
-    assert skipped["file"].tolist() == ["train/good/scratched.jpg"]
+    assert skipped["file"].tolist() == ["scratched.jpg"]           # the name it was uploaded under
     assert len(at.image) >= 3                         # one thumbnail strip per split and type
 
 
@@ -104,6 +104,29 @@ def test_datasets_bad_upload_says_why_and_stores_nothing():
     next(b for b in at.button if b.label == "Create dataset").click().run()
     assert "No usable normal images, so nothing was stored" in at.error[0].value
     assert RunStore().list_datasets() == []
+
+
+def test_a_refused_upload_names_the_users_files_never_a_server_path_nor_another_datasets_report(workspace):
+    at = open_page("datasets")
+    at.text_input(key="name_0").set_value("wrongtype")
+    at.file_uploader(key="normal_0").set_value([("part 7.png", b"\x89PNG broken", "image/png")])
+    next(b for b in at.button if b.label == "Create dataset").click().run()
+    shown = texts(at) + "".join(df.value.to_string() for df in at.dataframe)
+    assert "wrongtype" in at.error[0].value and "part 7.png" in shown
+    assert str(workspace["home"]) not in shown and "/datasets/" not in shown and "train/good" not in shown
+    assert "loaded cleanly" not in shown and len(at.header) == 0     # the selected dataset is not shown under it
+
+
+def test_create_clicked_before_the_upload_arrived_waits_and_then_creates():
+    at = open_page("datasets")
+    at.text_input(key="name_0").set_value("early click")
+    next(b for b in at.button if b.label == "Create dataset").click().run()
+    assert "Waiting for the normal images" in texts(at) and RunStore().list_datasets() == []
+    good = sorted((DEMO / "train" / "good").iterdir())[:3]
+    at.file_uploader(key="normal_0").set_value([(p.name, p.read_bytes(), "image/jpeg") for p in good]).run()
+    assert not at.exception, at.exception                # the upload's own rerun acts on the earlier click
+    assert "Dataset 'early click' is ready" in texts(at) and "Waiting" not in texts(at)
+    assert [d["name"] for d in RunStore().list_datasets()] == ["early click"]
 
 
 def test_train_page_builds_the_form_and_cancel_registers_nothing(workspace):
