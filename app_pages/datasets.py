@@ -12,7 +12,7 @@ from core.app.render import heatmap_panel, thumbnail
 from core.results import colour_scale
 from core.app.jobs import TrainingJob
 from core.app import manage
-from core.app.uploads import create_from_uploads, register_folder
+from core.app.uploads import create_from_uploads, describe_normal_zip, register_folder
 from ui import state, widgets
 
 IMAGE_TYPES = sorted(s.lstrip(".") for s in IMAGE_SUFFIXES)
@@ -59,6 +59,10 @@ with create_upload:
         test = uploads([test_zip] if test_zip else [])
     elif test_kind == "A folder":
         test = uploads(st.file_uploader("Test set folder", accept_multiple_files="directory", key=f"test_dir_{form}"))
+    for upload in uploads(normal):   # say what a zip holds and which of it will be used, before the click
+        described = describe_normal_zip(upload, test_upload=test_kind != "None")
+        if described:
+            st.caption(widgets.plain(described))
     clicked = st.button("Create dataset", type="primary", icon=":material/add:", key="create_dataset")
     # A click while a file is still uploading reaches the server before the file does: the uploader is still
     # empty then. The click is kept, said so, and acted on in the rerun that the finished upload starts.

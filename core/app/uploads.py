@@ -13,7 +13,7 @@ import re
 import shutil
 import tempfile
 import zipfile
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Sequence
 
 from ..data import (IMAGE_SUFFIXES, EmptyDatasetError, ImageSet, LoadReport, extract_zip, load_dataset, load_mvtec,
@@ -100,6 +100,39 @@ def create_from_uploads(store: RunStore, name: str, normal: Sequence[UploadedFil
     except BaseException:
         shutil.rmtree(root, ignore_errors=True)
         raise
+
+
+def describe_normal_zip(upload: UploadedFile, test_upload: bool) -> str | None:
+    """What a zip dropped among the normal images holds and what creating the dataset will take from it, read from
+    its list of names before anything is unpacked (the load checks the images themselves); None for a file that
+    is not a zip. ``test_upload``: a labelled test set is uploaded beside it."""
+    if not is_zip(upload):
+        return None
+    try:
+        with zipfile.ZipFile(io.BytesIO(upload[1])) as zf:
+            names = [n for n in zf.namelist() if not n.endswith("/")]
+    except (zipfile.BadZipFile, OSError, ValueError):
+        return f"{upload[0]} cannot be read as a zip: creating the dataset will say why."
+    images = [PurePosixPath(n) for n in names if PurePosixPath(n).suffix.lower() in IMAGE_SUFFIXES]
+    prefixes = {p.parts[:p.parts.index("train")] for p in images
+                if "train" in p.parts[:-1] and p.parts[p.parts.index("train") + 1:][:1] == ("good",)}
+    if len(prefixes) != 1:
+        return f"{upload[0]}: {len(images)} image files, all used as normal (good) training images."
+    top = len(next(iter(prefixes)))
+    within = [p.parts[top:] for p in images if p.parts[:top] == next(iter(prefixes))]
+    train = sum(1 for p in within if p[:2] == ("train", "good"))
+    tests = [p[1] for p in within if len(p) >= 3 and p[0] == "test"]
+    masks = sum(1 for p in within if p[:1] == ("ground_truth",))
+    found = f"{upload[0]} is a set in MVTec layout: {train} training images in train/good/"
+    if not tests:
+        return found + ", used as the normal images; it has no test/ folder."
+    types = sorted(set(tests) - {"good"})
+    found += (f" and a labelled test set of {len(tests)} images in test/ ({tests.count('good')} good, "
+              f"{len(tests) - tests.count('good')} defective in {len(types)} type{'s' if len(types) != 1 else ''}"
+              f"{': ' + ', '.join(types[:6]) if types else ''}{', …' if len(types) > 6 else ''}; {masks} masks).")
+    if test_upload:
+        return found + " Only its training images are used: the test set you upload below is the test set."
+    return found + " Both are used: its training images as the normal images, its test/ as the labelled test set."
 
 
 def register_folder(store: RunStore, path: str | Path, name: str | None = None) -> tuple[int, ImageSet]:

@@ -117,6 +117,20 @@ def test_a_refused_upload_names_the_users_files_never_a_server_path_nor_another_
     assert "loaded cleanly" not in shown and len(at.header) == 0     # the selected dataset is not shown under it
 
 
+def test_an_mvtec_zip_among_the_normal_images_is_described_with_what_will_be_used():
+    at = open_page("datasets")
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as zf:
+        for p in sorted(DEMO.rglob("*.*")):
+            zf.write(p, "hazelnut_toy/" + p.relative_to(DEMO).as_posix())
+    at.file_uploader(key="normal_0").set_value(("nuts.zip", buffer.getvalue(), "application/zip")).run()
+    said = " ".join(c.value for c in at.caption)
+    assert "nuts.zip is a set in MVTec layout: 28 training images" in said
+    assert "labelled test set of 23 images" in said and "Both are used" in said     # while the radio says None
+    at.radio(key="test_kind_0").set_value("A zip").run()
+    assert "the test set you upload below is the test set" in " ".join(c.value for c in at.caption)
+
+
 def test_create_clicked_before_the_upload_arrived_waits_and_then_creates():
     at = open_page("datasets")
     at.text_input(key="name_0").set_value("early click")
