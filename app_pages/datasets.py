@@ -161,8 +161,9 @@ dataset = state.dataset_images(record)
 stored = record.get("report") or {}
 skipped = list(dict.fromkeys(map(tuple, [*stored.get("skipped", []), *dataset.report.skipped])))
 warnings = list(dict.fromkeys(map(tuple, [*stored.get("warnings", []), *dataset.report.warnings])))
-origin = "uploaded" if record["kind"] == "upload" else record["source"]   # an upload's folder is the app's business
-st.caption(f"{record['kind']} · {origin} · images loaded: {len(dataset)} · skipped: {len(skipped)} · "
+# An upload's folder is the workspace's business; a server folder is where the user's images are.
+origin = "uploaded" if record["kind"] == "upload" else f"{record['kind']} · {record['source']}"
+st.caption(f"{origin} · images loaded: {len(dataset)} · skipped: {len(skipped)} · "
            f"warnings: {len(warnings)}")
 
 counts = dataset.counts()
