@@ -128,7 +128,7 @@ def manage_dataset(record: dict) -> None:
     """Rename the dataset, or delete it with its runs and model files once the user has confirmed."""
     runs = state.store().list_runs(record["id"])
     deployed = [r for r in runs if r["deployed"]]
-    with st.expander("Rename or delete this dataset", icon=":material/edit:"):
+    with st.expander("Rename, archive or delete this dataset", icon=":material/edit:"):
         new_name = st.text_input("New name", value=record["name"], key=f"rename_dataset_{record['id']}")
         if st.button("Rename", key="rename_dataset", disabled=new_name.strip() in ("", record["name"])):
             try:
@@ -138,6 +138,15 @@ def manage_dataset(record: dict) -> None:
             else:
                 st.session_state["dataset_message"] = f"Renamed to {new_name.strip()!r}."
                 st.rerun()
+        archive = "Restore from the archive" if record["archived"] else "Archive"
+        if st.button(archive, icon=":material/archive:", key="archive_dataset",
+                     help="An archived dataset keeps its images and runs; it is left out of the lists until "
+                          "'Show archived' in the sidebar"):
+            state.store().set_archived(dataset_id=record["id"], archived=not record["archived"])
+            st.session_state["dataset_message"] = (f"{record['name']!r} restored." if record["archived"] else
+                                                  f"{record['name']!r} archived: 'Show archived' in the sidebar "
+                                                  "lists it again.")
+            st.rerun()
         st.divider()
         files = ("its uploaded images" if record["kind"] == "upload"
                  else "nothing of the folder it was read from (those files are yours)")

@@ -41,15 +41,18 @@ with st.container(border=True):
                                       name="demo"), then="demo")
         st.rerun()
 
-datasets = state.store().list_datasets()
-runs = state.store().list_runs()
+all_datasets, all_runs = state.store().list_datasets(), state.store().list_runs()
+datasets, runs = state.listed(all_datasets), state.listed(all_runs)
+hidden = len(all_datasets) - len(datasets), len(all_runs) - len(runs)
 st.subheader("Datasets")
 if datasets:
     st.dataframe(pd.DataFrame([{
         "name": d["name"], "kind": d["kind"], "images": d["summary"].get("n_images"),
         "anomalous": d["summary"].get("n_anomalous"), "runs": sum(r["dataset_id"] == d["id"] for r in runs),
         "created": d["created"][:16].replace("T", " ")} for d in datasets]), hide_index=True)
-    st.page_link("app_pages/datasets.py", label="Datasets: images, load reports, rename or delete",
+    if hidden[0]:
+        st.caption(f"{hidden[0]} archived not shown ('Show archived' in the sidebar).")
+    st.page_link("app_pages/datasets.py", label="Datasets: images, load reports, rename, archive or delete",
                  icon=":material/photo_library:")
 else:
     st.caption("None yet. Add one on the Datasets page, or run the demo above.")
@@ -63,7 +66,9 @@ if runs:
         column_config={"image AUROC": st.column_config.NumberColumn(format="%.3f"),
                        "pixel AUROC": st.column_config.NumberColumn(format="%.3f"),
                        "image threshold": st.column_config.NumberColumn(format="%.4g")})
-    st.page_link("app_pages/compare.py", label="Compare: the runs side by side, deploy, rename or delete",
+    if hidden[1]:
+        st.caption(f"{hidden[1]} archived not shown ('Show archived' in the sidebar).")
+    st.page_link("app_pages/compare.py", label="Compare: the runs side by side, deploy, rename, archive or delete",
                  icon=":material/leaderboard:")
 else:
     st.caption("None yet. Train one on the Train page.")

@@ -21,6 +21,8 @@ def demo_dataset(store: RunStore) -> tuple[int, ImageSet]:
     folder = DEMO_SET.resolve()
     for record in store.list_datasets():
         if Path(record["source"]).resolve() == folder:
+            if record["archived"]:   # asked for again: out of the archive
+                store.set_archived(dataset_id=record["id"], archived=False)
             return record["id"], load_dataset(folder)
     return register_folder(store, folder, DEMO_NAME)
 
@@ -28,5 +30,5 @@ def demo_dataset(store: RunStore) -> tuple[int, ImageSet]:
 def demo_run(store: RunStore, dataset_id: int) -> dict | None:
     """The newest run on the demo set trained as the demo trains, whose model folder is still there."""
     return next((r for r in store.list_runs(dataset_id)
-                 if r["detector"] == DEMO_DETECTOR and Path(r["model_path"]).is_dir()
+                 if r["detector"] == DEMO_DETECTOR and not r["archived"] and Path(r["model_path"]).is_dir()
                  and all(r["params"].get(k) == v for k, v in DEMO_PARAMS.items())), None)

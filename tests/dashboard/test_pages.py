@@ -594,6 +594,24 @@ def test_a_dataset_is_renamed_then_deleted_with_its_runs_and_their_models(worksp
     assert "Deleted 'hazelnuts, line 2' and 2 runs" in texts(at) and "No dataset yet" in texts(at)
 
 
+def test_archived_datasets_and_runs_leave_the_lists_until_shown_and_come_back(workspace):
+    store, run = workspace["store"], copied_run(workspace)
+    at = open_page("compare")
+    at.selectbox(key="manage_run").set_value(run["id"]).run()
+    button(at, "archive_run").click().run()
+    assert store.get_run(run["id"])["archived"] and Path(run["model_path"]).is_dir()   # kept, files and all
+    assert at.dataframe[0].value["run"].tolist() == [f"#{workspace['run_id']} patchcore"]
+    assert at.sidebar.selectbox(key="run_id").options == [f"#{workspace['run_id']} patchcore · AUROC 1.000"]
+    at.switch_page("app_pages/datasets.py").run()
+    button(at, "archive_dataset").click().run()
+    assert store.get_dataset(workspace["dataset_id"])["archived"]
+    assert "Every dataset is archived" in " ".join(c.value for c in at.sidebar.caption)
+    at.sidebar.toggle(key="show_archived").set_value(True).run()
+    assert at.header[0].value == "hazelnut_toy"                      # listed again, and restorable
+    button(at, "archive_dataset").click().run()
+    assert not store.get_dataset(workspace["dataset_id"])["archived"] and not at.exception
+
+
 def test_the_demo_again_reuses_its_dataset_and_run_instead_of_training_a_copy(workspace):
     at = open_page()
     next(b for b in at.button if b.label == "Run the demo").click().run()
