@@ -72,7 +72,7 @@ def create_from_uploads(store: RunStore, name: str, normal: Sequence[UploadedFil
     try:
         root.mkdir()
     except FileExistsError:
-        log.info("dataset folder %s already exists", root)
+        log.warning("upload %r refused: its folder %s already exists", name, root)
         raise ValueError(f"a folder for the name {name!r} already exists in the workspace: choose another "
                          "name") from None
     try:
@@ -86,7 +86,7 @@ def create_from_uploads(store: RunStore, name: str, normal: Sequence[UploadedFil
         try:
             dataset = load_mvtec(root)
         except EmptyDatasetError as exc:   # say why every upload was refused, not only what reached the folder
-            log.info("upload %r refused: %s", name, exc)
+            log.warning("upload %r refused (assembled in %s): %s", name, root, exc)
             raise EmptyDatasetError(_users_names(exc.report, name, extraction, origins)) from None
         log.info("upload %r stored in %s: %s", name, root, dataset.report.summary())
         dataset.report = _users_names(dataset.report, name, extraction, origins)
