@@ -2,11 +2,15 @@
 
 Run with `make run` or `streamlit run app.py`. The pages are in app_pages/ (ui/__init__.py says why not pages/).
 """
+from pathlib import Path
+
 import streamlit as st
 
 from ui import state
 
-st.set_page_config(page_title="AnomalyScope", page_icon=":material/troubleshoot:", layout="wide")
+# A bundled image, served by the app itself: a :material/...: page icon makes the browser fetch the tab icon from
+# fonts.gstatic.com, and inspection PCs are often offline (the icons inside the pages come with Streamlit's font).
+st.set_page_config(page_title="AnomalyScope", page_icon=str(Path(__file__).parent / "ui" / "icon.png"), layout="wide")
 
 PAGES = {
     "": [st.Page("app_pages/home.py", title="Home", icon=":material/home:", default=True)],

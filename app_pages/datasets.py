@@ -11,7 +11,8 @@ from core.data import IMAGE_SUFFIXES, EmptyDatasetError, read_image
 from core.app.render import heatmap_panel, thumbnail
 from core.results import colour_scale
 from core.app.jobs import TrainingJob
-from core.app.uploads import create_from_uploads, register_folder
+from core.app import manage
+from core.app.uploads import create_from_uploads, describe_normal_zip, register_folder
 from ui import state, widgets
 
 IMAGE_TYPES = sorted(s.lstrip(".") for s in IMAGE_SUFFIXES)
@@ -24,8 +25,12 @@ def uploads(files) -> list[tuple[str, bytes]]:
     return [(f.name, f.getvalue()) for f in files or []]
 
 
+problems = []   # refused creations of this script run: the page then shows no other dataset's report below them
+
+
 def show_problem(exc: Exception) -> None:
     """A bad upload: say what was wrong and that nothing was stored."""
+    problems.append(exc)
     message = str(exc)
     if isinstance(exc, EmptyDatasetError):
         st.error(f"No usable normal images, so nothing was stored. {widgets.plain(message)}")
@@ -54,10 +59,25 @@ with create_upload:
         test = uploads([test_zip] if test_zip else [])
     elif test_kind == "A folder":
         test = uploads(st.file_uploader("Test set folder", accept_multiple_files="directory", key=f"test_dir_{form}"))
-    if st.button("Create dataset", type="primary", icon=":material/add:", key="create_dataset"):
+    for upload in uploads(normal):   # say what a zip holds and which of it will be used, before the click
+        described = describe_normal_zip(upload, test_upload=test_kind != "None")
+        if described:
+            st.caption(widgets.plain(described))
+    clicked = st.button("Create dataset", type="primary", icon=":material/add:", key="create_dataset")
+    # A click while a file is still uploading reaches the server before the file does: the uploader is still
+    # empty then. The click is kept, said so, and acted on in the rerun that the finished upload starts.
+    missing = [] if normal else ["the normal images"]
+    if test_kind != "None" and not test:
+        missing.append(f"the test set {test_kind.removeprefix('A ')}")
+    waiting = st.session_state.get("create_waiting") == form
+    if (clicked or waiting) and missing:
+        st.session_state["create_waiting"] = form
+        st.info(f"Waiting for {' and '.join(missing)}: a file still uploading shows its progress above, and the "
+                "dataset is created as soon as it has arrived. If you have not chosen it yet, choose it now.",
+                icon=":material/hourglass_top:")
+    elif clicked or waiting:
+        st.session_state.pop("create_waiting", None)
         try:
-            if test_kind != "None" and not test:
-                raise ValueError(f"you chose a test set as {test_kind.lower()} but uploaded none")
             with st.spinner("Checking every image…"):
                 dataset_id, _ = create_from_uploads(state.store(), name, uploads(normal), test)
         except (ValueError, OSError) as exc:   # EmptyDatasetError and ImageError are ValueErrors
@@ -83,6 +103,14 @@ with create_folder, st.form("folder_form"):
             st.session_state["created_dataset"] = folder_name or path
             st.rerun()
 
+if problems:
+    st.caption("The datasets you already have are unchanged: pick one in the sidebar to see it.")
+    st.stop()
+
+message = st.session_state.pop("dataset_message", None)   # what a rename or delete did, shown after its rerun
+if message:
+    st.success(message, icon=":material/check_circle:")
+
 created = st.session_state.pop("created_dataset", None)
 if created:
     st.success(f"Dataset {created!r} is ready. Next: train a model on it.", icon=":material/check_circle:")
@@ -94,12 +122,57 @@ if record is None:
     st.stop()
 
 st.header(record["name"])
+
+
+def manage_dataset(record: dict) -> None:
+    """Rename the dataset, or delete it with its runs and model files once the user has confirmed."""
+    runs = state.store().list_runs(record["id"])
+    deployed = [r for r in runs if r["deployed"]]
+    with st.expander("Rename, archive or delete this dataset", icon=":material/edit:"):
+        new_name = st.text_input("New name", value=record["name"], key=f"rename_dataset_{record['id']}")
+        if st.button("Rename", key="rename_dataset", disabled=new_name.strip() in ("", record["name"])):
+            try:
+                manage.rename_dataset(state.store(), record["id"], new_name)
+            except ValueError as exc:
+                st.error(f"Not renamed: {widgets.plain(exc)}")
+            else:
+                st.session_state["dataset_message"] = f"Renamed to {new_name.strip()!r}."
+                st.rerun()
+        archive = "Restore from the archive" if record["archived"] else "Archive"
+        if st.button(archive, icon=":material/archive:", key="archive_dataset",
+                     help="An archived dataset keeps its images and runs; it is left out of the lists until "
+                          "'Show archived' in the sidebar"):
+            state.store().set_archived(dataset_id=record["id"], archived=not record["archived"])
+            st.session_state["dataset_message"] = (f"{record['name']!r} restored." if record["archived"] else
+                                                  f"{record['name']!r} archived: 'Show archived' in the sidebar "
+                                                  "lists it again.")
+            st.rerun()
+        st.divider()
+        files = ("its uploaded images" if record["kind"] == "upload"
+                 else "nothing of the folder it was read from (those files are yours)")
+        what = f"{len(runs)} run{'s' if len(runs) != 1 else ''} and their model files" if runs else "no runs"
+        st.markdown(f"Deleting removes it from the registry with {what}, and {files}.")
+        on_line = ", ".join(f"#{r['id']}" for r in deployed)
+        confirmed = st.checkbox(f"Yes, delete {record['name']!r}" + (
+            f", although run {on_line} is deployed on the line" if deployed else ""),
+            key=f"confirm_delete_dataset_{record['id']}")
+        if st.button("Delete dataset", type="primary", icon=":material/delete:", key="delete_dataset",
+                     disabled=not confirmed or widgets.running_job() is not None):
+            deleted = manage.delete_dataset(state.store(), record["id"])
+            st.session_state["dataset_message"] = (f"Deleted {record['name']!r} and {len(deleted.runs)} "
+                                                  f"run{'s' if len(deleted.runs) != 1 else ''}.")
+            st.rerun()
+
+
+manage_dataset(record)
 dataset = state.dataset_images(record)
 # What the import refused is gone from the folder: the registered report keeps it, today's load adds to it.
 stored = record.get("report") or {}
 skipped = list(dict.fromkeys(map(tuple, [*stored.get("skipped", []), *dataset.report.skipped])))
 warnings = list(dict.fromkeys(map(tuple, [*stored.get("warnings", []), *dataset.report.warnings])))
-st.caption(f"{record['kind']} · {record['source']} · images loaded: {len(dataset)} · skipped: {len(skipped)} · "
+# An upload's folder is the workspace's business; a server folder is where the user's images are.
+origin = "uploaded" if record["kind"] == "upload" else f"{record['kind']} · {record['source']}"
+st.caption(f"{origin} · images loaded: {len(dataset)} · skipped: {len(skipped)} · "
            f"warnings: {len(warnings)}")
 
 counts = dataset.counts()
@@ -121,7 +194,7 @@ with left:
 with right:
     st.subheader("Load report")
     if not skipped and not warnings:
-        st.success("Every file loaded cleanly.", icon=":material/check_circle:")
+        st.success(f"Every file of {record['name']!r} loaded cleanly.", icon=":material/check_circle:")
     if skipped:
         st.markdown(f"**{len(skipped)} skipped**")
         st.dataframe(pd.DataFrame(skipped, columns=["file", "why it was skipped"]), hide_index=True)

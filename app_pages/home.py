@@ -2,13 +2,9 @@
 import pandas as pd
 import streamlit as st
 
+from core.app.demo import DEMO_DETECTOR, DEMO_PARAMS, demo_dataset, demo_run
 from core.app.jobs import TrainingJob
-from core.app.uploads import register_folder
-from core.workspace import DEMO_DIR
 from ui import state, widgets
-
-DEMO_SET = DEMO_DIR / "hazelnut_toy"
-DEMO_PARAMS = {"coreset_ratio": 0.05, "resize": 256}   # a few seconds on a laptop CPU, AUROC 1.0 on this set
 
 st.title("AnomalyScope")
 st.markdown("Find defects without ever labelling one: train on images of good parts, and AnomalyScope "
@@ -36,19 +32,28 @@ with st.container(border=True):
                   "23 test images, 17 with colour defects) and opens its heatmaps. About half a minute.")
     if right.button("Run the demo", type="primary", icon=":material/play_arrow:", width="stretch",
                     disabled=widgets.running_job() is not None):
-        dataset_id, dataset = register_folder(state.store(), DEMO_SET, "hazelnut_toy (demo)")
-        widgets.start_job(TrainingJob(state.store(), dataset_id, dataset, "patchcore", DEMO_PARAMS,
+        dataset_id, dataset = demo_dataset(state.store())
+        done = demo_run(state.store(), dataset_id)
+        if done is not None:   # trained before: open its heatmaps instead of training a copy
+            state.select(dataset_id, done["id"])
+            st.switch_page("app_pages/heatmaps.py")
+        widgets.start_job(TrainingJob(state.store(), dataset_id, dataset, DEMO_DETECTOR, DEMO_PARAMS,
                                       name="demo"), then="demo")
         st.rerun()
 
-datasets = state.store().list_datasets()
-runs = state.store().list_runs()
+all_datasets, all_runs = state.store().list_datasets(), state.store().list_runs()
+datasets, runs = state.listed(all_datasets), state.listed(all_runs)
+hidden = len(all_datasets) - len(datasets), len(all_runs) - len(runs)
 st.subheader("Datasets")
 if datasets:
     st.dataframe(pd.DataFrame([{
         "name": d["name"], "kind": d["kind"], "images": d["summary"].get("n_images"),
         "anomalous": d["summary"].get("n_anomalous"), "runs": sum(r["dataset_id"] == d["id"] for r in runs),
         "created": d["created"][:16].replace("T", " ")} for d in datasets]), hide_index=True)
+    if hidden[0]:
+        st.caption(f"{hidden[0]} archived not shown ('Show archived' in the sidebar).")
+    st.page_link("app_pages/datasets.py", label="Datasets: images, load reports, rename, archive or delete",
+                 icon=":material/photo_library:")
 else:
     st.caption("None yet. Add one on the Datasets page, or run the demo above.")
 st.subheader("Runs")
@@ -61,5 +66,9 @@ if runs:
         column_config={"image AUROC": st.column_config.NumberColumn(format="%.3f"),
                        "pixel AUROC": st.column_config.NumberColumn(format="%.3f"),
                        "image threshold": st.column_config.NumberColumn(format="%.4g")})
+    if hidden[1]:
+        st.caption(f"{hidden[1]} archived not shown ('Show archived' in the sidebar).")
+    st.page_link("app_pages/compare.py", label="Compare: the runs side by side, deploy, rename, archive or delete",
+                 icon=":material/leaderboard:")
 else:
     st.caption("None yet. Train one on the Train page.")

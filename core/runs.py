@@ -63,7 +63,8 @@ __all__ = ["RunStore", "RegistryError", "RegistryLockedError", "SCHEMA_VERSION",
 # 3: runs.rules (JSON: minimum defect area, scale) and runs.roi (the region of interest as a PNG), see core.rules;
 #    datasets.excluded (JSON list of training image paths the user left out).
 # 4: the inspections table (every image the inspection service scored); a new table, so older files only gain it.
-SCHEMA_VERSION = 4
+# 5: datasets.archived and runs.archived (1: kept, but left out of the dashboard's lists until shown).
+SCHEMA_VERSION = 5
 
 
 class RegistryError(ValueError):
@@ -87,6 +88,7 @@ CREATE TABLE IF NOT EXISTS datasets (
     summary  TEXT    NOT NULL DEFAULT '{}',
     report   TEXT    NOT NULL DEFAULT '{}',
     excluded TEXT    NOT NULL DEFAULT '[]',
+    archived          INTEGER NOT NULL DEFAULT 0 CHECK (archived IN (0, 1)),
     created  TEXT    NOT NULL
 );
 CREATE TABLE IF NOT EXISTS runs (
@@ -107,6 +109,7 @@ CREATE TABLE IF NOT EXISTS runs (
     rules             TEXT    NOT NULL DEFAULT '{}',
     roi               BLOB,
     deployed          INTEGER NOT NULL DEFAULT 0 CHECK (deployed IN (0, 1)),
+    archived          INTEGER NOT NULL DEFAULT 0 CHECK (archived IN (0, 1)),
     created           TEXT    NOT NULL
 );
 CREATE INDEX IF NOT EXISTS runs_by_dataset ON runs(dataset_id);
@@ -349,6 +352,10 @@ class RunStore:
                         conn.execute("ALTER TABLE runs ADD COLUMN rules TEXT NOT NULL DEFAULT '{}'")
                         conn.execute("ALTER TABLE runs ADD COLUMN roi BLOB")
                         conn.execute("ALTER TABLE datasets ADD COLUMN excluded TEXT NOT NULL DEFAULT '[]'")
+                    if 0 < version < 5:   # and those made before version 5 the archive flags
+                        for table in ("datasets", "runs"):
+                            conn.execute(f"ALTER TABLE {table} ADD COLUMN archived INTEGER NOT NULL DEFAULT 0 "
+                                         "CHECK (archived IN (0, 1))")
                     conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         finally:
             conn.close()
@@ -359,6 +366,7 @@ class RunStore:
         out = dict(row)
         for col in _JSON_DATASET_COLUMNS:
             out[col] = _from_json(out[col])
+        out["archived"] = bool(out["archived"])
         return out
 
     @staticmethod
@@ -367,6 +375,7 @@ class RunStore:
         for col in _JSON_RUN_COLUMNS:
             out[col] = _from_json(out[col])
         out["deployed"] = bool(out["deployed"])
+        out["archived"] = bool(out["archived"])
         out["thresholds"] = {"image": out["threshold_image"], "pixel": out["threshold_pixel"],
                              "review": out["threshold_review"],
                              "preset": out["threshold_preset"], "updated": out["threshold_updated"]}
@@ -396,7 +405,7 @@ class RunStore:
             return int(cur.lastrowid)
 
     def get_dataset(self, dataset_id: int) -> dict:
-        """``{"id", "name", "source", "kind", "summary", "report", "excluded", "created"}``; KeyError if missing.
+        """``{"id", "name", "source", "kind", "summary", "report", "excluded", "archived", "created"}``; KeyError if missing.
         ``excluded`` lists the training images the user left out (see :meth:`set_excluded`)."""
         dataset_id = _as_id(dataset_id, "dataset_id")
         with self._read() as conn:
@@ -414,6 +423,30 @@ class RunStore:
             cur = conn.execute("UPDATE datasets SET excluded = ? WHERE id = ?", (to_json(paths), dataset_id))
             if cur.rowcount == 0:
                 raise KeyError(f"no dataset with id {dataset_id}")
+
+    def rename_dataset(self, dataset_id: int, name: str) -> None:
+        """Give the dataset another name (names stay unique: a clash raises ValueError naming it)."""
+        dataset_id = _as_id(dataset_id, "dataset_id")
+        if not isinstance(name, str) or not name.strip():
+            raise ValueError(f"dataset name must be a non-empty string, got {name!r}")
+        with self._write() as conn:
+            clash = conn.execute("SELECT id FROM datasets WHERE name = ? AND id != ?", (name, dataset_id)).fetchone()
+            if clash is not None:
+                raise ValueError(f"a dataset named {name!r} already exists (id {clash['id']}): choose another name")
+            cur = conn.execute("UPDATE datasets SET name = ? WHERE id = ?", (name, dataset_id))
+            if cur.rowcount == 0:
+                raise KeyError(f"no dataset with id {dataset_id}")
+
+    def set_archived(self, *, dataset_id: int | None = None, run_id: int | None = None, archived: bool = True) -> None:
+        """Archive (or restore) one dataset or one run: it is kept, with its runs and files, and the dashboard's
+        lists leave it out until archived items are shown. The registry's own lists still return it."""
+        if (dataset_id is None) == (run_id is None):
+            raise ValueError("set_archived needs exactly one of dataset_id and run_id")
+        table, key = ("datasets", _as_id(dataset_id, "dataset_id")) if run_id is None else ("runs", _as_id(run_id, "run_id"))
+        with self._write() as conn:
+            cur = conn.execute(f"UPDATE {table} SET archived = ? WHERE id = ?", (int(bool(archived)), key))
+            if cur.rowcount == 0:
+                raise KeyError(f"no {table[:-1]} with id {key}")
 
     def find_dataset(self, name: str) -> dict | None:
         """The dataset with exactly this name, or None."""
@@ -617,6 +650,15 @@ class RunStore:
             row = conn.execute(_RUN_SELECT + " WHERE r.dataset_id = ? AND r.deployed = 1",
                                (_as_id(dataset_id, "dataset_id"),)).fetchone()
         return None if row is None else self._run_dict(row)
+
+    def rename_run(self, run_id: int, name: str | None) -> None:
+        """Set the run's name (None or blank: unnamed, shown by its detector); names need not be unique."""
+        run_id = _as_id(run_id, "run_id")
+        name = (name or "").strip() or None
+        with self._write() as conn:
+            cur = conn.execute("UPDATE runs SET name = ? WHERE id = ?", (name, run_id))
+            if cur.rowcount == 0:
+                raise KeyError(f"no run with id {run_id}")
 
     def delete_run(self, run_id: int) -> str:
         """Delete the run and its scores; return its ``model_path`` (the files are the caller's)."""

@@ -15,6 +15,8 @@ import pytest
 from core.rules import DefectRules
 from core.runs import SCHEMA_VERSION, RegistryError, RunStore, to_json, _SCHEMA
 
+ARCHIVED_COLUMN = "    archived          INTEGER NOT NULL DEFAULT 0 CHECK (archived IN (0, 1)),\n"   # schema 5
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -106,7 +108,7 @@ def test_dataset_round_trip(store):
     got = store.get_dataset(ds)
     assert got == {"id": ds, "name": "bottle", "source": "/data/bottle", "kind": "mvtec",
                    "summary": {"n_train": 209, "size": [900, 900], "mean": 0.5, "classes": ["good"]},
-                   "report": {"warnings": []}, "excluded": [], "created": got["created"]}
+                   "report": {"warnings": []}, "excluded": [], "archived": False, "created": got["created"]}
     created = dt.datetime.fromisoformat(got["created"])
     assert created.utcoffset() == dt.timedelta(0)
     assert store.find_dataset("bottle") == got
@@ -415,8 +417,9 @@ def test_a_version_1_registry_gains_the_review_and_rules_columns_and_keeps_its_r
     old_schema = (_SCHEMA.replace("    threshold_review  REAL,\n", "")
                   .replace("    rules             TEXT    NOT NULL DEFAULT '{}',\n", "")
                   .replace("    roi               BLOB,\n", "")
-                  .replace("    excluded TEXT    NOT NULL DEFAULT '[]',\n", ""))
-    assert not any(c in old_schema for c in ("threshold_review", "rules ", "roi ", "excluded"))
+                  .replace("    excluded TEXT    NOT NULL DEFAULT '[]',\n", "")
+                  .replace(ARCHIVED_COLUMN, ""))
+    assert not any(c in old_schema for c in ("threshold_review", "rules ", "roi ", "excluded", "archived"))
     conn.executescript(old_schema)
     conn.execute("INSERT INTO datasets (name, source, kind, created) VALUES ('d', '/d', 'folder', 'now')")
     conn.execute("INSERT INTO runs (dataset_id, detector, model_path, threshold_image, created) "
@@ -485,8 +488,8 @@ def test_inspections_from_many_threads_are_all_kept(tmp_path):
 def test_a_version_3_registry_gains_the_inspections_table_and_keeps_its_runs(tmp_path):
     path = tmp_path / "v3.sqlite"
     conn = sqlite3.connect(path)
-    old_schema = _SCHEMA[:_SCHEMA.index("-- no foreign key on run_id")]
-    assert "inspections" not in old_schema
+    old_schema = _SCHEMA[:_SCHEMA.index("-- no foreign key on run_id")].replace(ARCHIVED_COLUMN, "")
+    assert "inspections" not in old_schema and "archived" not in old_schema
     conn.executescript(old_schema)
     conn.execute("INSERT INTO datasets (name, source, kind, created) VALUES ('d', '/d', 'folder', 'now')")
     conn.execute("INSERT INTO runs (dataset_id, detector, model_path, threshold_image, created) "
@@ -500,5 +503,20 @@ def test_a_version_3_registry_gains_the_inspections_table_and_keeps_its_runs(tmp
     store.add_inspection(run_id=1, variant="d", score=4.0, verdict="NG")
     assert store.count_inspections(1) == 1
     conn = sqlite3.connect(path)
-    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 4
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 5
     conn.close()
+    assert store.get_run(1)["archived"] is False and store.get_dataset(1)["archived"] is False
+
+
+def test_archiving_keeps_a_dataset_or_run_and_its_flag_round_trips(store, ds):
+    rid = add_run(store, ds)
+    store.set_archived(run_id=rid)
+    store.set_archived(dataset_id=ds)
+    assert store.get_run(rid)["archived"] and store.get_dataset(ds)["archived"]
+    assert [r["id"] for r in store.list_runs()] == [rid]          # still listed: hiding is the views' choice
+    store.set_archived(run_id=rid, archived=False)
+    assert not store.get_run(rid)["archived"]
+    with pytest.raises(KeyError):
+        store.set_archived(run_id=rid + 1)
+    with pytest.raises(ValueError, match="exactly one"):
+        store.set_archived(dataset_id=ds, run_id=rid)

@@ -23,7 +23,7 @@ from core.thresholds import ScoreDistribution
 from core.workspace import workspace_dir
 from ui.widgets import plain
 
-DATASET_KEY, RUN_KEY = "dataset_id", "run_id"
+DATASET_KEY, RUN_KEY, SHOW_ARCHIVED_KEY = "dataset_id", "run_id", "show_archived"
 _PENDING = "pending_selection"
 _THRESHOLDS = "thresholds"
 _REVIEWS = "review_thresholds"
@@ -123,34 +123,51 @@ def select(dataset_id: int | None = None, run_id: int | None = None) -> None:
     st.session_state[_PENDING] = (dataset_id, run_id)
 
 
+def show_archived() -> bool:
+    return bool(st.session_state.get(SHOW_ARCHIVED_KEY, False))
+
+
+def listed(records: list[dict]) -> list[dict]:
+    """The datasets or runs the lists show: archived ones only while the sidebar's toggle asks for them."""
+    return records if show_archived() else [r for r in records if not r["archived"]]
+
+
 def sidebar() -> None:
     """The dataset and run selectors, drawn by the frame on every page so their choice survives page switches."""
     pending = st.session_state.pop(_PENDING, None)
-    datasets = store().list_datasets()
     with st.sidebar:
-        if not datasets:
-            st.caption("No datasets yet: create one on the Datasets page or try the demo on Home.")
-            st.session_state.pop(DATASET_KEY, None)
-            st.session_state.pop(RUN_KEY, None)
-            return
-        names = {d["id"]: d["name"] for d in datasets}
-        if pending and pending[0] is not None:
-            st.session_state[DATASET_KEY] = pending[0]
-        if st.session_state.get(DATASET_KEY) not in names:
-            st.session_state[DATASET_KEY] = datasets[0]["id"]
-        dataset_id = st.selectbox("Dataset", list(names), format_func=names.get, key=DATASET_KEY)
-        runs = store().list_runs(dataset_id)
-        if not runs:
-            st.caption("No runs on this dataset yet: train one on the Train page.")
-            st.session_state.pop(RUN_KEY, None)
-            return
-        labels = {r["id"]: run_caption(r) for r in runs}
-        if pending and pending[1] is not None:
-            st.session_state[RUN_KEY] = pending[1]
-        if st.session_state.get(RUN_KEY) not in labels:
-            deployed = next((r["id"] for r in runs if r["deployed"]), None)
-            st.session_state[RUN_KEY] = deployed or runs[0]["id"]
-        st.selectbox("Run", list(labels), format_func=labels.get, key=RUN_KEY)
+        _selectors(pending)
+        if any(d["archived"] for d in store().list_datasets()) or any(r["archived"] for r in store().list_runs()):
+            st.toggle("Show archived", key=SHOW_ARCHIVED_KEY, help="Archived datasets and runs are kept with their "
+                      "files; they are only left out of the lists")
+
+
+def _selectors(pending: tuple | None) -> None:
+    datasets = listed(store().list_datasets())
+    if not datasets:
+        st.caption("Every dataset is archived: turn on 'Show archived' below." if store().list_datasets() else
+                   "No datasets yet: create one on the Datasets page or try the demo on Home.")
+        st.session_state.pop(DATASET_KEY, None)
+        st.session_state.pop(RUN_KEY, None)
+        return
+    names = {d["id"]: d["name"] for d in datasets}
+    if pending and pending[0] is not None:
+        st.session_state[DATASET_KEY] = pending[0]
+    if st.session_state.get(DATASET_KEY) not in names:
+        st.session_state[DATASET_KEY] = datasets[0]["id"]
+    dataset_id = st.selectbox("Dataset", list(names), format_func=names.get, key=DATASET_KEY)
+    runs = listed(store().list_runs(dataset_id))
+    if not runs:
+        st.caption("No runs on this dataset yet: train one on the Train page.")
+        st.session_state.pop(RUN_KEY, None)
+        return
+    labels = {r["id"]: run_caption(r) for r in runs}
+    if pending and pending[1] is not None:
+        st.session_state[RUN_KEY] = pending[1]
+    if st.session_state.get(RUN_KEY) not in labels:
+        deployed = next((r["id"] for r in runs if r["deployed"]), None)
+        st.session_state[RUN_KEY] = deployed or runs[0]["id"]
+    st.selectbox("Run", list(labels), format_func=labels.get, key=RUN_KEY)
 
 
 def run_caption(run: dict) -> str:
@@ -160,6 +177,8 @@ def run_caption(run: dict) -> str:
         parts.append(f"AUROC {auroc:.3f}")
     if run["deployed"]:
         parts.append("deployed")
+    if run["archived"]:
+        parts.append("archived")
     return " · ".join(parts)
 
 

@@ -35,6 +35,6 @@ def run_table(store: RunStore, dataset_id: int) -> pd.DataFrame:
             "image threshold": run["thresholds"]["image"], "preset": run["thresholds"]["preset"],
             "fit s": timings.get("fit_seconds"), "ms per image": timings.get("score_ms_per_image"),
             "memory MB": timings.get("memory_mb"), "model MB": model_size_mb(run["model_path"]),
-            "deployed": run["deployed"], "created": run["created"][:16].replace("T", " "),
+            "deployed": run["deployed"], "archived": run["archived"], "created": run["created"][:16].replace("T", " "),
         })
     return pd.DataFrame(rows)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-DEMO_PARAMS = {"coreset_ratio": 0.05, "resize": 256}
+from core.app.demo import DEMO_PARAMS   # the demo's own settings: Home's demo reuses this run instead of training
 
 
 @pytest.fixture(scope="session")

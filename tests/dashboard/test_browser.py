@@ -1,8 +1,9 @@
 """End to end in a real browser: the app served by `streamlit run`, driven by headless Chromium.
 
-Uploads the demo set as a zip, trains, opens the heatmaps, moves the threshold and checks the numbers
-change, deploys and inspects an image; a screenshot of every page lands in tests/artifacts/. Skipped when
-/usr/bin/chromium is absent (.ci/run installs it).
+Uploads the demo set as a zip (clicking Create before the upload has arrived), trains, opens the heatmaps, moves
+the threshold and checks the numbers change, deploys and inspects an image, then deletes the run; a screenshot of
+every page lands in tests/artifacts/. Every request the browser makes must stay on the app's own host (offline
+inspection PCs). Skipped when /usr/bin/chromium is absent (.ci/run installs it).
 """
 import io
 import os
@@ -14,6 +15,7 @@ import time
 import urllib.request
 import zipfile
 from pathlib import Path
+from urllib.parse import urlparse
 
 import pytest
 
@@ -74,6 +76,9 @@ def page(app_url):
             "--disable-component-update", "--no-first-run", "--disable-sync"])
         tab = browser.new_page(viewport={"width": 1440, "height": 1800})
         tab.set_default_timeout(60_000)
+        tab.outside = []   # every request to another host than the app's: there must be none
+        tab.on("request", lambda request: tab.outside.append(request.url) if urlparse(request.url).scheme in (
+            "http", "https", "ws", "wss") and urlparse(request.url).hostname not in ("127.0.0.1", "localhost") else None)
         tab.goto(app_url)
         yield tab
         browser.close()
@@ -112,20 +117,28 @@ def metric(page, label: str) -> str:
     return box.get_by_test_id("stMetricValue").inner_text()
 
 
-def test_upload_train_tune_and_inspect_in_a_browser(page):
+def test_upload_train_tune_inspect_and_delete_in_a_browser(page, tmp_path):
     page.get_by_role("heading", name="AnomalyScope").wait_for()
     settle(page)
     shot(page, "1_home")
 
     go(page, "Datasets")
     page.get_by_label("Dataset name", exact=True).fill("hazelnut upload")
+    # The 5.9 MB zip goes up at 1 MB/s and Create is clicked at once, before it has arrived: the click must wait
+    # for it (and say so), not be lost.
+    network = page.context.new_cdp_session(page)
+    network.send("Network.enable")
+    network.send("Network.emulateNetworkConditions", {"offline": False, "latency": 0, "downloadThroughput": -1,
+                                                      "uploadThroughput": 1_000_000})
     page.locator("[data-testid='stFileUploader'] input[type=file]").first.set_input_files(
         files=[{"name": "hazelnut_toy.zip", "mimeType": "application/zip", "buffer": demo_zip()}])
-    page.get_by_text("hazelnut_toy.zip").wait_for()
-    settle(page)
     start = time.perf_counter()
     page.get_by_role("button", name="Create dataset").click()
+    page.get_by_text("Waiting for the normal images").wait_for()
+    shot(page, "2_datasets_waiting_for_upload")
     page.get_by_text("is ready").wait_for()
+    network.send("Network.emulateNetworkConditions", {"offline": False, "latency": 0, "downloadThroughput": -1,
+                                                      "uploadThroughput": -1})
     settle(page)
     shot(page, "2_datasets")
 
@@ -212,3 +225,16 @@ def test_upload_train_tune_and_inspect_in_a_browser(page):
     assert page.get_by_text("OK", exact=True).is_visible()
     assert page.get_by_text(re.compile("outside the region of interest")).is_visible()
     shot(page, "10_inspect_with_roi")
+
+    # Delete the deployed run: only after ticking the confirmation that says it is deployed; its model folder goes.
+    go(page, "Compare")
+    page.get_by_text(re.compile("although it is the deployed run")).click()
+    settle(page)
+    page.get_by_role("button", name="Delete run").click()
+    page.get_by_text(re.compile(r"Deleted #\d+ .* and its model files")).wait_for()
+    settle(page)
+    shot(page, "11_compare_after_delete")
+    from core.runs import RunStore
+    assert RunStore(tmp_path / "workspace" / "registry.sqlite").list_runs() == []
+    assert [p for p in (tmp_path / "workspace" / "models").iterdir() if p.is_dir()] == []
+    assert page.outside == [], f"requests left the machine: {page.outside}"

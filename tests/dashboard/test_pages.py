@@ -3,6 +3,7 @@ import io
 import shutil
 import time
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -92,7 +93,7 @@ def test_datasets_upload_shows_counts_report_and_thumbnails():
     assert dict(zip(counts["type"] + "/" + counts["split"], counts["images"])) == {
         "good/train": 6, "good/test": 6, "colour/test": 17}
     skipped = at.dataframe[1].value
-    assert skipped["file"].tolist() == ["train/good/scratched.jpg"]
+    assert skipped["file"].tolist() == ["scratched.jpg"]           # the name it was uploaded under
     assert len(at.image) >= 3                         # one thumbnail strip per split and type
 
 
@@ -103,6 +104,43 @@ def test_datasets_bad_upload_says_why_and_stores_nothing():
     next(b for b in at.button if b.label == "Create dataset").click().run()
     assert "No usable normal images, so nothing was stored" in at.error[0].value
     assert RunStore().list_datasets() == []
+
+
+def test_a_refused_upload_names_the_users_files_never_a_server_path_nor_another_datasets_report(workspace):
+    at = open_page("datasets")
+    at.text_input(key="name_0").set_value("wrongtype")
+    at.file_uploader(key="normal_0").set_value([("part 7.png", b"\x89PNG broken", "image/png")])
+    next(b for b in at.button if b.label == "Create dataset").click().run()
+    shown = texts(at) + "".join(df.value.to_string() for df in at.dataframe)
+    assert "wrongtype" in at.error[0].value and "part 7.png" in shown
+    assert str(workspace["home"]) not in shown and "/datasets/" not in shown and "train/good" not in shown
+    assert "loaded cleanly" not in shown and len(at.header) == 0     # the selected dataset is not shown under it
+
+
+def test_an_mvtec_zip_among_the_normal_images_is_described_with_what_will_be_used():
+    at = open_page("datasets")
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as zf:
+        for p in sorted(DEMO.rglob("*.*")):
+            zf.write(p, "hazelnut_toy/" + p.relative_to(DEMO).as_posix())
+    at.file_uploader(key="normal_0").set_value(("nuts.zip", buffer.getvalue(), "application/zip")).run()
+    said = " ".join(c.value for c in at.caption)
+    assert "nuts.zip is a set in MVTec layout: 28 training images" in said
+    assert "labelled test set of 23 images" in said and "Both are used" in said     # while the radio says None
+    at.radio(key="test_kind_0").set_value("A zip").run()
+    assert "the test set you upload below is the test set" in " ".join(c.value for c in at.caption)
+
+
+def test_create_clicked_before_the_upload_arrived_waits_and_then_creates():
+    at = open_page("datasets")
+    at.text_input(key="name_0").set_value("early click")
+    next(b for b in at.button if b.label == "Create dataset").click().run()
+    assert "Waiting for the normal images" in texts(at) and RunStore().list_datasets() == []
+    good = sorted((DEMO / "train" / "good").iterdir())[:3]
+    at.file_uploader(key="normal_0").set_value([(p.name, p.read_bytes(), "image/jpeg") for p in good]).run()
+    assert not at.exception, at.exception                # the upload's own rerun acts on the earlier click
+    assert "Dataset 'early click' is ready" in texts(at) and "Waiting" not in texts(at)
+    assert [d["name"] for d in RunStore().list_datasets()] == ["early click"]
 
 
 def test_train_page_builds_the_form_and_cancel_registers_nothing(workspace):
@@ -497,3 +535,88 @@ def test_a_dataset_whose_folder_is_gone_stops_every_page_with_the_reason(tmp_pat
     for page in ("train", "datasets"):            # every page asks through state.dataset_images
         at = open_page(page)                      # asserts no exception reached the page
         assert any("'moved away' cannot be opened any more" in e.value for e in at.error), (page, texts(at))
+
+
+# -- renaming and deleting ------------------------------------------------------------------------------------
+def copied_run(workspace) -> dict:
+    """A second run on the demo set whose model folder is this test's own copy (the trained one is shared)."""
+    from core.pipeline import models_dir
+    store, trained = workspace["store"], workspace["store"].get_run(workspace["run_id"])
+    folder = models_dir() / "patchcore-copy"
+    shutil.copytree(trained["model_path"], folder)
+    run_id = store.add_run(dataset_id=workspace["dataset_id"], detector="patchcore", params=trained["params"],
+                           model_path=str(folder), metrics=trained["metrics"], timings=trained["timings"],
+                           model_card=trained["model_card"], thresholds={"image": trained["thresholds"]["image"]},
+                           scores=store.run_scores(trained["id"]).to_dict("records"), name="copy")
+    return store.get_run(run_id)
+
+
+def button(at: AppTest, key: str):
+    return next(b for b in at.button if b.key == key)
+
+
+def test_a_run_is_renamed_then_deleted_with_its_model_folder_after_a_confirmation(workspace):
+    store, run = workspace["store"], copied_run(workspace)
+    store.set_deployed(workspace["dataset_id"], run["id"])
+    at = open_page("compare")
+    at.selectbox(key="manage_run").set_value(run["id"]).run()
+    at.text_input(key=f"rename_run_{run['id']}").set_value("night shift").run()
+    button(at, "rename_run").click().run()
+    assert store.get_run(run["id"])["name"] == "night shift" and f"Run #{run['id']} renamed" in texts(at)
+    assert button(at, "delete_run").disabled                          # not before the confirmation
+    confirm = at.checkbox(key=f"confirm_delete_run_{run['id']}")
+    assert "although it is the deployed run" in confirm.label         # a deployed run says so in the confirmation
+    confirm.check().run()
+    button(at, "delete_run").click().run()
+    assert not at.exception, at.exception
+    with pytest.raises(KeyError):
+        store.get_run(run["id"])
+    assert not Path(run["model_path"]).exists()                       # the model files went with it
+    assert Path(store.get_run(workspace["run_id"])["model_path"]).is_dir()   # and nothing of the other run
+    assert f"Deleted #{run['id']} night shift and its model files" in texts(at)
+    assert at.dataframe[0].value["run"].tolist() == [f"#{workspace['run_id']} patchcore"]
+
+
+def test_a_dataset_is_renamed_then_deleted_with_its_runs_and_their_models(workspace):
+    store, run = workspace["store"], copied_run(workspace)
+    at = open_page("datasets")
+    at.text_input(key=f"rename_dataset_{workspace['dataset_id']}").set_value("hazelnuts, line 2").run()
+    button(at, "rename_dataset").click().run()
+    assert store.get_dataset(workspace["dataset_id"])["name"] == "hazelnuts, line 2"
+    assert at.header[0].value == "hazelnuts, line 2"
+    assert button(at, "delete_dataset").disabled
+    at.checkbox(key=f"confirm_delete_dataset_{workspace['dataset_id']}").check().run()
+    button(at, "delete_dataset").click().run()
+    assert not at.exception, at.exception
+    assert store.list_datasets() == [] and store.list_runs() == []
+    assert not Path(run["model_path"]).exists()
+    assert DEMO.is_dir()                               # a folder registered in place keeps its files
+    assert "Deleted 'hazelnuts, line 2' and 2 runs" in texts(at) and "No dataset yet" in texts(at)
+
+
+def test_archived_datasets_and_runs_leave_the_lists_until_shown_and_come_back(workspace):
+    store, run = workspace["store"], copied_run(workspace)
+    at = open_page("compare")
+    at.selectbox(key="manage_run").set_value(run["id"]).run()
+    button(at, "archive_run").click().run()
+    assert store.get_run(run["id"])["archived"] and Path(run["model_path"]).is_dir()   # kept, files and all
+    assert at.dataframe[0].value["run"].tolist() == [f"#{workspace['run_id']} patchcore"]
+    assert at.sidebar.selectbox(key="run_id").options == [f"#{workspace['run_id']} patchcore · AUROC 1.000"]
+    at.switch_page("app_pages/datasets.py").run()
+    button(at, "archive_dataset").click().run()
+    assert store.get_dataset(workspace["dataset_id"])["archived"]
+    assert "Every dataset is archived" in " ".join(c.value for c in at.sidebar.caption)
+    at.sidebar.toggle(key="show_archived").set_value(True).run()
+    assert at.header[0].value == "hazelnut_toy"                      # listed again, and restorable
+    button(at, "archive_dataset").click().run()
+    assert not store.get_dataset(workspace["dataset_id"])["archived"] and not at.exception
+
+
+def test_the_demo_again_reuses_its_dataset_and_run_instead_of_training_a_copy(workspace):
+    at = open_page()
+    next(b for b in at.button if b.label == "Run the demo").click().run()
+    assert not at.exception, at.exception
+    assert at.title[0].value == "Heatmaps" and "training_job" not in at.session_state
+    store = workspace["store"]
+    assert [d["id"] for d in store.list_datasets()] == [workspace["dataset_id"]]
+    assert [r["id"] for r in store.list_runs()] == [workspace["run_id"]]

@@ -163,4 +163,4 @@ def test_a_test_zip_says_what_it_refused_and_which_masks_it_thresholded():
     _, ds = create_from_uploads(store, "jpeg masks", files(DEMO / "train" / "good")[:3], [("t.zip", buffer.getvalue())])
     assert any(f.startswith("t.zip: ") and "escape" in f for f, _ in ds.report.skipped), ds.report.skipped
     thresholded = [f for f, why in ds.report.warnings if "not binary" in why and "JPEG" in why]
-    assert thresholded == [f"test/colour/0{i}.jpg" for i in range(3)], ds.report.warnings   # named by their image
+    assert thresholded == [f"t.zip: test/colour/0{i}.jpg" for i in range(3)], ds.report.warnings   # by their image
