@@ -24,7 +24,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from core.cli import _image_paths, heatmap_png  # noqa: E402
+from core.app.viz import heatmap_png  # noqa: E402
+from core.cli import _image_paths  # noqa: E402
 from core.line.batch import RayStats, score_images  # noqa: E402
 from core.line.inspector import Inspector  # noqa: E402
 

@@ -123,13 +123,6 @@ def _rules(args, run: dict):
     return DefectRules(roi, min_area, saved.mm_per_px if args.mm_per_px is None else args.mm_per_px)
 
 
-def heatmap_png(image, amap, vmax: float) -> bytes:
-    """A heatmap overlay as PNG bytes (module level, so that Ray workers unpickle it by name)."""
-    from .app.viz import overlay
-    from .data import png_bytes
-    return png_bytes(overlay(image, amap, 0.0, vmax))
-
-
 @contextmanager
 def _csv_output(path: str | None):
     """stdout, or a file that appears whole when scoring ends (a cancelled job leaves none)."""
@@ -143,6 +136,7 @@ def _csv_output(path: str | None):
 
 def cmd_score(args) -> int:
     """`predict` and `score`: one path, `predict` being `score --engine local` writing to stdout."""
+    from .app.viz import heatmap_png
     from .data import IMAGE_SUFFIXES
     from .line.batch import RayStats, score_images
     from .line.inspector import Inspector

@@ -57,3 +57,10 @@ def draw_outline(image: np.ndarray, mask: np.ndarray, colour=(0, 255, 0), width:
 
 def save_png(array: np.ndarray, path) -> None:
     Image.fromarray(array).save(path)
+
+
+def heatmap_png(image: np.ndarray, amap: np.ndarray, vmax: float) -> bytes:
+    """The heatmap overlay on the scale 0 to vmax, as PNG bytes: what predict, score and the service return
+    (module level, so that Ray workers unpickle it by name)."""
+    from ..data import png_bytes
+    return png_bytes(overlay(image, amap, 0.0, vmax))

@@ -47,14 +47,13 @@ import time
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..data import IMAGE_SUFFIXES, ImageError, ImageTooLargeError, png_bytes, read_image
+from ..data import IMAGE_SUFFIXES, ImageError, ImageTooLargeError, read_image
 from ..detectors import load_detector
 from ..runs import RegistryError, RunStore
 from .inspector import Inspector
@@ -213,16 +212,12 @@ class Service:
                "thresholds": variant.thresholds(), "seconds": round(result.seconds, 6)}
         if heatmap:
             vmax = variant.inspector.heatmap_scale(result.map)
-            out["heatmap_png"] = base64.b64encode(png_bytes(heatmap_overlay(image, result.map, vmax))).decode()
+            # The service is a view of the engine, as the CLI is: its overlay is the dashboard's and predict's
+            # (tests/test_layout.py lists line/serve.py among the views).
+            from ..app.viz import heatmap_png
+            out["heatmap_png"] = base64.b64encode(heatmap_png(image, result.map, vmax)).decode()
             out["heatmap_scale"] = [0.0, vmax]
         return out
-
-
-def heatmap_overlay(image: np.ndarray, amap: np.ndarray, vmax: float) -> np.ndarray:
-    # The service is a view of the engine, as the CLI is: its overlay is the dashboard's and predict's
-    # (core.app.viz), one colour scale per run (tests/test_layout.py lists line/serve.py among the views).
-    from ..app.viz import overlay
-    return overlay(image, amap, 0.0, vmax)
 
 
 def _source_name(name: str | None) -> str | None:
