@@ -8,7 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from core.app.demo import DEMO_PARAMS   # the demo's own settings: Home's demo reuses this run instead of training
+from core.app.demo import DEMO_PARAMS
+
+from .browser_kit import app_url, page  # noqa: F401 - fixtures for the browser tests   # the demo's own settings: Home's demo reuses this run instead of training
 
 
 @pytest.fixture(scope="session")
