@@ -6,7 +6,7 @@ from pathlib import Path
 
 import streamlit as st
 
-from ui import state
+from ui import jobs, state
 
 # A bundled image, served by the app itself: a :material/...: page icon makes the browser fetch the tab icon from
 # fonts.gstatic.com, and inspection PCs are often offline (the icons inside the pages come with Streamlit's font).
@@ -25,4 +25,5 @@ PAGES = {
 
 page = st.navigation(PAGES)
 state.sidebar()
+jobs.indicator()
 page.run()

@@ -13,7 +13,7 @@ from core.results import colour_scale
 from core.app.jobs import TrainingJob
 from core.app import manage
 from core.app.uploads import create_from_uploads, describe_normal_zip, register_folder
-from ui import state, widgets
+from ui import jobs, state, widgets
 
 IMAGE_TYPES = sorted(s.lstrip(".") for s in IMAGE_SUFFIXES)
 THUMBNAILS_PER_GROUP = 12
@@ -157,7 +157,7 @@ def manage_dataset(record: dict) -> None:
             f", although run {on_line} is deployed on the line" if deployed else ""),
             key=f"confirm_delete_dataset_{record['id']}")
         if st.button("Delete dataset", type="primary", icon=":material/delete:", key="delete_dataset",
-                     disabled=not confirmed or widgets.running_job() is not None):
+                     disabled=not confirmed or jobs.training_busy()):
             deleted = manage.delete_dataset(state.store(), record["id"])
             st.session_state["dataset_message"] = (f"Deleted {record['name']!r} and {len(deleted.runs)} "
                                                   f"run{'s' if len(deleted.runs) != 1 else ''}.")
@@ -233,7 +233,7 @@ def leave_out_and_refit(record: dict, dataset, run: dict, chosen: list[str]) -> 
     """Record the images as left out and train the audited run's detector again without them."""
     state.store().set_excluded(record["id"], [*record["excluded"], *chosen])
     name = f"{run['name'] or run['detector']} without {len(chosen)} suspicious"
-    widgets.start_job(TrainingJob(state.store(), record["id"], dataset, run["detector"], run["params"], name=name))
+    jobs.start(TrainingJob(state.store(), record["id"], dataset, run["detector"], run["params"], name=name))
     st.switch_page("app_pages/train.py")
 
 
@@ -249,9 +249,8 @@ def suspicious_panel(record: dict, dataset) -> None:
         st.info("No audit of this dataset yet. Checking trains PatchCore with the automatic settings, plus five "
                 "more fits for the audit.")
         if st.button("Check the training images", icon=":material/search:", key="check_training_images",
-                     disabled=widgets.running_job() is not None):
-            widgets.start_job(TrainingJob(state.store(), record["id"], dataset, "patchcore", {}, audit="flag",
-                                          name="audit"))
+                     disabled=jobs.training_busy()):
+            jobs.start(TrainingJob(state.store(), record["id"], dataset, "patchcore", {}, audit="flag", name="audit"))
             st.switch_page("app_pages/train.py")
         return
     rows = state.store().run_scores(run["id"]).query("split == 'audit'").sort_values("score", ascending=False)
@@ -273,7 +272,7 @@ def suspicious_panel(record: dict, dataset) -> None:
             if st.checkbox("Leave out", value=path in flagged, key=f"leave_out_{run['id']}_{path}"):
                 chosen.append(path)
     if st.button(f"Leave out {len(chosen)} image{'s' if len(chosen) != 1 else ''} and refit", type="primary",
-                 icon=":material/cleaning_services:", disabled=not chosen or widgets.running_job() is not None,
+                 icon=":material/cleaning_services:", disabled=not chosen or jobs.training_busy(),
                  key="leave_out_and_refit", help=f"Trains {run['detector']} again with the same parameters, "
                                                  "without them"):
         leave_out_and_refit(record, dataset, run, chosen)

@@ -4,10 +4,10 @@ import streamlit as st
 
 from core.app import figures
 from core.data import read_image
-from core.app.embeddings import compute_views, patch_box, save_views
-from core.app.jobs import STAGE_LABELS
+from core.app.embeddings import patch_box
+from core.app.jobs import EmbeddingJob
 from core.app.viz import draw_outline
-from ui import state
+from ui import jobs, state, widgets
 
 CHART_TITLES = {"images": "UMAP of image embeddings (each image's mean patch feature)",
                 "patches": "UMAP of patch embeddings (a sample of each image's patches, its highest-scoring included)"}
@@ -35,19 +35,22 @@ if hasattr(detector, "coverage_radii_"):
 views = state.feature_views(run)
 if views is None:
     st.subheader("Embedding maps")
-    st.markdown("UMAP maps of every image and of a sample of patches take a minute to compute; they are saved "
-                "with the run, so this happens once.")
+    # The maps are a server job: leaving this page, or reloading it, finds the job again.
+    job = jobs.board().latest("embedding", run_id=run["id"])
+    snapshot = job.snapshot() if job is not None else None
+    if snapshot is not None and snapshot.running:
+        jobs.progress_panel(job)
+        st.stop()
+    if snapshot is not None and not job.seen:
+        job.seen = True
+        if snapshot.status == "failed":
+            st.error(f"The embedding maps failed: {widgets.plain(snapshot.error)}")
+        elif snapshot.status == "cancelled":
+            st.info("Embedding maps cancelled.")
+    st.markdown("UMAP maps of every image and of a sample of patches take a minute or two to compute; they are "
+                "saved with the run, so this happens once. You can leave this page meanwhile.")
     if st.button("Compute embedding maps", type="primary", icon=":material/scatter_plot:"):
-        bars = {}
-
-        def progress(stage: str, done: int, total: int) -> None:
-            if stage not in bars:
-                bars[stage] = st.progress(0.0)
-            label = STAGE_LABELS.get(stage, stage)
-            bars[stage].progress(min(1.0, done / max(total, 1)), text=f"{label}: {done} of {total}")
-
-        dataset = state.dataset_images(record)
-        save_views(compute_views(detector, dataset, progress), run["model_path"])
+        jobs.start(EmbeddingJob(run, detector, state.dataset_images(record)))
         st.rerun()
     st.stop()
 

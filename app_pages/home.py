@@ -4,41 +4,42 @@ import streamlit as st
 
 from core.app.demo import DEMO_DETECTOR, DEMO_PARAMS, demo_dataset, demo_run
 from core.app.jobs import TrainingJob
-from ui import state, widgets
+from ui import jobs, state, widgets
 
 st.title("AnomalyScope")
 st.markdown("Find defects without ever labelling one: train on images of good parts, and AnomalyScope "
             "flags what looks different and shows where.  \nTune the OK / NG threshold with your "
             "stakeholders, browse the heatmaps, compare models and demo it live, all in the browser.")
 
-entry = widgets.running_job()
-if entry is not None and entry["then"] == "demo":
-    snapshot = entry["job"].snapshot()
-    if snapshot.status == "running":
-        widgets.job_progress()
+demo = jobs.board().latest("training")
+if demo is not None and demo.then == "demo":
+    snapshot = demo.snapshot()
+    if snapshot.running:
+        jobs.progress_panel(demo)
         st.stop()
-    widgets.finish_job()
-    if snapshot.status == "done":
-        state.select(entry["job"].dataset_id, snapshot.run_id)
-        st.switch_page("app_pages/heatmaps.py")
-    elif snapshot.status == "failed":
-        st.error(f"The demo training failed: {widgets.plain(snapshot.error)}")
-    else:
-        st.info("Demo training cancelled: nothing was registered.")
+    if not demo.seen:
+        demo.seen = True
+        if snapshot.status == "done":
+            state.select(demo.dataset_id, snapshot.run_id)
+            st.switch_page("app_pages/heatmaps.py")
+        elif snapshot.status == "failed":
+            st.error(f"The demo training failed: {widgets.plain(snapshot.error)}")
+        else:
+            st.info("Demo training cancelled: nothing was registered.")
 
 with st.container(border=True):
     left, right = st.columns([3, 1], vertical_alignment="center")
     left.markdown("**Try it in one click.** Trains PatchCore on the bundled hazelnut set (28 good images; "
                   "23 test images, 17 with colour defects) and opens its heatmaps. About half a minute.")
     if right.button("Run the demo", type="primary", icon=":material/play_arrow:", width="stretch",
-                    disabled=widgets.running_job() is not None):
+                    disabled=jobs.training_busy()):
         dataset_id, dataset = demo_dataset(state.store())
         done = demo_run(state.store(), dataset_id)
         if done is not None:   # trained before: open its heatmaps instead of training a copy
             state.select(dataset_id, done["id"])
             st.switch_page("app_pages/heatmaps.py")
-        widgets.start_job(TrainingJob(state.store(), dataset_id, dataset, DEMO_DETECTOR, DEMO_PARAMS,
-                                      name="demo"), then="demo")
+        jobs.start(TrainingJob(state.store(), dataset_id, dataset, DEMO_DETECTOR, DEMO_PARAMS, name="demo"),
+                   then="demo")
         st.rerun()
 
 all_datasets, all_runs = state.store().list_datasets(), state.store().list_runs()

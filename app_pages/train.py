@@ -5,11 +5,11 @@ import pandas as pd
 import streamlit as st
 
 from core.backbones import OFFLINE_WEIGHTS
-from core.detectors import get_detector_class, list_detectors
-from core.app.jobs import TrainingJob, chosen_settings
-from core.params import param_specs, parse_value
+from core.detectors import create_detector, get_detector_class, list_detectors
+from core.app.jobs import TrainingJob, chosen_settings, estimate_training_seconds
+from core.params import ParamSpec, param_specs, parse_value
 from core.workspace import registrations_dir
-from ui import state, widgets
+from ui import jobs, state, widgets
 
 # Parameters with widgets of their own (the backbone is chosen above the others).
 DEVICE_CHOICES = ["auto", "cpu", "cuda"]
@@ -31,25 +31,56 @@ def registration_choice() -> str | None:
     return None if picked == names[0] else str(registrations_dir() / picked)
 
 
+def param_widget(detector: str, spec: ParamSpec):
+    """The field for one parameter, typed by its default; its help (the ? icon) is the detector's own doc."""
+    key = f"param_{detector}_{spec.name}"
+    if spec.kind == "bool":
+        return st.checkbox(spec.name, spec.default, help=spec.help, key=key)
+    if spec.name == "device":
+        return st.selectbox(spec.name, DEVICE_CHOICES, help=spec.help, key=key)
+    if spec.kind == "int":
+        return int(st.number_input(spec.name, value=spec.default, step=1, help=spec.help, key=key))
+    if spec.kind == "float":
+        return st.number_input(spec.name, value=spec.default, format="%g", help=spec.help, key=key)
+    if spec.kind == "str":
+        return st.text_input(spec.name, spec.default, help=spec.help, key=key)
+    shown = spec.default if isinstance(spec.default, str) else repr(spec.default)
+    return parse_value(spec, st.text_input(spec.name, shown, help=spec.help, key=key))
+
+
+def params_problem(detector: str, params: dict) -> str | None:
+    """What is wrong with the parameters as typed (the detector's own check, run before any work), or None."""
+    try:
+        create_detector(detector, **params).check_params()
+    except (ValueError, TypeError) as exc:
+        return str(exc)
+    return None
+
+
+def duration(seconds: float) -> str:
+    return f"about {seconds:.0f} s" if seconds < 90 else f"about {seconds / 60:.0f} min"
+
+
 st.title("Train")
 
-entry = widgets.running_job()
-if entry is not None:
-    snapshot = entry["job"].snapshot()
-    if snapshot.status == "running":
-        st.caption(f"Dataset: {entry['job'].dataset.name} · "
-                   f"{entry['job'].detector or 'saved model'}")
-        widgets.job_progress()
+# The newest training on the server, whichever tab or page started it: its progress, or its outcome once.
+job = jobs.board().latest("training")
+if job is not None:
+    snapshot = job.snapshot()
+    if snapshot.running:
+        st.caption(f"Dataset: {job.dataset.name} · {job.detector or 'saved model'}")
+        jobs.progress_panel(job)
         st.stop()
-    widgets.finish_job()
-    if snapshot.status == "done":
-        state.select(entry["job"].dataset_id, snapshot.run_id)
-        st.session_state["trained_run"] = (snapshot.run_id, snapshot.seconds)
-        st.rerun()
-    elif snapshot.status == "cancelled":
-        st.warning("Training cancelled: nothing was registered.", icon=":material/cancel:")
-    else:
-        st.error(f"Training failed, nothing was registered: {widgets.plain(snapshot.error)}")
+    if not job.seen:
+        job.seen = True
+        if snapshot.status == "done":
+            state.select(job.dataset_id, snapshot.run_id)
+            st.session_state["trained_run"] = (snapshot.run_id, snapshot.seconds)
+            st.rerun()
+        elif snapshot.status == "cancelled":
+            st.warning("Training cancelled: nothing was registered.", icon=":material/cancel:")
+        else:
+            st.error(f"Training failed, nothing was registered: {widgets.plain(snapshot.error)}")
 
 trained = st.session_state.pop("trained_run", None)
 if trained:
@@ -93,10 +124,11 @@ if record is None:
     st.stop()
 dataset = state.dataset_images(record)
 n_train = len(dataset.subset(split="train", label=0))
+n_test = len(dataset.subset(split="test"))
 left_out = len(record["excluded"])
 st.caption(f"Dataset **{record['name']}**: {n_train} normal training images"
            + (f" ({left_out} left out on the Datasets page)" if left_out else "") + ", "
-           f"{len(dataset.subset(split='test'))} test images. Change it in the sidebar.")
+           f"{n_test} test images. Change it in the sidebar.")
 if n_train < 2:
     st.warning("One training image is enough to fit a model but not to set its threshold: a threshold needs "
                "scores of good images the model was not fitted on. Add a few more good images (3 or more).",
@@ -108,6 +140,7 @@ with new_model:
     detector = st.selectbox("Detector", detectors, index=detectors.index("patchcore") if "patchcore" in detectors else 0,
                             help="PatchCore is the strongest here and trains in seconds; RegAD starts a new variant from 2 to 8 "
                                  "good images; the others are for comparison.")
+    st.caption(get_detector_class(detector).summary)
     specs = param_specs(detector)
     params = {}
     by_name = {s.name: s for s in specs}
@@ -123,26 +156,16 @@ with new_model:
         params["backbone"] = backbone
     if detector == "regad":
         params["registration"] = registration_choice()
-    with st.expander("Parameters", expanded=False):
+    with st.expander("Parameters (the defaults choose from your images)", expanded=False):
+        st.caption("Hover the ? of a parameter for its meaning, unit and range. A parameter left at \"auto\" is "
+                   "chosen from the training images; type a number to set it yourself.")
         cols = st.columns(3)
         for k, spec in enumerate(s for s in specs if s.name not in params and s.name != "backbone"):
-            key = f"param_{detector}_{spec.name}"
             with cols[k % 3]:
-                if spec.kind == "bool":
-                    params[spec.name] = st.checkbox(spec.name, spec.default, help=spec.help, key=key)
-                elif spec.name == "device":
-                    params[spec.name] = st.selectbox(spec.name, DEVICE_CHOICES, help=spec.help, key=key)
-                elif spec.kind == "int":
-                    params[spec.name] = int(st.number_input(spec.name, value=spec.default, step=1, help=spec.help,
-                                                            key=key))
-                elif spec.kind == "float":
-                    params[spec.name] = st.number_input(spec.name, value=spec.default, format="%g", help=spec.help,
-                                                        key=key)
-                elif spec.kind == "str":
-                    params[spec.name] = st.text_input(spec.name, spec.default, help=spec.help, key=key)
-                else:
-                    shown = spec.default if isinstance(spec.default, str) else repr(spec.default)
-                    params[spec.name] = parse_value(spec, st.text_input(spec.name, shown, help=spec.help, key=key))
+                params[spec.name] = param_widget(detector, spec)
+    problem = params_problem(detector, params)
+    if problem:
+        st.error(f"{widgets.plain(problem)}. Change it under Parameters before training.", icon=":material/edit:")
     run_name = st.text_input("Run name (optional)", placeholder=f"{detector} baseline")
     auditable = get_detector_class(detector).cross_fit
     audit = st.radio("Suspicious training images", list(AUDIT_CHOICES), key="audit_mode", horizontal=True,
@@ -151,9 +174,16 @@ with new_model:
                           "training image with models fitted without it (five more fits) and lists those far above "
                           "the rest on the Datasets page; or leaves them out at once."
                           + ("" if auditable else f" Not for {detector}, which trains a network."))
-    if st.button("Train", type="primary", icon=":material/play_arrow:", disabled=n_train == 0):
-        widgets.start_job(TrainingJob(state.store(), record["id"], dataset, detector, params, name=run_name or None,
-                                      audit=AUDIT_CHOICES[audit] if auditable else "off"))
+    estimate = estimate_training_seconds(state.store(), detector, params, n_train, n_test)
+    if estimate is not None:
+        st.caption(f"Estimated time: {duration(estimate[0])} ({estimate[1]}).")
+    else:
+        st.caption(f"No earlier {detector} run here to estimate the time from; once it starts, the progress shows "
+                   "the time left.")
+    if st.button("Train", type="primary", icon=":material/play_arrow:", disabled=n_train == 0 or bool(problem)):
+        jobs.start(TrainingJob(state.store(), record["id"], dataset, detector, params, name=run_name or None,
+                               audit=AUDIT_CHOICES[audit] if auditable else "off",
+                               estimate_s=estimate[0] if estimate else None))
         st.rerun()
 
 with saved_model:
@@ -165,6 +195,6 @@ with saved_model:
         if not (Path(folder.strip()) / "config.json").is_file():
             st.error(f"No saved model at {folder!r}: the folder needs config.json and fitted.safetensors.")
         else:
-            widgets.start_job(TrainingJob(state.store(), record["id"], dataset, model_folder=folder.strip(),
-                                          name=loaded_name or None))
+            jobs.start(TrainingJob(state.store(), record["id"], dataset, model_folder=folder.strip(),
+                                   name=loaded_name or None))
             st.rerun()

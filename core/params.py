@@ -34,6 +34,8 @@ def parse_overrides(pairs: list[str]) -> dict:
 
 # Parameters most detectors share, for docstrings that leave them out.
 COMMON_HELP = {"seed": "random seed: the same seed and data give the same model",
+               "calibration_fraction": "share of the good training images held out to set thresholds from (0 to "
+                                       "0.5; sets under about 100 images are cross-fitted instead)",
                "device": '"auto" uses a CUDA GPU when there is one, else the CPU; or name one: "cpu", "cuda:0"'}
 
 

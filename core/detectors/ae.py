@@ -27,7 +27,9 @@ class AutoEncoderNet(nn.Module):
         return self.decoder(self.encoder(x))
 
 
-@register_detector("ae", family="reconstruction")
+@register_detector("ae", family="reconstruction", summary=(
+                   "Learns to redraw good images and flags what it cannot redraw; a simple baseline, trains "
+                   "for minutes."))
 class AutoEncoder(ReconstructionDetector):
     """Convolutional autoencoder.
 

@@ -93,6 +93,7 @@ class Detector:
 
     name: ClassVar[str] = ""
     family: ClassVar[str] = ""    # "representation" or "reconstruction"
+    summary: ClassVar[str] = ""   # one plain sentence for people choosing a detector
     square_input: ClassVar[bool] = False  # True where the network needs a square input: the frame is square
     # Whether a small set is cross-fitted for calibration (five more fits): yes where a fit is a pass over the
     # features; detectors that train a network for minutes calibrate only on a held-out share.
@@ -131,21 +132,32 @@ class Detector:
         """The frame for these training image sizes: an exact (h, w), or the images' aspect ratio kept with
         the longer side `resize` (an int), or for "auto" `auto_long_side` where the detector chose one from
         the data, else the images' own median longer side within AUTO_LONG_SIDE."""
+        self._check_resize()
+        if isinstance(self.resize, (tuple, list)):
+            return (int(self.resize[0]), int(self.resize[1]))
+        long_side = int(auto_long_side or native_long_side(sizes_hw)) if self.resize == "auto" else int(self.resize)
+        return (long_side, long_side) if self.square_input else fit_frame(sizes_hw, long_side)
+
+    def _check_resize(self) -> None:
         if isinstance(self.resize, (tuple, list)):
             if len(self.resize) != 2 or not all(isinstance(v, (int, np.integer)) and 1 <= v <= MAX_FRAME_SIDE
                                                 for v in self.resize):
                 raise ValueError(f"resize as (height, width) needs two ints from 1 to {MAX_FRAME_SIDE}, "
                                  f"not {self.resize!r}")
-            return (int(self.resize[0]), int(self.resize[1]))
-        if self.resize == "auto":
-            long_side = int(auto_long_side or native_long_side(sizes_hw))
-        elif isinstance(self.resize, (int, np.integer)) and not isinstance(self.resize, bool) and (
-                self.resize >= 32 or self.square_input and self.resize >= 1) and self.resize <= MAX_FRAME_SIDE:
-            long_side = int(self.resize)
-        else:
-            raise ValueError(f"resize must be 'auto', an int from 32 to {MAX_FRAME_SIDE} (the longer side; the "
-                             f"aspect ratio is kept) or a (height, width) pair, not {self.resize!r}")
-        return (long_side, long_side) if self.square_input else fit_frame(sizes_hw, long_side)
+        elif self.resize != "auto" and not (
+                isinstance(self.resize, (int, np.integer)) and not isinstance(self.resize, bool) and (
+                self.resize >= 32 or self.square_input and self.resize >= 1) and self.resize <= MAX_FRAME_SIDE):
+            raise ValueError(f"resize must be 'auto', a number of pixels from 32 to {MAX_FRAME_SIDE} (the longer "
+                             f"side; the aspect ratio is kept) or a (height, width) pair, not {self.resize!r}")
+
+    def check_params(self) -> "Detector":
+        """Refuse a bad parameter with a ValueError that names it and its allowed values, before any work: fit
+        starts with it, and the Train form calls it as the user types."""
+        calibration.held_out_index(0, self.calibration_fraction, 0)
+        resolve_device(getattr(self, "device", "auto"))
+        self._check_resize()
+        self._validate()
+        return self
 
     def feature_extractor(self) -> FeatureExtractor | None:
         """The frozen pretrained backbone, for detectors that have one (benchmarks time it alone)."""
@@ -167,13 +179,13 @@ class Detector:
         start = time.perf_counter()
         for attr in ("fit_info_", "input_frame_", "auto_settings_", "calibration_"):   # a refit starts afresh
             self.__dict__.pop(attr, None)
+        self.check_params()
         seed = int(getattr(self, "seed", 0))
         held = calibration.held_out_index(len(images), self.calibration_fraction, seed)
         fitted_on = calibration.take(images, np.setdiff1d(np.arange(len(images)), held)) if len(held) else images
         sizes = (fitted_on.sizes() if hasattr(fitted_on, "sizes")
                  else [fitted_on[i].shape[:2] for i in range(len(fitted_on))])
         try:
-            self._validate()
             self.auto_settings_ = self._auto_settings(fitted_on, sizes, progress)
             frame = self._fit_frame(sizes, self.auto_settings_.get("long_side"))
             Preprocess(resize=frame, crop=self.crop)  # refuses a crop larger than the frame before any work
@@ -413,11 +425,13 @@ def _aspect_stretch(sizes_hw, frame: tuple[int, int]) -> float:
 _DETECTORS: dict[str, type[Detector]] = {}
 
 
-def register_detector(name: str, family: str):
+def register_detector(name: str, family: str, summary: str = ""):
+    """Register a detector class by name; `summary` says in one plain sentence what it does and when to use it
+    (the Train form shows it)."""
     def add(cls: type[Detector]) -> type[Detector]:
         if name in _DETECTORS:
             raise ValueError(f"detector {name!r} already registered by {_DETECTORS[name].__module__}")
-        cls.name, cls.family = name, family
+        cls.name, cls.family, cls.summary = name, family, summary
         _DETECTORS[name] = cls
         return cls
     return add

@@ -116,7 +116,9 @@ def _shifted_min_distance(query: torch.Tensor, refs: torch.Tensor, r: int) -> to
     return 1 - best
 
 
-@register_detector("cpr", family="representation")
+@register_detector("cpr", family="representation", summary=(
+                   "Finds the most similar good training images, then compares each patch with patches near "
+                   "the same place in them; strong on aligned parts."))
 class CPR(BackboneDetector):
     """CPR anomaly detector: global retrieval of similar training images, then local patch retrieval.
 

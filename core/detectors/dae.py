@@ -15,7 +15,9 @@ from .ae import AutoEncoder
 from .base import register_detector, store_params
 
 
-@register_detector("dae", family="reconstruction")
+@register_detector("dae", family="reconstruction", summary=(
+                   "An autoencoder trained to remove noise and masks from good images; a baseline, trains for "
+                   "minutes."))
 class DenoisingAutoEncoder(AutoEncoder):
     """Denoising convolutional autoencoder.
 
@@ -23,6 +25,7 @@ class DenoisingAutoEncoder(AutoEncoder):
     ----------
     noise_std : std of the additive Gaussian noise, in [0, 1] intensity units (0 = none).
     mask_ratio : expected fraction of `mask_patch` x `mask_patch` squares replaced by mid-grey (0 = none).
+    mask_patch : side of those squares, in pixels (an int >= 1).
     Others : as :class:`.ae.AutoEncoder`.
     """
 

@@ -170,7 +170,9 @@ def hard_feature_loss(teacher: torch.Tensor, student: torch.Tensor, quantile: fl
     return d.topk(k, sorted=False).values.mean()
 
 
-@register_detector("efficientad", family="representation")
+@register_detector("efficientad", family="representation", summary=(
+                   "A small student network learns to imitate a pretrained one on good images and flags where "
+                   "it cannot; fast to score, trains for several minutes."))
 class EfficientAD(SeededTraining, BackboneDetector):
     """EfficientAD-S anomaly detector: student-teacher plus autoencoder, on a frozen pretrained teacher.
 

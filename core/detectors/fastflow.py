@@ -129,7 +129,9 @@ def split_validation(n: int, fraction: float, generator: torch.Generator) -> tup
     return order[n_val:].sort().values, order[:n_val].sort().values
 
 
-@register_detector("fastflow", family="representation")
+@register_detector("fastflow", family="representation", summary=(
+                   "Learns the distribution of good images' features with normalizing flows and flags unlikely "
+                   "regions; trains for a few minutes."))
 class FastFlow(SeededTraining, BackboneDetector):
     """FastFlow anomaly detector: 2D normalizing flows over frozen backbone features.
 

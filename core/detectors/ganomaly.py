@@ -64,7 +64,9 @@ class GanomalyNet(nn.Module):
         return self.discriminator.head(features).flatten(), features
 
 
-@register_detector("ganomaly", family="reconstruction")
+@register_detector("ganomaly", family="reconstruction", summary=(
+                   "A GAN-style encoder-decoder-encoder baseline for comparison; trains for minutes, usually "
+                   "weaker."))
 class Ganomaly(ReconstructionDetector):
     """GANomaly.
 

@@ -91,7 +91,9 @@ def from_lower_triangle(lower: torch.Tensor, d: int) -> torch.Tensor:
     return full.contiguous()
 
 
-@register_detector("padim", family="representation")
+@register_detector("padim", family="representation", summary=(
+                   "Fits a Gaussian to the features at each position of good images; quick, best when parts "
+                   "are aligned the same way."))
 class PaDiM(BackboneDetector):
     """PaDiM anomaly detector: a Gaussian per patch position, Mahalanobis distance as the score.
 

@@ -69,7 +69,9 @@ def ivf_centroids(bank: torch.Tensor, seed: int) -> torch.Tensor:
     return torch.from_numpy(kmeans.centroids.copy())
 
 
-@register_detector("patchcore", family="representation")
+@register_detector("patchcore", family="representation", summary=(
+                   "Remembers a compact bank of good image patches and flags patches far from all of them; the "
+                   "strongest here in general, trains in seconds to minutes."))
 class PatchCore(BackboneDetector):
     """PatchCore anomaly detector.
 
@@ -91,11 +93,14 @@ class PatchCore(BackboneDetector):
     search : nearest-neighbour index. "exact" (faiss flat L2), "ivf" (inverted lists over k-means cells of
         the bank, `nprobe` cells searched per patch), or "auto" (default): exact below `ivf_min_bank`
         patches, where it costs less than the backbone, IVF above.
+    nprobe : IVF cells searched per patch (an int >= 1): more is slower and closer to the exact search.
+    ivf_min_bank : the smallest bank, in patches, that "auto" searches with IVF.
     score_border : pixels at the edge of the model frame left out of the image score (the map keeps them),
         for images whose edges vary from one good part to the next (a fixture, a cut edge), or "auto"
         (default): chosen with the other "auto" settings, 0 unless held-out good images score highest at
         their edges by more than the synthetic defects there would be missed.
     reweight : apply the paper's Eq. 7 to the image score, using `n_reweight` bank neighbours.
+    n_reweight : bank neighbours the reweighting looks at (an int >= 1; the paper: 9).
     blur_sigma : Gaussian blur of the upsampled anomaly map (paper: 4).
 
     With resize, coreset_ratio and score_border at "auto" (the defaults) the fit first chooses them from the
@@ -118,7 +123,8 @@ class PatchCore(BackboneDetector):
     def _validate(self) -> None:
         if self.coreset_ratio != "auto" and not (isinstance(self.coreset_ratio, (int, float)) and
                                                   0 < self.coreset_ratio <= 1):
-            raise ValueError(f"coreset_ratio must be 'auto' or a number in (0, 1], got {self.coreset_ratio!r}")
+            raise ValueError(f"coreset_ratio must be 'auto' or a fraction between 0 and 1 (e.g. 0.05 for 5% of the "
+                             f"training patches), not {self.coreset_ratio!r}")
         self._require_stages()
         self._require_positive("n_reweight", "min_bank", "nprobe", "ivf_min_bank")
         if self.score_border != "auto" and not (isinstance(self.score_border, int) and 0 <= self.score_border

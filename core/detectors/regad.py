@@ -203,7 +203,9 @@ def augment_support(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(out)
 
 
-@register_detector("regad", family="representation")
+@register_detector("regad", family="representation", summary=(
+                   "Starts a new product from 2 to 8 good images, using a registration learnt on other "
+                   "products."))
 class RegAD(BackboneDetector):
     """RegAD few-shot anomaly detector: registered features of an augmented support set, a Gaussian per
     position (see the module docstring).

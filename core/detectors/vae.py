@@ -41,7 +41,8 @@ class VAENet(nn.Module):
         return self.decoder(z), mu, logvar
 
 
-@register_detector("vae", family="reconstruction")
+@register_detector("vae", family="reconstruction",
+                   summary="A variational autoencoder baseline: flags what it redraws poorly; trains for minutes.")
 class VariationalAutoEncoder(ReconstructionDetector):
     """Convolutional VAE.
 

@@ -1,6 +1,7 @@
 """Every page through streamlit.testing's AppTest: drive its main controls, assert on what it renders."""
 import io
 import shutil
+import threading
 import time
 import zipfile
 from pathlib import Path
@@ -12,7 +13,9 @@ from PIL import Image
 from streamlit.testing.v1 import AppTest
 
 from core.app import embeddings
+from core.app.jobs import job_board
 from core.data import Preprocess, Sample
+from core.params import param_specs
 from core.pipeline import Evaluation
 from core.results import save_results
 from core.runs import RunStore
@@ -43,10 +46,16 @@ def metric(at: AppTest, label: str) -> str:
     return next(m.value for m in at.metric if m.label == label)
 
 
+def server_jobs():
+    """The job board the app's pages use (this test's registry)."""
+    return job_board(RunStore().path)
+
+
 def wait_for_job(at: AppTest, seconds: float = 240) -> None:
-    """Rerun the page as the browser's polling would, until the training job has ended."""
+    """Rerun the page as the browser's polling would, until the server's jobs have ended and the page has
+    shown their outcome."""
     deadline = time.monotonic() + seconds
-    while "training_job" in at.session_state:
+    while server_jobs().running() or any(not j.seen for j in server_jobs().jobs()):
         assert time.monotonic() < deadline, f"the training job did not end within {seconds:g} s"
         time.sleep(0.5)
         at.run()
@@ -146,20 +155,43 @@ def test_create_clicked_before_the_upload_arrived_waits_and_then_creates():
 def test_train_page_builds_the_form_and_cancel_registers_nothing(workspace):
     at = open_page("train")
     assert next(s for s in at.selectbox if s.label == "Detector").value == "patchcore"
+    assert "compact bank of good image patches" in texts(at)            # the detector in a sentence
     labels = {w.label for w in [*at.number_input, *at.checkbox, *at.text_input]}
     assert {"coreset_ratio", "reweight", "stages", "blur_sigma"} <= labels
     ratio = next(t for t in at.text_input if t.label == "coreset_ratio")   # "auto", or a number typed in
     assert ratio.value == "auto" and "held-out good images" in ratio.help
+    params = {spec.name for spec in param_specs("patchcore")}
+    assert all(w.help for w in [*at.number_input, *at.checkbox, *at.text_input] if w.label in params)
+    # The workspace's demo run was trained with other settings: the estimate says so.
+    assert "Estimated time: about" in texts(at) and "1 earlier patchcore run with other settings" in texts(at)
     before = len(workspace["store"].list_runs())
     next(b for b in at.button if b.label == "Train").click().run()
-    assert "training_job" in at.session_state
-    job = at.session_state["training_job"]["job"]
+    job = server_jobs().latest("training")
+    assert job is not None and job.detector == "patchcore"
     wait_until(lambda: job.snapshot().stages, 120, "the training job never started a stage")
+    # A reload is a new session: on another page the sidebar lists the server's job, and cancels it.
+    elsewhere = open_page("compare")
+    assert any("Training patchcore on hazelnut_toy" in c.value for c in elsewhere.sidebar.caption)
+    next(b for b in elsewhere.sidebar.button if b.label == "Cancel").click().run()
+    assert job.snapshot().cancelling
     at.run()
-    next(b for b in at.button if b.label == "Cancel training").click().run()
     wait_for_job(at)
     assert "Training cancelled: nothing was registered." in texts(at)
     assert len(workspace["store"].list_runs()) == before
+
+
+def test_train_form_checks_parameters_as_they_are_typed(workspace):
+    at = open_page("train")
+    next(t for t in at.text_input if t.label == "coreset_ratio").set_value("5").run()
+    assert any("a fraction between 0 and 1 (e.g. 0.05 for 5%" in e.value for e in at.error)
+    assert next(b for b in at.button if b.label == "Train").disabled
+    next(t for t in at.text_input if t.label == "coreset_ratio").set_value("0.05").run()
+    next(t for t in at.text_input if t.label == "resize").set_value("256").run()
+    assert not at.error and not next(b for b in at.button if b.label == "Train").disabled
+    # The same settings as the workspace's run: the estimate comes from it.
+    assert "1 earlier patchcore run with the same settings" in texts(at)
+    next(t for t in at.text_input if t.label == "resize").set_value("10").run()
+    assert any("resize must be 'auto', a number of pixels from 32" in e.value for e in at.error)
 
 
 def test_train_page_registers_a_saved_model(workspace):
@@ -330,9 +362,26 @@ def test_features_shows_coreset_and_embedding_maps(workspace, tmp_path, monkeypa
     at = open_page("features")
     assert metric(at, "Coreset size").endswith("patches")
     assert any(b.label == "Compute embedding maps" for b in at.button)
-    # UMAP's first call compiles for half a minute; its layout is checked in test_embeddings.py.
-    monkeypatch.setattr(embeddings, "_layout", lambda vectors, seed: embeddings._pca(vectors))
+    # UMAP's first call compiles for half a minute (its layout is checked in test_embeddings.py): PCA stands in,
+    # held back until the test has left the page and come back, so the job is surely still running then.
+    release = threading.Event()
+
+    def held_layout(vectors, seed):
+        assert release.wait(60), "the test never released the layout"
+        return embeddings._pca(vectors)
+
+    monkeypatch.setattr(embeddings, "_layout", held_layout)
     next(b for b in at.button if b.label == "Compute embedding maps").click().run()
+    job = server_jobs().latest("embedding", run_id=run_id)
+    wait_until(lambda: any(s.stage == "layout" for s in job.snapshot().stages), 60, "the maps never reached UMAP")
+    at.switch_page("app_pages/compare.py").run()
+    back = open_page("features")                       # another session, as after a reload: the job is found
+    assert any("Feature maps of run #1" in m.value for m in back.markdown)
+    assert not any(b.label == "Compute embedding maps" for b in back.button)
+    release.set()
+    wait_until(lambda: not job.snapshot().running, 60, "the maps never finished")
+    at = back
+    at.run()
     assert not at.exception, at.exception
     assert (folder / embeddings.VIEWS_FILE).is_file()
     assert [s.value for s in at.subheader][-2:] == ["Images", "Patches"]
@@ -391,7 +440,6 @@ def test_a_damaged_registry_is_explained_on_the_page_not_a_traceback(tmp_path):
 
 
 def test_a_damaged_model_folder_is_explained_on_the_page_not_a_traceback(workspace, tmp_path):
-    import shutil
     import sqlite3
     run = workspace["store"].get_run(workspace["run_id"])
     damaged = tmp_path / "damaged-model"
@@ -616,7 +664,7 @@ def test_the_demo_again_reuses_its_dataset_and_run_instead_of_training_a_copy(wo
     at = open_page()
     next(b for b in at.button if b.label == "Run the demo").click().run()
     assert not at.exception, at.exception
-    assert at.title[0].value == "Heatmaps" and "training_job" not in at.session_state
+    assert at.title[0].value == "Heatmaps" and not server_jobs().jobs()
     store = workspace["store"]
     assert [d["id"] for d in store.list_datasets()] == [workspace["dataset_id"]]
     assert [r["id"] for r in store.list_runs()] == [workspace["run_id"]]
