@@ -68,7 +68,6 @@ job = jobs.board().latest("training")
 if job is not None:
     snapshot = job.snapshot()
     if snapshot.running:
-        st.caption(f"Dataset: {job.dataset.name} · {job.detector or 'saved model'}")
         jobs.progress_panel(job)
         st.stop()
     if not job.seen:
@@ -156,7 +155,7 @@ with new_model:
         params["backbone"] = backbone
     if detector == "regad":
         params["registration"] = registration_choice()
-    with st.expander("Parameters (the defaults choose from your images)", expanded=False):
+    with st.expander("Parameters (the defaults choose from your images)", key=f"parameters_{detector}"):
         st.caption("Hover the ? of a parameter for its meaning, unit and range. A parameter left at \"auto\" is "
                    "chosen from the training images; type a number to set it yourself.")
         cols = st.columns(3)

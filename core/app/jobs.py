@@ -172,12 +172,13 @@ class TrainingJob(Job):
         self.store, self.dataset_id, self.dataset = store, dataset_id, dataset
         self.detector, self.params, self.model_folder = detector, dict(params or {}), model_folder
         self.name, self.audit = name, audit
+        self.dataset_name = store.get_dataset(dataset_id)["name"]   # as the user named it
         super().__init__(estimate_s)
 
     @property
     def title(self) -> str:
         what = f"Training {self.detector}" if self.detector else "Registering a saved model"
-        return f"{what} on {self.dataset.name}"
+        return f"{what} on {self.dataset_name}"
 
     def _run(self, progress) -> int:
         if self.model_folder is not None:

@@ -66,7 +66,7 @@ def app_url(tmp_path):
 
 
 @pytest.fixture
-def page(app_url):
+def page(app_url, request):
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
@@ -80,6 +80,7 @@ def page(app_url):
             "http", "https", "ws", "wss") and urlparse(request.url).hostname not in ("127.0.0.1", "localhost") else None)
         tab.goto(app_url)
         yield tab
+        shot(tab, f"last_{request.node.name}")   # where the test ended: on a failure, what was on screen
         browser.close()
 
 

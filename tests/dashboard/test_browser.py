@@ -1,6 +1,8 @@
 """End to end in a real browser: the app served by `streamlit run`, driven by headless Chromium.
 
-Uploads the demo set as a zip (clicking Create before the upload has arrived), trains, opens the heatmaps, moves
+Uploads the demo set as a zip (clicking Create before the upload has arrived), starts a training, reloads, cancels it
+from another page's sidebar, types a wrong parameter and sees it refused, trains, leaves and returns to a running
+feature-map job and cancels it, opens the heatmaps, moves
 the threshold and checks the numbers change, deploys and inspects an image, then deletes the run; a screenshot of
 every page lands in tests/artifacts/. Every request the browser makes must stay on the app's own host (offline
 inspection PCs).
@@ -42,10 +44,34 @@ def test_upload_train_tune_inspect_and_delete_in_a_browser(page, tmp_path):
     page.get_by_role("heading", name="Train", exact=True).wait_for()
     settle(page)
     page.get_by_role("button", name="Train", exact=True).click()
-    page.get_by_text("Choosing settings on held-out images").wait_for()   # the auto preset is the default
+    page.get_by_text("Training patchcore on hazelnut upload…").wait_for()
     shot(page, "3_train_progress")
-    page.get_by_text(re.compile(r"Run #\d+ is ready")).wait_for(timeout=300_000)
-    page.get_by_text(re.compile("Chosen automatically: input .* px")).wait_for()
+    # The training belongs to the server: a reload finds it, and another page cancels it from the sidebar.
+    page.reload()
+    page.get_by_text("Training patchcore on hazelnut upload…").wait_for()
+    go(page, "Compare")
+    sidebar = page.get_by_test_id("stSidebar")
+    sidebar.get_by_text("Training patchcore on hazelnut upload").first.wait_for()
+    shot(page, "3_compare_while_training")
+    sidebar.get_by_role("button", name="Cancel").click()
+    sidebar.get_by_role("link", name=re.compile("Training cancelled")).wait_for(timeout=120_000)
+    go(page, "Train")
+    page.get_by_text("Training cancelled: nothing was registered.").wait_for()
+
+    # The demo's settings, typed in: a wrong coreset share is refused before Train is pressed, saying what it takes.
+    page.get_by_text("Parameters (the defaults choose from your images)").click()
+    page.get_by_role("textbox", name="coreset_ratio", exact=True).fill("5")
+    page.get_by_role("textbox", name="coreset_ratio", exact=True).press("Enter")
+    page.get_by_text(re.compile(r"a fraction between 0 and 1 \(e.g. 0.05 for 5%")).wait_for()
+    assert page.get_by_role("button", name="Train", exact=True).is_disabled()
+    shot(page, "3_train_form_refuses")
+    page.get_by_role("textbox", name="coreset_ratio", exact=True).fill("0.05")
+    page.get_by_role("textbox", name="coreset_ratio", exact=True).press("Enter")
+    page.get_by_role("textbox", name="resize", exact=True).fill("256")
+    page.get_by_role("textbox", name="resize", exact=True).press("Enter")
+    settle(page)
+    page.get_by_role("button", name="Train", exact=True).click()
+    page.get_by_text(re.compile(r"Run #\d+ is ready")).wait_for(timeout=600_000)
     settle(page)
     shot(page, "3_train_done")
 
@@ -71,8 +97,17 @@ def test_upload_train_tune_inspect_and_delete_in_a_browser(page, tmp_path):
     page.get_by_role("button", name=re.compile("Save image threshold")).click()
     page.get_by_text("Saved with the run (manual").first.wait_for()   # shown in the image and pixel tabs
 
+    # Feature maps are a server job too: leave the page while they compute and come back to the same job.
     go(page, "Features")
-    shot(page, "6_features")
+    page.get_by_role("button", name="Compute embedding maps").click()
+    page.get_by_text(re.compile(r"Feature maps of run #\d+…")).first.wait_for()
+    go(page, "Heatmaps")
+    go(page, "Features")
+    page.get_by_text(re.compile(r"Feature maps of run #\d+…")).first.wait_for()
+    assert not page.get_by_role("button", name="Compute embedding maps").is_visible()
+    shot(page, "6_features_computing")
+    page.get_by_test_id("stMain").get_by_role("button", name="Cancel").click()   # UMAP is slow here: the
+    # cancellation lands between its steps while the test goes on; the end of the test checks it
 
     go(page, "Compare")
     page.get_by_role("button", name="Deploy this run").click()
@@ -121,6 +156,10 @@ def test_upload_train_tune_inspect_and_delete_in_a_browser(page, tmp_path):
     assert page.get_by_text("OK", exact=True).is_visible()
     assert page.get_by_text(re.compile("outside the region of interest")).is_visible()
     shot(page, "10_inspect_with_roi")
+
+    go(page, "Features")
+    page.get_by_text("Embedding maps cancelled.").wait_for(timeout=180_000)
+    shot(page, "10_features_cancelled")
 
     # Delete the deployed run: only after ticking the confirmation that says it is deployed; its model folder goes.
     go(page, "Compare")
