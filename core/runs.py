@@ -678,7 +678,8 @@ class RunStore:
         review = {} if row["level"] == "pixel" else (
             {"remove_review": True} if row["review"] is None else {"review": row["review"]})
         self.set_threshold(run_id, **{row["level"]: row["value"]}, preset=row["preset"], **review,
-                           note=note if note is not None else f"reverted to the threshold saved {row['time'][:16]}")
+                           note=note if note is not None else
+                           f"reverted to the threshold saved {row['time'][:16].replace('T', ' ')} UTC")
 
     def set_rules(self, run_id: int, rules) -> None:
         """Save the run's defect rules (a :class:`core.rules.DefectRules`; None removes them)."""
