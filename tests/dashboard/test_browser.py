@@ -76,7 +76,8 @@ def test_upload_train_tune_inspect_and_delete_in_a_browser(page, tmp_path):
 
     go(page, "Compare")
     page.get_by_role("button", name="Deploy this run").click()
-    page.get_by_text(re.compile("Deployed now")).wait_for()
+    page.get_by_role("button", name=re.compile(r"Yes, deploy #\d+")).click()       # after its confirmation
+    page.get_by_text(re.compile(r"Deployed now: #\d+")).wait_for()
     settle(page)
     shot(page, "7_compare")
 

@@ -363,8 +363,19 @@ def test_compare_lists_runs_and_deploys(workspace):
     table = at.dataframe[0].value
     assert table["run"].tolist() == ["#1 patchcore"] and table["image AUROC"].iloc[0] == 1.0
     assert table["memory MB"].iloc[0] > 0 and table["ms per image"].iloc[0] > 0
+    assert (table["false alarms"].iloc[0], table["missed defects"].iloc[0]) == (0, 0)   # at its F1-max threshold
+    assert (table["good tested"].iloc[0], table["defective tested"].iloc[0]) == (6, 17)
+    at.multiselect(key="compare_columns").unselect("backbone").run()
+    assert "backbone" not in at.dataframe[0].value and "false alarms" in at.dataframe[0].value
     assert "No run is deployed" in texts(at)
     next(b for b in at.button if b.label == "Deploy this run").click().run()
+    assert workspace["store"].deployed_run(workspace["dataset_id"]) is None          # not before the confirmation
+    assert "0 false alarm(s) among 6 good and missed 0 of 17" in texts(at)
+    next(b for b in at.button if b.key == "cancel_deploy").click().run()
+    assert workspace["store"].deployed_run(workspace["dataset_id"]) is None
+    assert not any(b.key == "confirm_deploy" for b in at.button)
+    next(b for b in at.button if b.label == "Deploy this run").click().run()
+    next(b for b in at.button if b.label == "Yes, deploy #1 patchcore").click().run()
     assert workspace["store"].deployed_run(workspace["dataset_id"])["id"] == workspace["run_id"]
     assert "Deployed now: **#1 patchcore**" in texts(at)
 

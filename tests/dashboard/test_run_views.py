@@ -115,3 +115,19 @@ def test_inspect_answers_within_a_second_with_a_map_at_input_size(workspace):
     assert verdicts[0].map.shape == good.shape[:2]
     # The best of a few answers: what the machine can do, not how busy its other tenants are.
     assert min(inspector.inspect(bad).seconds for _ in range(3)) < 1.0
+
+
+def test_mistakes_at_a_threshold_count_only_labelled_test_images():
+    import pandas as pd
+    from core.app.compare import mistakes_at
+    scores = pd.DataFrame({"path": list("abcdefg"),
+                           "split": ["test", "test", "test", "test", "test", "calibration", "test"],
+                           "label": pd.array([0, 0, 1, 1, 0, 0, None], dtype="Int64"),
+                           "defect": ["good", "good", "crack", "crack", "good", "good", None],
+                           "score": [0.2, 0.6, 0.5, 0.9, 0.5, 0.99, 0.95]})
+    # at 0.5: good 0.6 and 0.5 flagged (at the threshold is NG); crack 0.5 and 0.9 caught; the calibration's
+    # 0.99 and the unlabelled 0.95 are not test mistakes
+    assert mistakes_at(scores, 0.5) == {"false alarms": 2, "missed defects": 0, "good tested": 3,
+                                        "defective tested": 2}
+    assert mistakes_at(scores, 0.7)["false alarms"] == 0 and mistakes_at(scores, 0.7)["missed defects"] == 1
+    assert mistakes_at(scores, None)["false alarms"] is None
