@@ -395,6 +395,24 @@ def test_inspect_gives_a_verdict_for_an_upload_and_rejects_junk(workspace):
     assert "cannot be inspected" in at.error[0].value
 
 
+def test_inspect_names_the_run_it_scores_the_selected_one_unless_the_deployed_one_is_chosen(workspace):
+    store, copy = workspace["store"], copied_run(workspace)
+    store.set_deployed(workspace["dataset_id"], workspace["run_id"])
+    store.set_threshold(copy["id"], image=1e9)                 # the copy passes everything: which run scored shows
+    at = AppTest.from_file(APP, default_timeout=120)
+    at.session_state["pending_selection"] = (workspace["dataset_id"], copy["id"])
+    at.run()
+    at.switch_page("app_pages/inspect_live.py").run()
+    assert f"Scoring with **run #{copy['id']} · copy · patchcore**: the run selected in the sidebar, not the " \
+           "deployed one" in texts(at)
+    bad = DEMO / "test" / "colour" / "00.jpg"
+    at.file_uploader(key="inspect_upload").set_value((bad.name, bad.read_bytes(), "image/jpeg")).run()
+    assert ">OK<" in texts(at)                                 # the copy's threshold, not the deployed run's
+    at.radio(key="inspect_source").set_value("deployed").run()
+    assert f"Scoring with **run #{workspace['run_id']} · unnamed · patchcore**: the deployed run of hazelnut_toy" \
+           in texts(at) and ">NG<" in texts(at)
+
+
 def test_two_sessions_tune_thresholds_without_touching_each_other(workspace):
     run_id = workspace["run_id"]
     saved = workspace["store"].get_run(run_id)["thresholds"]["image"]
