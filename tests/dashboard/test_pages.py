@@ -14,7 +14,7 @@ from streamlit.testing.v1 import AppTest
 
 from core.app import embeddings
 from core.data import Preprocess, Sample
-from core.pipeline import Evaluation
+from core.pipeline import Evaluation, run_results
 from core.results import save_results
 from core.runs import RunStore
 from core.workspace import DEMO_DIR, REPO_ROOT
@@ -220,6 +220,30 @@ def test_thresholds_move_presets_and_save(workspace):
     assert at.get("download_button")                   # the stakeholder report
 
     assert slider(at, f"slider_pixel_{run_id}")["label"] == "Pixel threshold"
+
+
+def test_the_gap_preset_a_note_and_reverting_from_the_history(workspace):
+    store, run_id = workspace["store"], workspace["run_id"]
+    at = open_page("thresholds")
+    gap = run_results(store, run_id).image_distribution().gap()
+    assert gap.separated and f"takes {gap.middle:.4g}" in texts(at)
+    at.selectbox(key=f"preset_image_{run_id}").set_value("gap_middle").run()
+    assert float(metric(at, "Threshold")) == pytest.approx(gap.middle, rel=1e-3)
+    assert metric(at, "False alarms") == "0" and metric(at, "Missed defects") == "0"
+    at.text_input(key=f"note_image_{run_id}").input("most room on both sides").run()
+    next(b for b in at.button if b.label.startswith("Save image threshold")).click().run()
+    saved = store.get_run(run_id)["thresholds"]["saved"]
+    assert saved["image"]["preset"] == "gap_middle" and saved["image"]["note"] == "most room on both sides"
+    assert saved["pixel"]["preset"] == "f1_max"                                # the pixel level keeps its own
+    assert "Saved with the run (gap_middle" in texts(at) and at.text_input(key=f"note_image_{run_id}").value == ""
+    history = store.threshold_history(run_id, "image")
+    assert [h["preset"] for h in history] == ["gap_middle", "f1_max"]
+    assert at.selectbox(key=f"revert_image_{run_id}").options == [
+        f"{history[1]['value']:.4g} (f1_max, saved {history[1]['time'][:16].replace('T', ' ')})"]
+    button(at, f"revert_button_image_{run_id}").click().run()
+    assert store.get_run(run_id)["thresholds"]["image"] == history[1]["value"]
+    assert float(metric(at, "Threshold")) == pytest.approx(history[1]["value"], rel=1e-3)
+    assert at.selectbox(key=f"preset_image_{run_id}").value == "f1_max" and "reverted to" in texts(at)
 
 
 def synthetic_run(store: RunStore, tmp_path, n: int = 1000) -> int:
