@@ -1,9 +1,13 @@
-"""Compare: the runs of a dataset side by side (accuracy, latency, memory, size) and the run to deploy."""
+"""Compare: the runs of a dataset side by side (accuracy, mistakes at each one's threshold, latency, memory, size)
+and the run to deploy, after a confirmation."""
+import pandas as pd
 import streamlit as st
 
 from core.app import figures, manage
 from core.app.compare import METRIC_COLUMNS, run_table
 from ui import state
+
+DEPLOY_PENDING = "deploy_pending"     # the run whose deployment waits for its confirmation
 
 st.title("Compare")
 record = state.current_dataset()
@@ -23,12 +27,19 @@ if table.empty:
     st.stop()
 
 st.caption(f"Dataset **{record['name']}** · {len(table)} run{'s' if len(table) != 1 else ''} · metrics on its test set, "
-           "latency per test image on this machine, memory = fitted model plus backbone weights.")
+           "false alarms and missed defects at each run's own saved image threshold, latency per test image on this "
+           "machine, memory = fitted model plus backbone weights.")
 number = st.column_config.NumberColumn
 hidden_columns = ["id", "created"] + ([] if state.show_archived() else ["archived"])
-st.dataframe(table.drop(columns=hidden_columns), hide_index=True, column_config={
+choosable = [c for c in table.columns if c not in hidden_columns and c != "run"]
+shown = st.multiselect("Columns", choosable, default=choosable, key="compare_columns",
+                       help="The run column always shows; scroll the table sideways when it is wider than the page")
+st.dataframe(table[["run", *shown]], hide_index=True, width="stretch", column_config={
+    "run": st.column_config.TextColumn(pinned=True),
     **{label: number(format="%.3f") for label in METRIC_COLUMNS.values()},
     "image threshold": number(format="%.4g"), "fit s": number(format="%.1f"),
+    "false alarms": number(help="Good test images flagged NG at the run's saved image threshold"),
+    "missed defects": number(help="Defective test images passed as OK at the run's saved image threshold"),
     "ms per image": number(format="%.0f"), "memory MB": number(format="%.0f"), "model MB": number(format="%.1f"),
     "deployed": st.column_config.CheckboxColumn(), "archived": st.column_config.CheckboxColumn()})
 
@@ -44,9 +55,33 @@ labels = dict(zip(table["id"], table["run"]))
 choice = st.selectbox("Run to deploy", list(labels), format_func=labels.get,
                       index=list(labels).index(state.current_run()["id"]) if state.current_run() else 0)
 if st.button("Deploy this run", type="primary", icon=":material/rocket_launch:"):
-    state.store().set_deployed(record["id"], int(choice))
-    st.toast(f"{labels[choice]} is deployed: the Inspect page uses it.", icon=":material/check_circle:")
-    st.rerun()
+    st.session_state[DEPLOY_PENDING] = int(choice)
+pending = st.session_state.get(DEPLOY_PENDING)
+if pending in labels:
+    row = table[table["id"] == pending].iloc[0]
+    if row["deployed"]:
+        st.info(f"{labels[pending]} is already the deployed run.")
+        st.session_state.pop(DEPLOY_PENDING)
+    else:
+        with st.container(border=True):
+            if row["image threshold"] is None or pd.isna(row["image threshold"]):
+                consequence = "It has no saved image threshold: the Inspect page and the line cannot judge parts with it."
+            else:
+                consequence = (f"At its saved threshold {row['image threshold']:.4g} it made {row['false alarms']} false "
+                               f"alarm(s) among {row['good tested']} good and missed {row['missed defects']} of "
+                               f"{row['defective tested']} defective test images.")
+            st.warning(f"Deploy **{labels[pending]}**" + (f" in place of **{deployed.iloc[0]}**" if len(deployed) else "")
+                       + f"? The Inspect page uses it at once; the line's service loads it at its next start. "
+                       + consequence, icon=":material/rocket_launch:")
+            yes, no = st.columns([1, 4])
+            if yes.button(f"Yes, deploy {labels[pending]}", type="primary", key="confirm_deploy"):
+                state.store().set_deployed(record["id"], pending)
+                st.session_state.pop(DEPLOY_PENDING)
+                st.toast(f"{labels[pending]} is deployed: the Inspect page uses it.", icon=":material/check_circle:")
+                st.rerun()
+            if no.button("Cancel", key="cancel_deploy"):
+                st.session_state.pop(DEPLOY_PENDING)
+                st.rerun()
 
 st.subheader("Rename, archive or delete a run")
 target = st.selectbox("Run", list(labels), format_func=labels.get, key="manage_run",

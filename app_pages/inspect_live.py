@@ -3,6 +3,7 @@ import streamlit as st
 
 from core.data import IMAGE_SUFFIXES, ImageError, read_image
 from core.line.inspector import Inspector
+from core.app.compare import run_label
 from core.app.render import heatmap_panel, region_panel
 from core.rules import DefectRules
 from ui import state, widgets
@@ -11,21 +12,34 @@ VERDICT_COLOURS = {"OK": "green", "review": "orange", "NG": "red"}
 
 st.title("Inspect")
 record = state.current_dataset()
-run = state.store().deployed_run(record["id"]) if record else None
-source = "deployed"
-if run is None:
-    run, source = state.current_run(), "selected"
-if run is None:
+selected = state.current_run()
+deployed = state.store().deployed_run(record["id"]) if record else None
+# The run that scores is always named, and is another than the sidebar's only when the user picks the deployed one.
+choices = {"selected": selected} if selected is not None else {}
+if deployed is not None and (selected is None or deployed["id"] != selected["id"]):
+    choices["deployed"] = deployed
+if not choices:
     st.info("Train a run first (or run the demo on the Home page): inspection needs a model.")
     st.stop()
+source = next(iter(choices))
+if len(choices) > 1:
+    source = st.radio("Score with", list(choices), horizontal=True, key="inspect_source",
+                      format_func=lambda k: f"{'the run selected in the sidebar' if k == 'selected' else 'the deployed run'}"
+                                            f" ({run_label(choices[k])})",
+                      help="The deployed run is the one the line's service uses")
+run = choices[source]
+why = ("the run selected in the sidebar" + (", also the deployed run" if run["deployed"] else ", not the deployed one")
+       if source == "selected" else f"the deployed run of {record['name']}"
+       + ("" if selected is not None else " (no run is selected in the sidebar)"))
+st.markdown(f"Scoring with **run #{run['id']} · {run['name'] or 'unnamed'} · {run['detector']}**: {why}.")
 image_threshold = run["thresholds"]["image"]
 if image_threshold is None:
-    st.warning("This run has no saved threshold yet: set one on the Thresholds page first.")
+    st.warning(f"Run #{run['id']} has no saved threshold yet: set one on the Thresholds page first.")
     st.page_link("app_pages/thresholds.py", label="Set the threshold", icon=":material/tune:")
     st.stop()
 pixel_threshold = run["thresholds"]["pixel"] or image_threshold
-st.caption(f"Using the {source} run **{state.run_caption(run)}** with its saved threshold {image_threshold:.4g}"
-           + ("" if source == "deployed" else " (deploy a run on the Compare page to fix the choice)") + ".")
+st.caption(f"With its saved threshold {image_threshold:.4g}"
+           + ("" if run["deployed"] else " · deploy a run on the Compare page for the line to use it") + ".")
 
 detector = state.detector(run)
 found = state.results(run["id"])

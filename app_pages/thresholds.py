@@ -6,6 +6,7 @@ once per tab (core.app.figures.ThresholdFigures), so a slider move reruns only t
 search plus moving the markers.
 """
 import numpy as np
+import pandas as pd
 import streamlit as st
 
 from core.data import IMAGE_SUFFIXES, ImageError, read_image, read_mask
@@ -15,6 +16,7 @@ from core.app.report import build_report, report_file_name
 from core.rules import DefectRules, decide, roi_from_shapes
 from core.thresholds import PRESET_LABELS, ScoreDistribution, normal_threshold, synthetic_miss_rate
 from ui import state, widgets
+from ui.threshold_slider import take_move, threshold_slider
 
 LEVEL_WORDS = {"image": "images", "pixel": "pixels"}
 
@@ -31,23 +33,26 @@ else:
                "An image is NG when its score is at or above the threshold.")
 
 
-def apply_preset(run_id: int, level: str, dist: ScoreDistribution, name_key: str, value_key: str) -> None:
+def apply_preset(run: dict, level: str, dist: ScoreDistribution, name_key: str, value_key: str) -> None:
+    """A preset picked (or its percentage changed) takes effect at once, so the label always names the
+    threshold in use; "manual" and a preset these scores cannot compute keep the threshold and take the name."""
     name = st.session_state[name_key]
+    if name not in dist.available_presets():
+        state.set_threshold(run["id"], level, state.threshold(run, level), name)
+        return
     value = st.session_state.get(value_key)
-    if name == "normal_quantile" and value is not None:
+    if name in ("normal_quantile", "target_fpr") and value is not None:
         value = value / 100
-    if name == "target_fpr" and value is not None:
-        value = value / 100
-    state.set_threshold(run_id, level, dist.preset(name, value), name)
+    state.set_threshold(run["id"], level, dist.preset(name, value), name)
 
 
-def save_threshold(run: dict, level: str, value: float, preset: str) -> None:
+def save_threshold(run: dict, level: str, value: float, preset: str, note: str = "") -> None:
     """Save one level's threshold; the image level saves its review band with it (or its removal)."""
     extra = {}
     if level == "image":
         review = state.review(run)
         extra = {"review": review} if review is not None and review < value else {"remove_review": True}
-    state.store().set_threshold(run["id"], **{level: value}, preset=preset, **extra)
+    state.store().set_threshold(run["id"], **{level: value}, preset=preset, note=note, **extra)
     state.forget_thresholds(run["id"])
     st.toast(f"Saved the {level} threshold {value:.4g}.", icon=":material/check_circle:")
 
@@ -128,10 +133,6 @@ def good_images_panel(run: dict, calibration, test_dist: ScoreDistribution | Non
         st.rerun(scope="app")
 
 
-def moved(run_id: int, level: str, slider_key: str) -> None:
-    state.set_threshold(run_id, level, st.session_state[slider_key], "manual")
-
-
 def session_figures(run_id: int, level: str, dist: ScoreDistribution) -> ThresholdFigures:
     """This tab's own plots of the run (moving their marks mutates them, so they are never shared)."""
     built = st.session_state.setdefault("threshold_figures", {})
@@ -140,39 +141,92 @@ def session_figures(run_id: int, level: str, dist: ScoreDistribution) -> Thresho
     return built[(run_id, level)]
 
 
+def gap_caption(dist: ScoreDistribution, what: str) -> str:
+    gap = dist.gap()
+    if gap.separated:
+        return (f"**Gap:** good {what} score up to {gap.highest_normal:.4g}, defective ones from "
+                f"{gap.lowest_anomalous:.4g}: any threshold in between ({gap.width:.4g} wide, green on the slider) "
+                f"separates them all; '{PRESET_LABELS['gap_middle']}' takes {gap.middle:.4g}.")
+    return (f"**No gap:** good and defective {what} overlap from {gap.lowest_anomalous:.4g} to "
+            f"{gap.highest_normal:.4g} (red on the slider): {gap.normal_above:,} good and {gap.anomalous_below:,} "
+            f"defective {what} lie in it ({gap.normal_above + gap.anomalous_below:,} in all), so every threshold "
+            "misses defects or raises false alarms.")
+
+
+def saved_caption(run: dict, level: str) -> str:
+    saved = run["thresholds"]["saved"][level]
+    when = (saved["time"] or "")[:16].replace("T", " ")
+    return f"Saved with the run ({saved['preset']}, {when} UTC)" + (f": {saved['note']}" if saved["note"] else ".")
+
+
+def history_panel(run: dict, level: str) -> None:
+    """The level's saved thresholds, newest first, and going back to one of them."""
+    history = state.store().threshold_history(run["id"], level)
+    with st.expander(f"Saved {level} thresholds of run #{run['id']} ({len(history)})", icon=":material/history:"):
+        if not history:
+            st.caption("None saved yet.")
+            return
+        table = pd.DataFrame([{"saved (UTC)": h["time"][:19].replace("T", " "), "threshold": h["value"],
+                               **({"review from": h["review"]} if level == "image" else {}),
+                               "preset": PRESET_LABELS.get(h["preset"], h["preset"]), "note": h["note"]}
+                              for h in history])
+        st.dataframe(table, hide_index=True, column_config={"threshold": st.column_config.NumberColumn(format="%.4g"),
+                                                            "review from": st.column_config.NumberColumn(format="%.4g")})
+        labels = {h["id"]: f"{h['value']:.4g} ({h['preset']}, saved {h['time'][:16].replace('T', ' ')})"
+                  for h in history[1:]}     # the newest is the one in use
+        if not labels:
+            return
+        left, right = st.columns([3, 1], vertical_alignment="bottom")
+        chosen = left.selectbox("Go back to", list(labels), format_func=labels.get, key=f"revert_{level}_{run['id']}")
+        if right.button("Revert", key=f"revert_button_{level}_{run['id']}", icon=":material/undo:"):
+            state.store().revert_threshold(run["id"], int(chosen))
+            state.forget_thresholds(run["id"])
+            st.toast(f"The {level} threshold is back to {labels[chosen]}.", icon=":material/undo:")
+            st.rerun(scope="app")
+
+
 @st.fragment
 def threshold_panel(run: dict, level: str, dist: ScoreDistribution) -> None:
     what = LEVEL_WORDS[level]
     run_id = run["id"]
-    # One step of room past both ends: the ends then flag every image, and none.
-    step = (dist.highest - dist.lowest) / 1000 or 1.0
-    low, high = dist.lowest - step, dist.highest + step
-    current = state.threshold(run, level)
     slider_key = f"slider_{level}_{run_id}"
-    st.session_state[slider_key] = min(max(current, low), high)
+    moved_to = take_move(slider_key)
+    if moved_to is not None:
+        state.set_threshold(run_id, level, moved_to, "manual")
+    t = state.threshold(run, level)
+    # One step of room past both ends: the ends then flag every image, and none. A threshold beyond them (from
+    # good images alone) widens the range rather than being moved.
+    step = (dist.highest - dist.lowest) / 1000 or 1.0
+    low, high = min(dist.lowest - step, t), max(dist.highest + step, t)
 
+    preset_now = state.threshold_preset(run, level) or "manual"
     presets = dist.available_presets()
+    options = presets + [p for p in (preset_now, "manual") if p not in presets]
     name_key, value_key = f"preset_{level}_{run_id}", f"preset_value_{level}_{run_id}"
-    left, middle, right = st.columns([2, 1, 1], vertical_alignment="bottom")
-    preset = left.selectbox("Preset", presets, format_func=PRESET_LABELS.get, key=name_key,
-                            help="F1-max balances misses and false alarms on the test set; a target false-positive "
-                                 "rate caps false alarms; zero missed defects catches every defect in the test "
-                                 "set; a quantile of normal scores works before any defect has been seen.")
+    st.session_state[name_key] = preset_now if preset_now in options else "manual"
+    left, middle = st.columns([2, 1], vertical_alignment="bottom")
+    apply = dict(on_change=apply_preset, args=(run, level, dist, name_key, value_key))
+    preset = left.selectbox("Preset", options, format_func=lambda p: PRESET_LABELS.get(p, p), key=name_key,
+                            help="Takes effect when picked. F1-max balances misses and false alarms on the test set; "
+                                 "a target false-positive rate caps false alarms; zero missed defects catches every "
+                                 "defect in the test set; the middle of the gap leaves the most room on both sides "
+                                 "when good and defective scores do not overlap; a quantile of normal scores works "
+                                 "before any defect has been seen. Moving the slider makes it manual.", **apply)
     if preset == "target_fpr":
-        middle.number_input("False-positive rate, %", 0.0, 100.0, 1.0, step=0.5, key=value_key)
+        middle.number_input("False-positive rate, %", 0.0, 100.0, 1.0, step=0.5, key=value_key, **apply)
     elif preset == "normal_quantile":
-        middle.number_input("Quantile of normal scores, %", 50.0, 100.0, 99.0, step=0.1, key=value_key)
-    right.button("Apply preset", key=f"apply_{level}_{run_id}", on_click=apply_preset,
-                 args=(run_id, level, dist, name_key, value_key))
+        middle.number_input("Quantile of normal scores, %", 50.0, 100.0, 99.0, step=0.1, key=value_key, **apply)
 
-    t = st.slider(f"{level.capitalize()} threshold", low, high, step=step, format="%.4g", key=slider_key,
-                  on_change=moved, args=(run_id, level, slider_key))
+    threshold_slider(slider_key, f"{level.capitalize()} threshold", dist, t, low, high, step,
+                     "Missed defects" if level == "image" else "Missed pixels")
+    if dist.has_both_classes:
+        st.caption(gap_caption(dist, what))
     review = review_band(run, dist, t, low) if level == "image" else None
     plots = session_figures(run_id, level, dist)
     at = plots.at(t)
 
     cols = st.columns(6)
-    cols[0].metric("Threshold", f"{t:.4g}", help=f"preset: {state.threshold_preset(run, level) or 'none'}")
+    cols[0].metric("Threshold", f"{t:.4g}", help=f"preset: {PRESET_LABELS.get(preset_now, preset_now)}")
     cols[1].metric("Precision", f"{at['precision']:.3f}", help=f"Of the {what} flagged NG, the share truly anomalous")
     cols[2].metric("Recall", f"{at['recall']:.3f}", help=f"Of the anomalous {what}, the share flagged NG")
     cols[3].metric("False-positive rate", f"{at['fpr']:.3f}", help=f"Of the normal {what}, the share flagged NG")
@@ -192,24 +246,29 @@ def threshold_panel(run: dict, level: str, dist: ScoreDistribution) -> None:
 
     saved = run["thresholds"][level]
     unsaved = saved is None or abs(saved - t) > 1e-12 or (level == "image" and review != run["thresholds"]["review"])
-    label = f"Save {level} threshold {t:.4g} with run #{run_id}"
-    if st.button(label, type="primary" if unsaved else "secondary", disabled=not unsaved, key=f"save_{level}",
-                 icon=":material/save:"):
-        save_threshold(run, level, t, state.threshold_preset(run, level) or "manual")
+    left, right = st.columns([2, 1], vertical_alignment="bottom")
+    note_key = f"note_{level}_{run_id}"
+    if st.session_state.pop(f"{note_key}_saved", False):    # a saved note is not the next one's
+        st.session_state[note_key] = ""
+    note = left.text_input("Note saved with it", key=note_key, max_chars=200,
+                           placeholder="why this threshold (optional)")
+    if right.button(f"Save {level} threshold {t:.4g} with run #{run_id}", type="primary" if unsaved else "secondary",
+                    disabled=not unsaved, key=f"save_{level}", icon=":material/save:"):
+        save_threshold(run, level, t, preset_now, note.strip())
+        st.session_state[f"{note_key}_saved"] = True
         st.rerun(scope="app")
     if not unsaved:
-        st.caption(f"Saved with the run ({run['thresholds']['preset'] or 'manual'}, "
-                   f"{(run['thresholds']['updated'] or '')[:16].replace('T', ' ')}).")
+        st.caption(saved_caption(run, level))
+    history_panel(run, level)
     if level == "image":
         pixel = state.threshold(run, "pixel")
-        preset_now = state.threshold_preset(run, "image")
         st.download_button(
             "Download the report for stakeholders (HTML)", icon=":material/download:", mime="text/html",
             data=lambda: build_report(run, results, t, pixel, preset_now, review=review,
                                       rules=DefectRules.of_run(run)),
             file_name=report_file_name(run),
-            help="One self-contained file: metrics, curves, this threshold and the worst images' heatmaps. "
-                 "Opens offline in any browser.", key="report")
+            help="One self-contained file: metrics, curves, this threshold, the worst images' heatmaps and the "
+                 "borderline ones on both sides of the threshold. Opens offline in any browser.", key="report")
 
 
 ROI_SOURCES = ["Whole image", "Draw on an image", "Upload a mask"]

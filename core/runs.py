@@ -3,7 +3,8 @@
 Everything a user makes is recorded here: the datasets they registered, every run (detector, params,
 model path, metrics, timings, model card, chosen thresholds, which run is deployed), the score of
 every test image, and every image the inspection service scored (``inspections``: run, variant, time,
-source name, score, verdict, reason, seconds; see :meth:`RunStore.add_inspection`). Inspections are the
+source name, score, verdict, reason, seconds; see :meth:`RunStore.add_inspection`) and every threshold saved
+(``threshold_history``, see :meth:`RunStore.threshold_history`). Inspections are the
 line's record: they are kept when their run is deleted (their ``run_id`` then names a deleted run). The default file is ``workspace_dir() / "registry.sqlite"`` (``ANOMALYSCOPE_HOME``
 moves it). Only the standard library's ``sqlite3`` is used, no ORM.
 
@@ -38,7 +39,8 @@ Example
 ...                     model_path="models/run1", metrics={"image_auroc": 0.99}, timings={"fit_s": 12.0},
 ...                     model_card={}, scores=[{"path": "a.png", "split": "test", "label": 1,
 ...                                             "defect": "broken_large", "score": 3.2}])
->>> store.set_threshold(rid, image=2.5, preset="f1_max")
+>>> store.set_threshold(rid, image=2.5, preset="f1_max", note="first week on line 2")
+>>> store.revert_threshold(rid, store.threshold_history(rid, "image")[-1]["id"])   # back to the first one
 >>> store.set_deployed(ds, rid)
 >>> store.run_scores(rid)          # DataFrame: path, split, label, defect, score
 """
@@ -64,7 +66,8 @@ __all__ = ["RunStore", "RegistryError", "RegistryLockedError", "SCHEMA_VERSION",
 #    datasets.excluded (JSON list of training image paths the user left out).
 # 4: the inspections table (every image the inspection service scored); a new table, so older files only gain it.
 # 5: datasets.archived and runs.archived (1: kept, but left out of the dashboard's lists until shown).
-SCHEMA_VERSION = 5
+# 6: the threshold_history table (every threshold saved, per level, with its preset and note); a new table.
+SCHEMA_VERSION = 6
 
 
 class RegistryError(ValueError):
@@ -138,13 +141,30 @@ CREATE TABLE IF NOT EXISTS inspections (
     seconds  REAL
 );
 CREATE INDEX IF NOT EXISTS inspections_by_run ON inspections(run_id, id);
+-- every threshold saved, one row per level: the image level carries its review band
+CREATE TABLE IF NOT EXISTS threshold_history (
+    id      INTEGER PRIMARY KEY AUTOINCREMENT,
+    run_id  INTEGER NOT NULL REFERENCES runs(id) ON DELETE CASCADE,
+    level   TEXT    NOT NULL CHECK (level IN ('image', 'pixel')),
+    value   REAL    NOT NULL,
+    review  REAL,
+    preset  TEXT    NOT NULL,
+    note    TEXT    NOT NULL DEFAULT '',
+    time    TEXT    NOT NULL
+);
+CREATE INDEX IF NOT EXISTS threshold_history_by_run ON threshold_history(run_id, level, id);
 """
 
 _RUN_SELECT = """
 SELECT r.*, d.name AS dataset_name,
-       (SELECT COUNT(*) FROM scores s WHERE s.run_id = r.id) AS n_scores
+       (SELECT COUNT(*) FROM scores s WHERE s.run_id = r.id) AS n_scores,
+       (SELECT json_object('preset', h.preset, 'time', h.time, 'note', h.note) FROM threshold_history h
+        WHERE h.run_id = r.id AND h.level = 'image' ORDER BY h.id DESC LIMIT 1) AS saved_image,
+       (SELECT json_object('preset', h.preset, 'time', h.time, 'note', h.note) FROM threshold_history h
+        WHERE h.run_id = r.id AND h.level = 'pixel' ORDER BY h.id DESC LIMIT 1) AS saved_pixel
 FROM runs r JOIN datasets d ON d.id = r.dataset_id
 """
+LEVELS = ("image", "pixel")
 
 _JSON_RUN_COLUMNS = ("params", "metrics", "timings", "model_card", "rules")
 _JSON_DATASET_COLUMNS = ("summary", "report", "excluded")
@@ -376,9 +396,17 @@ class RunStore:
             out[col] = _from_json(out[col])
         out["deployed"] = bool(out["deployed"])
         out["archived"] = bool(out["archived"])
+        # How each level was last saved; a level saved before the history existed (schema < 6) shows the run's
+        # one preset and time.
+        legacy = {"preset": out["threshold_preset"] or "manual", "time": out["threshold_updated"], "note": ""}
+        saved = {}
+        for level in LEVELS:
+            text = out.pop(f"saved_{level}")
+            saved[level] = (json.loads(text) if text is not None
+                            else legacy if out[f"threshold_{level}"] is not None else None)
         out["thresholds"] = {"image": out["threshold_image"], "pixel": out["threshold_pixel"],
                              "review": out["threshold_review"],
-                             "preset": out["threshold_preset"], "updated": out["threshold_updated"]}
+                             "preset": out["threshold_preset"], "updated": out["threshold_updated"], "saved": saved}
         return out
 
     # -- datasets --------------------------------------------------------------------------
@@ -522,6 +550,8 @@ class RunStore:
                  t_image, t_pixel, t_review, preset,
                  now if (t_image is not None or t_pixel is not None or preset) else None, now))
             run_id = int(cur.lastrowid)
+            self._record_thresholds(conn, run_id, [level for level in LEVELS if thresholds.get(level) is not None],
+                                    preset or "manual", "", now)
             self._insert_scores(conn, run_id, scores)
         return run_id
 
@@ -534,7 +564,9 @@ class RunStore:
 
     def get_run(self, run_id: int) -> dict:
         """Every column of the run (JSON decoded, ``deployed`` as bool) plus ``dataset_name``,
-        ``n_scores`` and ``thresholds`` = ``{"image", "pixel", "preset", "updated"}``."""
+        ``n_scores`` and ``thresholds`` = ``{"image", "pixel", "review", "preset", "updated", "saved"}``: ``preset``
+        and ``updated`` are the last save's, ``saved`` = ``{"image": {"preset", "time", "note"} | None, "pixel":
+        ...}`` each level's own last save."""
         run_id = _as_id(run_id, "run_id")
         with self._read() as conn:
             row = conn.execute(_RUN_SELECT + " WHERE r.id = ?", (run_id,)).fetchone()
@@ -570,13 +602,17 @@ class RunStore:
         return df
 
     def set_threshold(self, run_id: int, image: float | None = None, pixel: float | None = None,
-                      preset: str | None = None, review: float | None = None, remove_review: bool = False) -> None:
+                      preset: str | None = None, review: float | None = None, remove_review: bool = False,
+                      note: str = "") -> None:
         """Update only the thresholds given (None = leave as is) and record the preset and when.
 
         ``preset`` names how they were chosen (``"f1_max"``, ``"fpr<=0.01"``, ...); if thresholds
         change without one, ``"manual"`` is recorded. Values must be finite numbers. ``review`` is the
         lower end of a review band below the image threshold (scores from it up to the image threshold are
         "review", not OK); it must stay below the image threshold; ``remove_review`` drops the band.
+
+        Each level the call touches (the review band belongs to the image level; a call with only a preset
+        touches the image level) gains a row in the run's :meth:`threshold_history`, with ``note``.
         """
         run_id = _as_id(run_id, "run_id")
         t_image, t_pixel = _threshold(image, "image"), _threshold(pixel, "pixel")
@@ -590,14 +626,60 @@ class RunStore:
                 sets.append(f"{column} = ?"), args.append(value)
         if remove_review:
             sets.append("threshold_review = NULL")
+        preset, now = preset if preset is not None else "manual", _now()
         sets += ["threshold_preset = ?", "threshold_updated = ?"]
-        args += [preset if preset is not None else "manual", _now()]
+        args += [preset, now]
+        touched = [level for level, value in (("image", t_image), ("pixel", t_pixel)) if value is not None]
+        if "image" not in touched and (t_review is not None or remove_review or not touched):
+            touched.insert(0, "image")
         with self._write() as conn:
             cur = conn.execute(f"UPDATE runs SET {', '.join(sets)} WHERE id = ?", (*args, run_id))
             if cur.rowcount == 0:
                 raise KeyError(f"no run with id {run_id}")
             row = conn.execute("SELECT threshold_image, threshold_review FROM runs WHERE id = ?", (run_id,)).fetchone()
             _review(row["threshold_review"], row["threshold_image"])   # raising rolls the update back
+            self._record_thresholds(conn, run_id, touched, preset, str(note or ""), now)
+
+    @staticmethod
+    def _record_thresholds(conn: sqlite3.Connection, run_id: int, levels: list[str], preset: str, note: str,
+                           time: str) -> None:
+        """Append the run's current value of each level to its history (a level without a value is skipped)."""
+        row = conn.execute("SELECT threshold_image, threshold_pixel, threshold_review FROM runs WHERE id = ?",
+                           (run_id,)).fetchone()
+        for level in levels:
+            if row[f"threshold_{level}"] is not None:
+                conn.execute("INSERT INTO threshold_history (run_id, level, value, review, preset, note, time) "
+                             "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                             (run_id, level, row[f"threshold_{level}"],
+                              row["threshold_review"] if level == "image" else None, preset, note, time))
+
+    def threshold_history(self, run_id: int, level: str | None = None) -> list[dict]:
+        """The thresholds saved for the run, newest first: dicts of id, run_id, level, value, review (image
+        level only), preset, note, time; of one level or both."""
+        run_id = _as_id(run_id, "run_id")
+        if level is not None and level not in LEVELS:
+            raise ValueError(f"level must be one of {LEVELS}, got {level!r}")
+        with self._read() as conn:
+            if conn.execute("SELECT 1 FROM runs WHERE id = ?", (run_id,)).fetchone() is None:
+                raise KeyError(f"no run with id {run_id}")
+            rows = conn.execute("SELECT * FROM threshold_history WHERE run_id = ? AND level = coalesce(?, level) "
+                                "ORDER BY id DESC", (run_id, level)).fetchall()
+        return [dict(r) for r in rows]
+
+    def revert_threshold(self, run_id: int, history_id: int, note: str | None = None) -> None:
+        """Set the run's threshold of that history row's level back to the row's value (and, for the image
+        level, its review band) and preset. The revert is itself recorded, as a new row."""
+        run_id, history_id = _as_id(run_id, "run_id"), _as_id(history_id, "history_id")
+        with self._read() as conn:
+            row = conn.execute("SELECT * FROM threshold_history WHERE id = ? AND run_id = ?",
+                               (history_id, run_id)).fetchone()
+        if row is None:
+            raise KeyError(f"run {run_id} has no saved threshold #{history_id}")
+        review = {} if row["level"] == "pixel" else (
+            {"remove_review": True} if row["review"] is None else {"review": row["review"]})
+        self.set_threshold(run_id, **{row["level"]: row["value"]}, preset=row["preset"], **review,
+                           note=note if note is not None else
+                           f"reverted to the threshold saved {row['time'][:16].replace('T', ' ')} UTC")
 
     def set_rules(self, run_id: int, rules) -> None:
         """Save the run's defect rules (a :class:`core.rules.DefectRules`; None removes them)."""

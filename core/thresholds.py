@@ -53,6 +53,8 @@ PRESET_LABELS = {
     "zero_miss": "Zero missed defects on the test set",
     "normal_quantile": "Quantile of normal scores",
     "false_reject_rate": "Target false-reject rate, from held-out good images",
+    "gap_middle": "Middle of the gap between good and defective scores",
+    "manual": "Manual (moved by hand)",
 }
 
 # The normal-only threshold's default target (the share of good parts sent to NG), and its confidence level.
@@ -172,6 +174,34 @@ def synthetic_miss_rate(synthetic_scores, threshold: float) -> float:
     before any real defect has been seen, only as good as the synthetic defects resemble real ones."""
     synthetic = np.asarray(synthetic_scores, dtype=np.float64)
     return float(np.mean(~is_anomalous(synthetic, threshold))) if synthetic.size else float("nan")
+
+
+@dataclass(frozen=True)
+class ScoreGap:
+    """Where the normal and the anomalous values meet.
+
+    ``highest_normal`` and ``lowest_anomalous`` are the extremes (for a binned distribution, the bin edges on
+    their outer side, so a gap is never claimed that the values do not have). They are separated when the
+    lowest anomalous value is above the highest normal one; otherwise ``normal_above`` normal values reach
+    the lowest anomalous one and ``anomalous_below`` anomalous values lie at or under the highest normal one.
+    """
+    highest_normal: float
+    lowest_anomalous: float
+    normal_above: int
+    anomalous_below: int
+
+    @property
+    def separated(self) -> bool:
+        return self.lowest_anomalous > self.highest_normal
+
+    @property
+    def width(self) -> float:
+        """The gap's width; negative: how far the two overlap."""
+        return self.lowest_anomalous - self.highest_normal
+
+    @property
+    def middle(self) -> float:
+        return (self.highest_normal + self.lowest_anomalous) / 2
 
 
 @dataclass(frozen=True)
@@ -315,10 +345,35 @@ class ScoreDistribution:
             raise ValueError(f"quantile must be in [0, 1], got {q}")
         return self.target_fpr(1 - q)
 
+    def gap(self) -> ScoreGap:
+        """The gap (or the overlap) between the normal and the anomalous values."""
+        self._need_both("A gap between normal and anomalous values")
+        normal = self.n_normal_at[:-1] - self.n_normal_at[1:]             # values per candidate threshold
+        anomalous = self.n_anomalous_at[:-1] - self.n_anomalous_at[1:]
+        top = int(np.flatnonzero(normal)[-1])
+        bottom = int(np.flatnonzero(anomalous)[0])
+        # A bin's values lie between its lower edge (its threshold) and the next bin's.
+        upper_edges = self.thresholds if self.exact else np.append(self.thresholds[1:], self.highest)
+        return ScoreGap(float(upper_edges[top]), float(self.thresholds[bottom]),
+                        normal_above=int(self.n_normal_at[bottom]),
+                        anomalous_below=self.n_anomalous - int(self.n_anomalous_at[top + 1]))
+
+    def gap_middle(self) -> float:
+        """The threshold halfway between the highest normal and the lowest anomalous value: every anomalous
+        value flagged, no normal one, with the most room on both sides."""
+        gap = self.gap()
+        if not gap.separated:
+            raise ValueError(f"normal and anomalous values overlap ({gap.normal_above} normal at or above the lowest "
+                             f"anomalous one, {gap.anomalous_below} anomalous at or under the highest normal one): "
+                             "there is no gap to put the threshold in")
+        return gap.middle
+
     def preset(self, name: str, value: float | None = None) -> float:
         """Dispatch by preset name; ``value`` is the FPR for target_fpr and q for normal_quantile."""
         if name == "f1_max":
             return self.f1_max()
+        if name == "gap_middle":
+            return self.gap_middle()
         if name == "zero_miss":
             return self.zero_miss()
         if name == "target_fpr":
@@ -328,10 +383,11 @@ class ScoreDistribution:
         raise KeyError(f"unknown threshold preset {name!r}; known: {', '.join(PRESET_LABELS)}")
 
     def available_presets(self) -> list[str]:
-        """Presets that make sense for these values (F1 and zero-miss need anomalous ones)."""
+        """Presets that make sense for these values (F1 and zero-miss need anomalous ones, the gap's middle a
+        gap)."""
         out = []
         if self.has_both_classes:
-            out += ["f1_max", "target_fpr", "zero_miss"]
+            out += ["f1_max", "target_fpr", "zero_miss"] + (["gap_middle"] if self.gap().separated else [])
         if self.n_normal:
             out.append("normal_quantile")
         return out

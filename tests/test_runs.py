@@ -208,7 +208,7 @@ def test_nan_metric_stored_as_none(store, ds):
 def test_set_threshold_updates_only_given_values(store, ds):
     rid = add_run(store, ds)
     assert store.get_run(rid)["thresholds"] == {"image": None, "pixel": None, "review": None, "preset": None,
-                                                "updated": None}
+                                                "updated": None, "saved": {"image": None, "pixel": None}}
     store.set_threshold(rid, image=np.float32(0.5), preset="f1_max")
     t = store.get_run(rid)["thresholds"]
     assert t["image"] == 0.5 and t["pixel"] is None and t["preset"] == "f1_max" and t["updated"]
@@ -503,9 +503,76 @@ def test_a_version_3_registry_gains_the_inspections_table_and_keeps_its_runs(tmp
     store.add_inspection(run_id=1, variant="d", score=4.0, verdict="NG")
     assert store.count_inspections(1) == 1
     conn = sqlite3.connect(path)
-    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 5
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 6
     conn.close()
     assert store.get_run(1)["archived"] is False and store.get_dataset(1)["archived"] is False
+
+
+# -- threshold history (schema 6) ----------------------------------------------------------------------
+def test_each_level_keeps_its_own_preset_time_and_note_and_every_save_is_in_the_history(store, ds):
+    rid = add_run(store, ds, thresholds={"image": 0.5, "pixel": 0.2, "preset": "f1_max"})
+    saved = store.get_run(rid)["thresholds"]["saved"]
+    assert saved["image"]["preset"] == saved["pixel"]["preset"] == "f1_max" and saved["image"]["note"] == ""
+    store.set_threshold(rid, pixel=0.3, preset="manual", note="dust on the lens counts")
+    store.set_threshold(rid, image=0.6, review=0.4, preset="gap_middle", note="line 2")
+    t = store.get_run(rid)["thresholds"]
+    assert (t["saved"]["image"]["preset"], t["saved"]["image"]["note"]) == ("gap_middle", "line 2")
+    assert (t["saved"]["pixel"]["preset"], t["saved"]["pixel"]["note"]) == ("manual", "dust on the lens counts")
+    assert t["saved"]["pixel"]["time"] < t["saved"]["image"]["time"] == t["updated"]
+    history = store.threshold_history(rid)
+    assert [(h["level"], h["value"], h["review"], h["preset"]) for h in history] == [
+        ("image", 0.6, 0.4, "gap_middle"), ("pixel", 0.3, None, "manual"),
+        ("pixel", 0.2, None, "f1_max"), ("image", 0.5, None, "f1_max")]     # newest first, training's included
+    assert [h["value"] for h in store.threshold_history(rid, "pixel")] == [0.3, 0.2]
+    store.set_threshold(rid, remove_review=True)            # the band belongs to the image level
+    assert store.threshold_history(rid, "image")[0]["review"] is None
+    with pytest.raises(ValueError):
+        store.set_threshold(rid, review=0.9)                # refused and rolled back: no history row either
+    assert len(store.threshold_history(rid)) == 5
+    with pytest.raises(KeyError):
+        store.threshold_history(rid + 1)
+
+
+def test_reverting_restores_a_saved_threshold_with_its_band_and_preset_and_is_recorded(store, ds):
+    rid = add_run(store, ds, thresholds={"image": 0.5, "pixel": 0.2, "preset": "f1_max"})
+    store.set_threshold(rid, image=0.8, review=0.7, preset="manual")
+    store.set_threshold(rid, pixel=0.9, preset="manual")
+    first_image = store.threshold_history(rid, "image")[-1]
+    store.revert_threshold(rid, first_image["id"])
+    t = store.get_run(rid)["thresholds"]
+    assert (t["image"], t["review"], t["pixel"]) == (0.5, None, 0.9)     # the pixel level is left alone
+    assert t["saved"]["image"]["preset"] == "f1_max" and t["saved"]["image"]["note"].startswith("reverted to")
+    band = store.threshold_history(rid, "image")[1]                       # 0.8 with its band
+    store.revert_threshold(rid, band["id"], note="back again")
+    t = store.get_run(rid)["thresholds"]
+    assert (t["image"], t["review"], t["saved"]["image"]["note"]) == (0.8, 0.7, "back again")
+    assert len(store.threshold_history(rid, "image")) == 4
+    other = add_run(store, ds, thresholds={"image": 1.0})
+    with pytest.raises(KeyError):
+        store.revert_threshold(other, first_image["id"])                  # another run's row
+
+
+def test_a_version_5_registry_gains_the_threshold_history_and_shows_its_old_thresholds(tmp_path):
+    path = tmp_path / "v5.sqlite"
+    conn = sqlite3.connect(path)
+    old_schema = _SCHEMA[:_SCHEMA.index("-- every threshold saved")]
+    assert "threshold_history" not in old_schema
+    conn.executescript(old_schema)
+    conn.execute("INSERT INTO datasets (name, source, kind, created) VALUES ('d', '/d', 'folder', 'now')")
+    conn.execute("INSERT INTO runs (dataset_id, detector, model_path, threshold_image, threshold_preset, "
+                 "threshold_updated, created) VALUES (1, 'patchcore', '/m', 3.0, 'f1_max', '2025-01-01', 'now')")
+    conn.execute("PRAGMA user_version = 5")
+    conn.commit()
+    conn.close()
+    store = RunStore(path)
+    assert store.get_run(1)["thresholds"]["saved"] == {"image": {"preset": "f1_max", "time": "2025-01-01", "note": ""},
+                                                       "pixel": None}
+    assert store.threshold_history(1) == []
+    store.set_threshold(1, pixel=1.0, note="first pixel threshold")
+    assert store.get_run(1)["thresholds"]["saved"]["pixel"]["note"] == "first pixel threshold"
+    assert [h["level"] for h in store.threshold_history(1)] == ["pixel"]
+    store.delete_run(1)                                     # its history goes with it
+    assert count(path, "threshold_history") == 0
 
 
 def test_archiving_keeps_a_dataset_or_run_and_its_flag_round_trips(store, ds):

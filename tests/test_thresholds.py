@@ -51,6 +51,40 @@ def test_presets_do_what_they_say(scored):
     assert np.mean(normal >= t) <= 0.01 and np.mean(normal < t) >= 0.99
 
 
+def test_the_gap_preset_puts_the_threshold_halfway_between_the_highest_good_and_the_lowest_defect():
+    # good 0.1, 0.3, 0.4; defective 0.6, 0.9: the gap runs from 0.4 to 0.6, its middle is 0.5
+    dist = ScoreDistribution.from_scores([0, 0, 0, 1, 1], [0.1, 0.3, 0.4, 0.6, 0.9])
+    gap = dist.gap()
+    assert (gap.highest_normal, gap.lowest_anomalous, gap.separated) == (0.4, 0.6, True)
+    assert gap.width == pytest.approx(0.2) and (gap.normal_above, gap.anomalous_below) == (0, 0)
+    assert dist.preset("gap_middle") == pytest.approx(0.5) and "gap_middle" in dist.available_presets()
+    at = dist.confusion(dist.gap_middle())
+    assert (at["tp"], at["fp"], at["fn"], at["tn"]) == (2, 0, 0, 3)
+
+
+def test_overlapping_scores_say_by_how_many_images_and_offer_no_gap_preset():
+    # good 0.1, 0.5, 0.7; defective 0.4, 0.6, 0.9: from 0.4 to 0.7 they overlap; good 0.5 and 0.7 reach the
+    # lowest defect (0.4), defects 0.4 and 0.6 lie under the highest good image (0.7)
+    dist = ScoreDistribution.from_scores([0, 0, 0, 1, 1, 1], [0.1, 0.5, 0.7, 0.4, 0.6, 0.9])
+    gap = dist.gap()
+    assert (gap.highest_normal, gap.lowest_anomalous, gap.separated) == (0.7, 0.4, False)
+    assert gap.width == pytest.approx(-0.3) and (gap.normal_above, gap.anomalous_below) == (2, 2)
+    assert "gap_middle" not in dist.available_presets()
+    with pytest.raises(ValueError, match="overlap"):
+        dist.preset("gap_middle")
+    tied = ScoreDistribution.from_scores([0, 1], [0.5, 0.5])      # a tie is an overlap, not a gap of zero
+    assert not tied.gap().separated and (tied.gap().normal_above, tied.gap().anomalous_below) == (1, 1)
+
+
+def test_a_binned_gap_never_claims_more_room_than_the_values_have():
+    maps = np.array([[[0.0, 0.1], [0.2, 0.9]]], np.float32)
+    masks = [np.array([[False, False], [False, True]])]
+    dist = ScoreDistribution.from_maps(maps, masks, bins=9)      # edges every 0.1
+    gap = dist.gap()
+    assert gap.separated and gap.highest_normal >= 0.2 and gap.lowest_anomalous <= 0.9
+    assert dist.confusion(dist.gap_middle())["fp"] == 0 and dist.confusion(dist.gap_middle())["fn"] == 0
+
+
 def test_normal_only_offers_quantile_and_flags_nothing_above_all():
     dist = ScoreDistribution.from_scores(np.zeros(50, int), np.linspace(0, 1, 50))
     assert dist.available_presets() == ["normal_quantile"]

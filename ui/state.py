@@ -253,7 +253,9 @@ def set_threshold(run_id: int, level: str, value: float, preset: str) -> None:
 
 
 def threshold_preset(run: dict, level: str) -> str | None:
-    return st.session_state.get("threshold_presets", {}).get((run["id"], level), run["thresholds"]["preset"])
+    """How this tab's threshold of the level was chosen: moved but unsaved, else as the run saved it."""
+    saved = run["thresholds"]["saved"][level]
+    return st.session_state.get("threshold_presets", {}).get((run["id"], level), saved and saved["preset"])
 
 
 def forget_thresholds(run_id: int) -> None:

@@ -194,22 +194,30 @@ def embedding_figure(table: pd.DataFrame, colour: str, title: str, hover: list[s
 
 
 def compare_figure(table: pd.DataFrame, metrics: list[str]) -> go.Figure:
-    """Grouped bars of metrics per run (table rows are runs, labelled by its 'run' column)."""
+    """Grouped bars of metrics per run (table rows are runs, labelled by its 'run' column), oldest run on the left.
+    The metrics are shares, so the axis is 0 to 1 whatever the values."""
     fig = go.Figure()
+    runs = table.iloc[::-1]
     for metric in metrics:
-        if metric in table and table[metric].notna().any():
-            fig.add_bar(x=table["run"], y=table[metric], name=metric)
-    return _layout(fig, "Metrics per run", barmode="group", yaxis=dict(range=[0, 1.05]))
+        if metric in runs and runs[metric].notna().any():
+            fig.add_bar(x=runs["run"], y=runs[metric], name=metric, hovertemplate="%{x}<br>%{y:.3f}")
+    return _layout(fig, "Metrics per run", barmode="group", xaxis=dict(title="run", type="category"),
+                   yaxis=dict(title="metric on the test set (1 is best)", range=[0, 1.05]))
 
 
 def latency_figure(table: pd.DataFrame) -> go.Figure:
-    """Speed against accuracy: each run a point, bubble size the model size."""
+    """Speed against accuracy: each run a point, bubble size the model size. Time starts at zero, so distances
+    are ratios; AUROC runs up to its best, 1."""
     fig = go.Figure(go.Scatter(
         x=table["ms per image"], y=table["image AUROC"], mode="markers+text", text=table["run"],
         textposition="top center", marker=dict(size=12 + 3 * np.sqrt(table["model MB"].fillna(0)), color=NEUTRAL),
         hovertemplate="%{text}<br>%{x:.1f} ms/image<br>image AUROC %{y:.3f}<extra></extra>"))
+    slowest, worst = table["ms per image"].max(), table["image AUROC"].min()
+    x_top = 1.15 * slowest if pd.notna(slowest) and slowest > 0 else 1.0
+    y_bottom = max(0.0, float(worst) - 0.05) if pd.notna(worst) else 0.0
     return _layout(fig, "Speed and accuracy (bubble size: model size)",
-                   xaxis=dict(title="ms per image (test set)"), yaxis=dict(title="image AUROC"))
+                   xaxis=dict(title="ms per image (test set, this machine)", range=[0, x_top]),
+                   yaxis=dict(title="image AUROC", range=[min(y_bottom, 0.95), 1.02]))
 
 
 # Invisible points under an image make box and lasso selection work on it (an image trace is not selectable).

@@ -1,4 +1,5 @@
-"""A run's results for stakeholders: one self-contained HTML file (metrics, curves, threshold, worst images).
+"""A run's results for stakeholders: one self-contained HTML file (metrics, curves, threshold, worst images and
+the borderline ones on both sides of the threshold).
 
 Everything is inline: plotly.js once in the head, the curves as plotly figures (the same ones the dashboard
 shows, from :mod:`core.app.figures`) and the images as base64 PNGs, so the file opens offline and can be mailed.
@@ -21,6 +22,7 @@ from ..rules import Decision, DefectRules
 from ..thresholds import PRESET_LABELS, is_anomalous
 
 WORST_IMAGES = 6
+BORDERLINE_IMAGES = 4     # on each side of the threshold
 
 _CSS = """
 body { font-family: system-ui, -apple-system, 'Segoe UI', sans-serif; margin: 2rem auto; max-width: 1100px;
@@ -134,14 +136,30 @@ def _metrics_table(run: dict, at: dict, image_threshold: float, pixel_threshold:
     return f"<table class='metrics'>{body}</table>"
 
 
+def borderline_images(scores, threshold: float, k: int = BORDERLINE_IMAGES) -> tuple[np.ndarray, np.ndarray]:
+    """The images closest to the threshold on each side: the `k` highest scores under it (OK, nearest first) and
+    the `k` lowest at or over it (NG, nearest first). Where a threshold is worth questioning, these are the parts
+    to look at, not the obvious defects."""
+    scores = np.asarray(scores, dtype=np.float64)
+    flagged = is_anomalous(scores, threshold)
+    descending, ascending = np.argsort(-scores, kind="stable"), np.argsort(scores, kind="stable")
+    return descending[~flagged[descending]][:k], ascending[flagged[ascending]][:k]
+
+
 def _image_sections(results: RunResults, threshold: float, worst: int) -> list[tuple[str, np.ndarray]]:
-    """Highest-scoring images first, then the mistakes a stakeholder will ask about."""
+    """Highest-scoring images first, the borderline ones on both sides of the threshold, then the mistakes a
+    stakeholder will ask about."""
     order = np.argsort(-results.scores, kind="stable")
     flagged = is_anomalous(results.scores, threshold)
     normal = results.labels == 0
     missed = [i for i in order[::-1] if results.labels[i] == 1 and not flagged[i]]   # lowest scores first
     false_alarms = [i for i in order if normal[i] and flagged[i]]
+    under, over = borderline_images(results.scores, threshold)
     return [(f"The {min(worst, len(order))} highest-scoring test images", order[:worst]),
+            ("Borderline, just under the threshold (OK): the highest-scoring images that pass, the next false "
+             "alarms if it is lowered", under),
+            ("Borderline, at or just over the threshold (NG): the lowest-scoring images flagged, the next misses "
+             "if it is raised", over),
             ("Missed defects (below the threshold)", np.array(missed[:worst], dtype=int)),
             ("False alarms (good images above the threshold)", np.array(false_alarms[:worst], dtype=int))]
 

@@ -115,3 +115,19 @@ def metric(page, label: str) -> str:
     exact = page.get_by_test_id("stMetricLabel").get_by_text(label, exact=True)
     box = page.get_by_test_id("stMetric").filter(has=exact).first
     return box.get_by_test_id("stMetricValue").inner_text()
+
+
+def selectbox(page, label: str):
+    return page.get_by_test_id("stSelectbox").filter(has=page.get_by_text(label, exact=True)).first
+
+
+def choose(page, label: str, option: str) -> None:
+    """Pick `option` in the selectbox labelled `label`."""
+    selectbox(page, label).click()
+    page.get_by_role("option", name=option, exact=True).click()
+    settle(page)
+
+
+def chosen(page, label: str) -> str:
+    """The option the selectbox labelled `label` shows."""
+    return selectbox(page, label).locator("input").first.input_value()

@@ -10,7 +10,7 @@ inspection PCs).
 import re
 import time
 
-from .browser_kit import BROWSER, DEMO, demo_zip, go, metric, settle, shot
+from .browser_kit import BROWSER, DEMO, choose, demo_zip, go, metric, settle, shot
 
 pytestmark = BROWSER
 
@@ -112,7 +112,8 @@ def test_upload_train_tune_inspect_and_delete_in_a_browser(page, tmp_path):
 
     go(page, "Compare")
     page.get_by_role("button", name="Deploy this run").click()
-    page.get_by_text(re.compile("Deployed now")).wait_for()
+    page.get_by_role("button", name=re.compile(r"Yes, deploy #\d+")).click()       # after its confirmation
+    page.get_by_text(re.compile(r"Deployed now: #\d+")).wait_for()
     settle(page)
     shot(page, "7_compare")
 
@@ -130,8 +131,7 @@ def test_upload_train_tune_inspect_and_delete_in_a_browser(page, tmp_path):
     # Two thresholds and a region of interest drawn in the browser: the defect is in the middle of the nut,
     # the region a box over the image's left fifth, so the verdict turns from NG to OK.
     go(page, "Thresholds")
-    page.get_by_role("button", name="Apply preset").first.click()          # back to F1-max from the lowest
-    settle(page)
+    choose(page, "Preset", "F1-max on the test set")                      # back to F1-max from the lowest
     page.get_by_text("Review band below the threshold").click()
     settle(page)
     page.get_by_role("button", name=re.compile("Save image threshold")).click()

@@ -1,5 +1,6 @@
 """Every page through streamlit.testing's AppTest: drive its main controls, assert on what it renders."""
 import io
+import json
 import shutil
 import threading
 import time
@@ -16,7 +17,7 @@ from core.app import embeddings
 from core.app.jobs import job_board
 from core.data import Preprocess, Sample
 from core.params import param_specs
-from core.pipeline import Evaluation
+from core.pipeline import Evaluation, run_results
 from core.results import save_results
 from core.runs import RunStore
 from core.workspace import DEMO_DIR, REPO_ROOT
@@ -49,6 +50,18 @@ def metric(at: AppTest, label: str) -> str:
 def server_jobs():
     """The job board the app's pages use (this test's registry)."""
     return job_board(RunStore().path)
+
+
+def slider(at: AppTest, key: str) -> dict:
+    """What the threshold slider (ui.threshold_slider) was drawn with: label, value, min, max, counts."""
+    element = next(e for e in at.get("bidi_component") if e.key == key)
+    return json.loads(element.proto.mixed.json or element.proto.json)
+
+
+def move_slider(at: AppTest, key: str, value: float) -> AppTest:
+    """What the browser sends when the user lets go of the threshold slider at `value`."""
+    at.session_state[key] = {"moved": {"threshold": float(value), "at": time.monotonic_ns()}}
+    return at.run()
 
 
 def wait_for_job(at: AppTest, seconds: float = 240) -> None:
@@ -214,17 +227,22 @@ def test_thresholds_move_presets_and_save(workspace):
     specs = " ".join(c.proto.spec for c in at.get("plotly_chart"))
     assert "ROC curve (images)" in specs and "Precision-recall (images)" in specs and "Confusion matrix" in specs
 
-    low = at.slider(key=f"slider_image_{run_id}").min
-    at.slider(key=f"slider_image_{run_id}").set_value(low).run()
+    assert at.selectbox(key=f"preset_image_{run_id}").value == "f1_max"   # as training saved it
+    drawn = slider(at, f"slider_image_{run_id}")
+    assert drawn["value"] == pytest.approx(saved) and drawn["label"] == "Image threshold"
+    assert drawn["anomalous_at"][0] == 17 and drawn["normal_at"][0] == 6   # the counts the browser reads
+    low = drawn["min"]
+    move_slider(at, f"slider_image_{run_id}", low)
     assert float(metric(at, "Threshold")) == pytest.approx(low, rel=1e-3)
     assert metric(at, "False alarms") == "6" and metric(at, "Precision") == f"{17 / 23:.3f}"   # all flagged
+    assert at.selectbox(key=f"preset_image_{run_id}").value == "manual"   # a hand move is manual
+    assert slider(at, f"slider_image_{run_id}")["value"] == pytest.approx(low)
 
-    at.selectbox(key=f"preset_image_{run_id}").set_value("zero_miss")
-    next(b for b in at.button if b.label == "Apply preset").click().run()
+    at.selectbox(key=f"preset_image_{run_id}").set_value("zero_miss").run()     # takes effect when picked
     assert metric(at, "Missed defects") == "0" and metric(at, "False alarms") == "0"
     at.selectbox(key=f"preset_image_{run_id}").set_value("normal_quantile").run()
-    at.number_input(key=f"preset_value_image_{run_id}").set_value(50.0)
-    next(b for b in at.button if b.label == "Apply preset").click().run()
+    assert metric(at, "False alarms") == "0"            # 99% of 6 good images: above them all
+    at.number_input(key=f"preset_value_image_{run_id}").set_value(50.0).run()
     assert metric(at, "False alarms") == "3"            # half of the 6 good test images
     median = float(metric(at, "Threshold"))
     next(b for b in at.button if b.label.startswith("Save image threshold")).click().run()
@@ -233,8 +251,31 @@ def test_thresholds_move_presets_and_save(workspace):
     assert "Saved with the run (normal_quantile" in texts(at)
     assert at.get("download_button")                   # the stakeholder report
 
-    pixel = at.tabs[1]
-    assert any(s.label == "Pixel threshold" for s in pixel.slider)
+    assert slider(at, f"slider_pixel_{run_id}")["label"] == "Pixel threshold"
+
+
+def test_the_gap_preset_a_note_and_reverting_from_the_history(workspace):
+    store, run_id = workspace["store"], workspace["run_id"]
+    at = open_page("thresholds")
+    gap = run_results(store, run_id).image_distribution().gap()
+    assert gap.separated and f"takes {gap.middle:.4g}" in texts(at)
+    at.selectbox(key=f"preset_image_{run_id}").set_value("gap_middle").run()
+    assert float(metric(at, "Threshold")) == pytest.approx(gap.middle, rel=1e-3)
+    assert metric(at, "False alarms") == "0" and metric(at, "Missed defects") == "0"
+    at.text_input(key=f"note_image_{run_id}").input("most room on both sides").run()
+    next(b for b in at.button if b.label.startswith("Save image threshold")).click().run()
+    saved = store.get_run(run_id)["thresholds"]["saved"]
+    assert saved["image"]["preset"] == "gap_middle" and saved["image"]["note"] == "most room on both sides"
+    assert saved["pixel"]["preset"] == "f1_max"                                # the pixel level keeps its own
+    assert "Saved with the run (gap_middle" in texts(at) and at.text_input(key=f"note_image_{run_id}").value == ""
+    history = store.threshold_history(run_id, "image")
+    assert [h["preset"] for h in history] == ["gap_middle", "f1_max"]
+    assert at.selectbox(key=f"revert_image_{run_id}").options == [
+        f"{history[1]['value']:.4g} (f1_max, saved {history[1]['time'][:16].replace('T', ' ')})"]
+    button(at, f"revert_button_image_{run_id}").click().run()
+    assert store.get_run(run_id)["thresholds"]["image"] == history[1]["value"]
+    assert float(metric(at, "Threshold")) == pytest.approx(history[1]["value"], rel=1e-3)
+    assert at.selectbox(key=f"preset_image_{run_id}").value == "f1_max" and "reverted to" in texts(at)
 
 
 def synthetic_run(store: RunStore, tmp_path, n: int = 1000) -> int:
@@ -326,17 +367,17 @@ def test_threshold_move_for_1000_images_is_fast(workspace, tmp_path):
     at.run()
     at.switch_page("app_pages/thresholds.py").run()
     assert "1000 test images" in texts(at).replace(" normal and ", "+") or "anomalous test images" in texts(at)
-    slider = at.slider(key=f"slider_image_{run_id}")
+    drawn = slider(at, f"slider_image_{run_id}")
     timings, shown = [], []
     for value in np.linspace(0.9, 1.8, 8):
         start = time.perf_counter()
-        at.slider(key=f"slider_image_{run_id}").set_value(float(value)).run()
+        move_slider(at, f"slider_image_{run_id}", value)
         timings.append(time.perf_counter() - start)
         shown.append((metric(at, "Threshold"), metric(at, "False alarms"), metric(at, "Recall")))
     assert len(set(shown)) == 8                        # every move changed the numbers
     print(f"\nwhole Thresholds page rerun after a slider move, 1,000 images: median "
           f"{1000 * np.median(timings):.0f} ms")
-    assert slider.max > slider.min
+    assert drawn["max"] > drawn["min"]
 
 
 def test_heatmaps_gallery_filters_and_detail(workspace):
@@ -395,8 +436,19 @@ def test_compare_lists_runs_and_deploys(workspace):
     table = at.dataframe[0].value
     assert table["run"].tolist() == ["#1 patchcore"] and table["image AUROC"].iloc[0] == 1.0
     assert table["memory MB"].iloc[0] > 0 and table["ms per image"].iloc[0] > 0
+    assert (table["false alarms"].iloc[0], table["missed defects"].iloc[0]) == (0, 0)   # at its F1-max threshold
+    assert (table["good tested"].iloc[0], table["defective tested"].iloc[0]) == (6, 17)
+    at.multiselect(key="compare_columns").unselect("backbone").run()
+    assert "backbone" not in at.dataframe[0].value and "false alarms" in at.dataframe[0].value
     assert "No run is deployed" in texts(at)
     next(b for b in at.button if b.label == "Deploy this run").click().run()
+    assert workspace["store"].deployed_run(workspace["dataset_id"]) is None          # not before the confirmation
+    assert "0 false alarm(s) among 6 good and missed 0 of 17" in texts(at)
+    next(b for b in at.button if b.key == "cancel_deploy").click().run()
+    assert workspace["store"].deployed_run(workspace["dataset_id"]) is None
+    assert not any(b.key == "confirm_deploy" for b in at.button)
+    next(b for b in at.button if b.label == "Deploy this run").click().run()
+    next(b for b in at.button if b.label == "Yes, deploy #1 patchcore").click().run()
     assert workspace["store"].deployed_run(workspace["dataset_id"])["id"] == workspace["run_id"]
     assert "Deployed now: **#1 patchcore**" in texts(at)
 
@@ -416,12 +468,29 @@ def test_inspect_gives_a_verdict_for_an_upload_and_rejects_junk(workspace):
     assert "cannot be inspected" in at.error[0].value
 
 
+def test_inspect_names_the_run_it_scores_the_selected_one_unless_the_deployed_one_is_chosen(workspace):
+    store, copy = workspace["store"], copied_run(workspace)
+    store.set_deployed(workspace["dataset_id"], workspace["run_id"])
+    store.set_threshold(copy["id"], image=1e9)                 # the copy passes everything: which run scored shows
+    at = AppTest.from_file(APP, default_timeout=120)
+    at.session_state["pending_selection"] = (workspace["dataset_id"], copy["id"])
+    at.run()
+    at.switch_page("app_pages/inspect_live.py").run()
+    assert f"Scoring with **run #{copy['id']} · copy · patchcore**: the run selected in the sidebar, not the " \
+           "deployed one" in texts(at)
+    bad = DEMO / "test" / "colour" / "00.jpg"
+    at.file_uploader(key="inspect_upload").set_value((bad.name, bad.read_bytes(), "image/jpeg")).run()
+    assert ">OK<" in texts(at)                                 # the copy's threshold, not the deployed run's
+    at.radio(key="inspect_source").set_value("deployed").run()
+    assert f"Scoring with **run #{workspace['run_id']} · unnamed · patchcore**: the deployed run of hazelnut_toy" \
+           in texts(at) and ">NG<" in texts(at)
+
+
 def test_two_sessions_tune_thresholds_without_touching_each_other(workspace):
     run_id = workspace["run_id"]
     saved = workspace["store"].get_run(run_id)["thresholds"]["image"]
     first, second = open_page("thresholds"), open_page("thresholds")
-    low = first.slider(key=f"slider_image_{run_id}").min
-    first.slider(key=f"slider_image_{run_id}").set_value(low).run()
+    move_slider(first, f"slider_image_{run_id}", slider(first, f"slider_image_{run_id}")["min"])
     second.run()
     assert metric(first, "False alarms") == "6" and metric(second, "False alarms") == "0"
     assert float(metric(second, "Threshold")) == pytest.approx(saved, rel=1e-3)

@@ -10,7 +10,7 @@ from core.data import load_mvtec, read_image
 from core.detectors import get_detector_class, load_detector
 from core.line.inspector import Inspector
 from core.pipeline import models_dir, run_results
-from core.app.report import build_report
+from core.app.report import borderline_images, build_report
 from core.runs import RunStore
 from core.app.jobs import TrainingJob
 from core.params import param_specs, parse_value
@@ -87,6 +87,20 @@ def test_report_is_self_contained_with_metrics_curves_and_images(workspace):
     assert len(re.findall(r"<img src='data:image/png;base64,", text)) >= 3 * 6
     assert "<script src=" not in text and "plotly" in text                 # plotly.js inline, nothing fetched
     assert "17 of 17</b> defective test images caught" in text
+    under, over = borderline_images(results.scores, threshold)
+    assert "Borderline, just under the threshold (OK)" in text and "Borderline, at or just over" in text
+    for i in [*under, *over]:                                             # each with its card
+        assert f"<b>{results.name(i)}</b> · score {results.scores[i]:.4g}" in text
+    assert {int(results.labels[i]) for i in under} == {0} and {int(results.labels[i]) for i in over} == {1}
+
+
+def test_borderline_images_are_the_nearest_on_each_side_of_the_threshold():
+    scores = [0.9, 0.2, 0.5, 0.45, 0.7, 0.1, 0.5]
+    under, over = borderline_images(scores, 0.5, k=2)
+    assert under.tolist() == [3, 1]          # 0.45, then 0.2: the highest that pass
+    assert over.tolist() == [2, 6]           # 0.5 and 0.5 (at the threshold is NG), before 0.7 and 0.9
+    under, over = borderline_images(scores, 1.0, k=3)
+    assert under.tolist() == [0, 4, 2] and over.tolist() == []
 
 
 def test_inspect_answers_within_a_second_with_a_map_at_input_size(workspace):
@@ -101,3 +115,19 @@ def test_inspect_answers_within_a_second_with_a_map_at_input_size(workspace):
     assert verdicts[0].map.shape == good.shape[:2]
     # The best of a few answers: what the machine can do, not how busy its other tenants are.
     assert min(inspector.inspect(bad).seconds for _ in range(3)) < 1.0
+
+
+def test_mistakes_at_a_threshold_count_only_labelled_test_images():
+    import pandas as pd
+    from core.app.compare import mistakes_at
+    scores = pd.DataFrame({"path": list("abcdefg"),
+                           "split": ["test", "test", "test", "test", "test", "calibration", "test"],
+                           "label": pd.array([0, 0, 1, 1, 0, 0, None], dtype="Int64"),
+                           "defect": ["good", "good", "crack", "crack", "good", "good", None],
+                           "score": [0.2, 0.6, 0.5, 0.9, 0.5, 0.99, 0.95]})
+    # at 0.5: good 0.6 and 0.5 flagged (at the threshold is NG); crack 0.5 and 0.9 caught; the calibration's
+    # 0.99 and the unlabelled 0.95 are not test mistakes
+    assert mistakes_at(scores, 0.5) == {"false alarms": 2, "missed defects": 0, "good tested": 3,
+                                        "defective tested": 2}
+    assert mistakes_at(scores, 0.7)["false alarms"] == 0 and mistakes_at(scores, 0.7)["missed defects"] == 1
+    assert mistakes_at(scores, None)["false alarms"] is None
