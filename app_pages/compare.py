@@ -71,7 +71,7 @@ if pending in labels:
                                f"alarm(s) among {row['good tested']} good and missed {row['missed defects']} of "
                                f"{row['defective tested']} defective test images.")
             st.warning(f"Deploy **{labels[pending]}**" + (f" in place of **{deployed.iloc[0]}**" if len(deployed) else "")
-                       + f"? The Inspect page uses it at once; the line's service loads it at its next start. "
+                       + "? The Inspect page uses it at once; the line's service loads it at its next start. "
                        + consequence, icon=":material/rocket_launch:")
             yes, no = st.columns([1, 4])
             if yes.button(f"Yes, deploy {labels[pending]}", type="primary", key="confirm_deploy"):
