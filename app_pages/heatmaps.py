@@ -62,7 +62,7 @@ def gallery_tile(registry: str, run_id: int, i: int, scale: tuple[float, float])
 def badges(i: int) -> str:
     """What happened to test image i, its defect type and what the user said of it, as coloured badges."""
     code, said = outcome[i], feedback.get(results.paths[i])
-    return (f":{COLOURS[code]}-badge[{NAMES[code]}] :gray-badge[{results.defects[i]}]"
+    return (f":{COLOURS[code]}-badge[{NAMES[code]}] :gray-badge[{widgets.plain(results.defects[i])}]"
             + (f" :violet-badge[marked {said['verdict']}]" if said else ""))
 
 

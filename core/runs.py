@@ -464,7 +464,8 @@ class RunStore:
                 raise KeyError(f"no dataset with id {dataset_id}")
             conn.execute("INSERT INTO image_feedback (dataset_id, path, verdict, run_id, time) VALUES (?, ?, ?, ?, ?) "
                          "ON CONFLICT (dataset_id, path) DO UPDATE SET verdict = excluded.verdict, "
-                         "run_id = excluded.run_id, time = excluded.time", (dataset_id, str(path), verdict, run_id, _now()))
+                         "run_id = excluded.run_id, time = excluded.time",
+                         (dataset_id, str(path), verdict, run_id, _now()))
 
     def remove_feedback(self, dataset_id: int, paths: Iterable[str]) -> None:
         """Undo what the user said of these images: the next fit takes them as their folders say again."""

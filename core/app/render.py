@@ -21,7 +21,7 @@ REGION_OF_INTEREST = (255, 200, 0)
 HOTTEST = (255, 0, 255)
 OUTSIDE_DIMMING = 0.35
 # The hottest region reaches down this share of the way from the map's peak to its median.
-HOTTEST_SPAN = 0.5
+HOTTEST_SPAN = 0.3
 
 
 def predicted_region(amap: np.ndarray, pixel_threshold: float) -> np.ndarray:
