@@ -347,7 +347,8 @@ def test_heatmap_filters_are_kept_when_the_user_leaves_the_page_and_comes_back(w
     assert at.radio(key="heatmap_order").value == "lowest first" and "showing 6" in texts(at)
 
 
-def test_a_missed_defect_is_red_and_an_ng_image_without_defect_pixels_shows_its_hottest_region(workspace):
+def test_a_missed_defect_is_red_marked_defective_and_an_ng_image_without_defect_pixels_shows_its_hottest_region(
+        workspace):
     store, run_id = workspace["store"], workspace["run_id"]
     scores = store.run_scores(run_id).query("split == 'test'")
     defects = np.sort(scores.query("label == 1")["score"].to_numpy())
@@ -362,6 +363,14 @@ def test_a_missed_defect_is_red_and_an_ng_image_without_defect_pixels_shows_its_
     assert "A defective image passed as OK." in texts(at)
     score = next(m for m in at.metric if m.label == "Score")
     assert score.proto.delta.startswith("-") and score.proto.color == MetricProto.MetricColor.RED   # not green
+    mark = next(b for b in at.button if b.key == "mark_defective")
+    assert mark.proto.type == "primary"
+    mark.click().run()
+    [said] = store.get_dataset(workspace["dataset_id"])["feedback"]
+    assert (said["verdict"], said["run_id"]) == ("defective", run_id) and "You marked it **defective**" in texts(at)
+    assert ":red-badge[missed defect] :gray-badge[colour] :violet-badge[marked defective]" in tiles(at)
+    next(b for b in at.button if b.key == "feedback_undo").click().run()
+    assert store.get_dataset(workspace["dataset_id"])["feedback"] == [] and not any("marked" in t for t in tiles(at))
     at.session_state["heatmap_detail"] = None
     open_tile(at, int(order[0]))                               # NG, with no pixel anywhere near 1e9
     captions = [c for image in at.image for c in image.captions]
