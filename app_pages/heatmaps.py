@@ -15,6 +15,7 @@ from core.thresholds import is_anomalous
 from ui import state, widgets
 
 PAGE_SIZE = 24
+TILE = 150   # px: a tile's width, wide enough for its badges and button, narrow enough for 3 a row on a laptop
 OUTCOMES = {"caught defect": "TP", "false alarm": "FP", "missed defect": "FN", "correct OK": "TN"}
 NAMES = {code: name for name, code in OUTCOMES.items()}
 # Colours say what happened: a missed defect is red, never a reassuring green.
@@ -56,7 +57,7 @@ feedback = {f["path"]: f for f in state.store().get_dataset(run["dataset_id"])["
 @st.cache_data(max_entries=2048, show_spinner=False)
 def gallery_tile(registry: str, run_id: int, i: int, scale: tuple[float, float]) -> np.ndarray:
     found = state.results(run_id)
-    return thumbnail(heatmap_panel(found.frame(i), found.map(i), scale, 0.5, found.mask(i)), 200)
+    return thumbnail(heatmap_panel(found.frame(i), found.map(i), scale, 0.5, found.mask(i)), TILE)
 
 
 def badges(i: int) -> str:
@@ -140,14 +141,15 @@ opened = st.session_state.get(DETAIL)
 if opened is not None and opened[0] == run["id"]:
     detail(opened[1])
 
-filters = st.columns([3, 2, 1])
-chosen_outcomes = filters[0].pills("Outcome at the threshold", list(OUTCOMES), selection_mode="multi",
-                                   default=list(OUTCOMES), key="heatmap_outcomes", persist_state="session")
-defects = sorted(set(results.defects))
-chosen_defects = filters[1].pills("Defect type", defects, selection_mode="multi", default=defects,
-                                  key=f"heatmap_defects_{run['id']}", persist_state="session")
-order = filters[2].radio("Sort by score", ["highest first", "lowest first"], key="heatmap_order",
-                         persist_state="session")
+# A wrapping row (not columns): on a narrow screen a filter moves to the next line instead of cutting its chips off.
+with st.container(horizontal=True, gap="medium"):
+    chosen_outcomes = st.pills("Outcome at the threshold", list(OUTCOMES), selection_mode="multi", wrap=True,
+                               default=list(OUTCOMES), key="heatmap_outcomes", persist_state="session")
+    defects = sorted(set(results.defects))
+    chosen_defects = st.pills("Defect type", defects, selection_mode="multi", default=defects, wrap=True,
+                              key=f"heatmap_defects_{run['id']}", persist_state="session")
+    order = st.radio("Sort by score", ["highest first", "lowest first"], key="heatmap_order",
+                     persist_state="session")
 wanted = {OUTCOMES[o] for o in chosen_outcomes}
 shown = [i for i in np.argsort(-results.scores, kind="stable")
          if outcome[i] in wanted and results.defects[i] in chosen_defects]
@@ -162,10 +164,11 @@ if not shown:
     st.stop()
 pages = max(1, -(-len(shown) // PAGE_SIZE))
 page = st.number_input("Page", 1, pages, 1, key="heatmap_page") if pages > 1 else 1
-grid = st.columns(6)
-for k, i in enumerate(shown[(page - 1) * PAGE_SIZE: page * PAGE_SIZE]):
-    with grid[k % 6]:
-        st.image(gallery_tile(str(state.store().path), run["id"], int(i), scale))
-        st.markdown(badges(i))
-        st.button(f"Score {results.scores[i]:.3g}", key=f"open_{i}", icon=":material/open_in_full:",
-                  width="stretch", on_click=open_detail, args=(int(i),), help=f"{results.name(i)}: open in detail")
+# Tiles of a fixed width in a wrapping row: as many per line as the screen holds, none squeezed to cut its words.
+with st.container(horizontal=True):
+    for i in shown[(page - 1) * PAGE_SIZE: page * PAGE_SIZE]:
+        with st.container(width=TILE):
+            st.image(gallery_tile(str(state.store().path), run["id"], int(i), scale))
+            st.markdown(badges(i))
+            st.button(f"Score {results.scores[i]:.3g}", key=f"open_{i}", icon=":material/open_in_full:",
+                      width="stretch", on_click=open_detail, args=(int(i),), help=f"{results.name(i)}: open in detail")

@@ -13,6 +13,10 @@ from .browser_kit import BROWSER, go, settle, shot
 pytestmark = BROWSER
 
 FAST = {"resize": 64, "coreset_ratio": 0.05, "score_border": 0, "calibration_fraction": 0}
+# The visible buttons, chips and words whose text is wider than their box: cut off with an ellipsis or scrolled away.
+CUT_OFF = """() => [...document.querySelectorAll('button, [data-testid=stMarkdownContainer] :is(p, span), label')]
+    .filter(e => e.offsetParent !== null && e.clientWidth > 0 && e.scrollWidth > e.clientWidth + 1)
+    .map(e => e.innerText)"""
 
 
 def test_review_a_run_and_mark_a_false_alarm_good_in_a_browser(workspace, page):
@@ -26,6 +30,13 @@ def test_review_a_run_and_mark_a_false_alarm_good_in_a_browser(workspace, page):
     go(page, "Heatmaps")
     page.get_by_test_id("stImage").nth(22).wait_for()             # the whole gallery, no detail yet
     assert page.get_by_role("dialog").count() == 0
+    assert page.evaluate(CUT_OFF) == []
+    page.set_viewport_size({"width": 1024, "height": 1800})      # a laptop: the tiles and chips wrap, none is cut
+    settle(page)
+    assert page.evaluate(CUT_OFF) == []
+    shot(page, "review_1_gallery_1024px")
+    page.set_viewport_size({"width": 1440, "height": 1800})
+    settle(page)
     shot(page, "review_1_gallery")
 
     # The last tile, low on the page, opens its detail over the page, where the user is looking.
@@ -37,6 +48,7 @@ def test_review_a_run_and_mark_a_false_alarm_good_in_a_browser(workspace, page):
     settle(page)
     box = dialog.bounding_box()
     assert box["y"] >= 0 and box["y"] + 200 < page.viewport_size["height"]     # on screen, not further down
+    assert page.evaluate(CUT_OFF) == []
     shot(page, "review_2_detail")
     page.keyboard.press("Escape")
     dialog.wait_for(state="detached")
