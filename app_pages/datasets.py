@@ -290,6 +290,32 @@ def suspicious_panel(record: dict, dataset) -> None:
 
 suspicious_panel(record, dataset)
 
+
+def feedback_panel(record: dict) -> None:
+    """The test images the user marked good or defective on the Heatmaps page, and undoing a choice of them."""
+    marked = record["feedback"]
+    if not marked:
+        return
+    st.subheader(f"Marked on the Heatmaps page: {len(marked)}")
+    st.caption("An image marked good is one of the normal training images from the next fit on (no longer a test "
+               "image); one marked defective is tested as a defect and never trained on. Undoing a mark puts the "
+               "image back where its folder says.")
+    name = {f["path"]: f"{Path(f['path']).parent.name}/{Path(f['path']).name}" for f in marked}
+    st.dataframe(pd.DataFrame([{"image": name[f["path"]], "marked": f["verdict"],
+                                "from run": f"#{f['run_id']}" if f["run_id"] else "",
+                                "when (UTC)": f["time"][:16].replace("T", " ")} for f in marked]), hide_index=True)
+    shown = [f["path"] for f in marked[:THUMBNAILS_PER_GROUP]]
+    st.image(thumbnails(tuple(shown)), width=110,
+             caption=[f"{name[p]} · {f['verdict']}" for p, f in zip(shown, marked)])
+    undo = st.multiselect("Undo the mark of", list(name), format_func=name.get, key="undo_feedback")
+    if st.button("Undo", disabled=not undo, icon=":material/undo:", key="undo_feedback_button",
+                 help="The next fit takes them as their folders say again"):
+        state.store().remove_feedback(record["id"], undo)
+        st.rerun()
+
+
+feedback_panel(record)
+
 st.subheader("Images")
 for split, per in counts.items():
     for defect in per:

@@ -1,18 +1,27 @@
-"""Heatmaps: the test images sorted by score, filtered by outcome and defect type, and one image in detail.
+"""Heatmaps: the test images sorted by score, filtered by outcome and defect type; a tile's button opens the image
+in detail over the page, where a false alarm can be marked good (trained on from the next fit of its dataset) and a
+missed defect marked defective.
 
 Every map of a run is drawn on the run's one colour scale (never rescaled per image, which would make good
-parts look defective); the legend shows that scale with the thresholds on it.
+parts look defective); the legend shows that scale with the thresholds on it. The filters keep their choice for the
+session (``persist_state``), so leaving the page and coming back finds them as they were.
 """
 import numpy as np
 import streamlit as st
 
-from core.app.render import heatmap_panel, region_panel, thumbnail
+from core.app.render import heatmap_panel, region_panel, thumbnail, why_region
 from core.rules import DefectRules
 from core.thresholds import is_anomalous
 from ui import state, widgets
 
 PAGE_SIZE = 24
+TILE = 150   # px: a tile's width, wide enough for its badges and button, narrow enough for 3 a row on a laptop
 OUTCOMES = {"caught defect": "TP", "false alarm": "FP", "missed defect": "FN", "correct OK": "TN"}
+NAMES = {code: name for name, code in OUTCOMES.items()}
+# Colours say what happened: a missed defect is red, never a reassuring green.
+COLOURS = {"TP": "blue", "FP": "orange", "FN": "red", "TN": "green"}
+VERDICT_WORDS = {"NG": "judged NG", "review": "sent to review", "OK": "passed as OK", "": "not judged (no threshold)"}
+DETAIL = "heatmap_detail"   # (run id, test image) open in the dialog; None when closed
 
 
 @st.cache_data(max_entries=16, show_spinner="Applying the defect rules…")
@@ -42,70 +51,124 @@ else:   # the rules may clear NG scores: the outcome follows the verdicts
                                                             pixel_threshold, rules.roi_png(), rules.settings())])
 anomalous = results.labels == 1
 outcome = np.where(anomalous, np.where(flagged, "TP", "FN"), np.where(flagged, "FP", "TN"))
+feedback = {f["path"]: f for f in state.store().get_dataset(run["dataset_id"])["feedback"]}
 
 
 @st.cache_data(max_entries=2048, show_spinner=False)
 def gallery_tile(registry: str, run_id: int, i: int, scale: tuple[float, float]) -> np.ndarray:
     found = state.results(run_id)
-    return thumbnail(heatmap_panel(found.frame(i), found.map(i), scale, 0.5, found.mask(i)), 200)
+    return thumbnail(heatmap_panel(found.frame(i), found.map(i), scale, 0.5, found.mask(i)), TILE)
 
 
-filters = st.columns([2, 2, 1])
-chosen_outcomes = filters[0].multiselect("Outcome at the threshold", list(OUTCOMES), default=list(OUTCOMES))
-defects = sorted(set(results.defects))
-chosen_defects = filters[1].multiselect("Defect type", defects, default=defects)
-order = filters[2].radio("Sort by score", ["highest first", "lowest first"])
+def badges(i: int) -> str:
+    """What happened to test image i, its defect type and what the user said of it, as coloured badges."""
+    code, said = outcome[i], feedback.get(results.paths[i])
+    return (f":{COLOURS[code]}-badge[{NAMES[code]}] :gray-badge[{widgets.plain(results.defects[i])}]"
+            + (f" :violet-badge[marked {said['verdict']}]" if said else ""))
+
+
+def open_detail(i: int) -> None:
+    st.session_state[DETAIL] = (run["id"], i)
+
+
+def close_detail() -> None:
+    st.session_state[DETAIL] = None
+
+
+def say(i: int, verdict: str | None) -> None:
+    """Record what the user says test image i is (None: undo it), then show the page with it."""
+    if verdict is None:
+        state.store().remove_feedback(run["dataset_id"], [results.paths[i]])
+    else:
+        state.store().set_feedback(run["dataset_id"], results.paths[i], verdict, run_id=run["id"])
+    st.rerun()
+
+
+@st.dialog("Test image", width="large", on_dismiss=close_detail)
+def detail(i: int) -> None:
+    frame, amap, mask = results.frame(i), results.map(i), results.mask(i)
+    score, code = float(results.scores[i]), outcome[i]
+    decision = results.decide(i, image_threshold, review, pixel_threshold, rules)
+    truth = "good" if results.labels[i] == 0 else results.defects[i]
+    st.subheader(results.name(i))
+    st.markdown(f"{badges(i)} A {'good' if truth == 'good' else 'defective'} image "
+                f"{VERDICT_WORDS[decision.label]}.")
+    head = st.columns(3)
+    head[0].metric("Score", f"{score:.4g}", delta=f"{score - image_threshold:+.3g} vs threshold",
+                   delta_color=COLOURS[code])
+    head[1].metric("Verdict", decision.label, help=decision.rule)
+    head[2].metric("Truth", truth)
+    controls = st.columns([2, 1])
+    alpha = controls[0].slider("Heatmap opacity", 0.0, 1.0, 0.5, 0.05, key="heatmap_alpha")
+    show_truth = controls[1].toggle("Ground-truth contour", True, disabled=mask is None or not mask.any())
+    truth_mask = mask if show_truth else None
+    panels = st.columns(3)
+    panels[0].image(frame, caption="Image", width="stretch")
+    panels[1].image(heatmap_panel(frame, amap, scale, alpha, truth_mask), width="stretch",
+                    caption="Heatmap" + (" · ground truth in green" if truth_mask is not None and truth_mask.any()
+                                         else ""))
+    roi = rules.roi_at(amap.shape, results.preprocess)
+    ng = decision.label == "NG"
+    hottest = why_region(amap, pixel_threshold, roi, ng)[1]
+    panels[2].image(region_panel(frame, amap, pixel_threshold, truth_mask, roi, ng), width="stretch",
+                    caption=(f"No pixel reaches the pixel threshold {pixel_threshold:.4g}: the hottest region "
+                             "(magenta) is where the score came from" if hottest else
+                             f"Predicted region at pixel threshold {pixel_threshold:.4g} (cyan)")
+                            + ("" if roi is None else ", inside the region of interest (yellow)"))
+    st.caption(f"Verdict **{decision.label}**: {decision.rule}.")
+    widgets.colour_legend(scale, image_threshold, pixel_threshold)
+    said = feedback.get(results.paths[i])
+    if said:
+        effect = ("it is one of the normal training images from the next fit of this dataset, no longer a test image"
+                  if said["verdict"] == "good" else "it is tested as a defect, never trained on")
+        st.info(f"You marked it **{said['verdict']}** on {said['time'][:16].replace('T', ' ')} UTC, from run "
+                f"#{said['run_id']}: {effect}.", icon=":material/rate_review:")
+        if st.button("Undo", icon=":material/undo:", key="feedback_undo"):
+            say(i, None)
+        return
+    actions = st.columns(2)
+    if actions[0].button("Mark as good", icon=":material/thumb_up:", key="mark_good", width="stretch",
+                         type="primary" if code == "FP" else "secondary",
+                         help="It is good: the next fit of this dataset trains on it (it leaves the test set)"):
+        say(i, "good")
+    if actions[1].button("Mark as defective", icon=":material/report:", key="mark_defective", width="stretch",
+                         type="primary" if code == "FN" else "secondary",
+                         help="It is defective: it is tested as a defect and never trained on"):
+        say(i, "defective")
+
+
+opened = st.session_state.get(DETAIL)
+if opened is not None and opened[0] == run["id"]:
+    detail(opened[1])
+
+# A wrapping row (not columns): on a narrow screen a filter moves to the next line instead of cutting its chips off.
+with st.container(horizontal=True, gap="medium"):
+    chosen_outcomes = st.pills("Outcome at the threshold", list(OUTCOMES), selection_mode="multi", wrap=True,
+                               default=list(OUTCOMES), key="heatmap_outcomes", persist_state="session")
+    defects = sorted(set(results.defects))
+    chosen_defects = st.pills("Defect type", defects, selection_mode="multi", default=defects, wrap=True,
+                              key=f"heatmap_defects_{run['id']}", persist_state="session")
+    order = st.radio("Sort by score", ["highest first", "lowest first"], key="heatmap_order",
+                     persist_state="session")
 wanted = {OUTCOMES[o] for o in chosen_outcomes}
 shown = [i for i in np.argsort(-results.scores, kind="stable")
          if outcome[i] in wanted and results.defects[i] in chosen_defects]
 if order == "lowest first":
     shown = shown[::-1]
-counts = {name: int(np.sum(outcome == code)) for name, code in OUTCOMES.items()}
-st.caption(" · ".join(f"{n} {name}{'s' if n != 1 and name != 'correct OK' else ''}" for name, n in counts.items())
-           + f" · showing {len(shown)}")
+counts = {code: int(np.sum(outcome == code)) for code in NAMES}
+st.caption(" · ".join(f":{COLOURS[code]}[{n} {NAMES[code]}{'s' if n != 1 and code != 'TN' else ''}]"
+                      for code, n in counts.items()) + f" · showing {len(shown)}")
 
 if not shown:
     st.info("No test image matches these filters.")
     st.stop()
-if st.session_state.get("heatmap_image") not in shown:
-    st.session_state["heatmap_image"] = shown[0]
-
-i = st.session_state["heatmap_image"]
-frame, amap, mask = results.frame(i), results.map(i), results.mask(i)
-score = float(results.scores[i])
-decision = results.decide(i, image_threshold, review, pixel_threshold, rules)
-head = st.columns([3, 1, 1, 1])
-head[0].subheader(results.name(i))
-head[1].metric("Score", f"{score:.4g}", delta=f"{score - image_threshold:+.3g} vs threshold",
-               delta_color="inverse")
-head[2].metric("Verdict", decision.label, help=decision.rule)
-head[3].metric("Truth", "good" if results.labels[i] == 0 else results.defects[i])
-controls = st.columns([2, 1])
-alpha = controls[0].slider("Heatmap opacity", 0.0, 1.0, 0.5, 0.05, key="heatmap_alpha")
-show_truth = controls[1].toggle("Ground-truth contour", True, disabled=mask is None or not mask.any())
-truth = mask if show_truth else None
-panels = st.columns(3)
-panels[0].image(frame, caption="Image", width="stretch")
-panels[1].image(heatmap_panel(frame, amap, scale, alpha, truth), width="stretch",
-                caption="Heatmap" + (" · ground truth in green" if truth is not None and truth.any() else ""))
-roi = rules.roi_at(amap.shape, results.preprocess)
-panels[2].image(region_panel(frame, amap, pixel_threshold, truth, roi), width="stretch",
-                caption=f"Predicted region at pixel threshold {pixel_threshold:.4g} (cyan)"
-                        + ("" if roi is None else ", inside the region of interest (yellow)"))
-st.caption(f"Verdict **{decision.label}**: {decision.rule}.")
-widgets.colour_legend(scale, image_threshold, pixel_threshold)
-st.divider()
-st.subheader("All test images, by score")
 pages = max(1, -(-len(shown) // PAGE_SIZE))
 page = st.number_input("Page", 1, pages, 1, key="heatmap_page") if pages > 1 else 1
-grid = st.columns(6)
-for k, i in enumerate(shown[(page - 1) * PAGE_SIZE: page * PAGE_SIZE]):
-    with grid[k % 6]:
-        st.image(gallery_tile(str(state.store().path), run["id"], int(i), scale))
-        label = f"{results.scores[i]:.3g} · {outcome[i]}"
-        if st.button(label, key=f"open_{i}", width="stretch",
-                     type="primary" if i == st.session_state["heatmap_image"] else "secondary",
-                     help=results.name(i)):
-            st.session_state["heatmap_image"] = int(i)
-            st.rerun()
-
+# Tiles of a fixed width in a wrapping row: as many per line as the screen holds, none squeezed to cut its words.
+with st.container(horizontal=True):
+    for i in shown[(page - 1) * PAGE_SIZE: page * PAGE_SIZE]:
+        with st.container(width=TILE):
+            st.image(gallery_tile(str(state.store().path), run["id"], int(i), scale))
+            st.markdown(badges(i))
+            st.button(f"Score {results.scores[i]:.3g}", key=f"open_{i}", icon=":material/open_in_full:",
+                      width="stretch", on_click=open_detail, args=(int(i),), help=f"{results.name(i)}: open in detail")

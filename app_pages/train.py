@@ -8,6 +8,7 @@ from core.backbones import OFFLINE_WEIGHTS
 from core.detectors import create_detector, get_detector_class, list_detectors
 from core.app.jobs import TrainingJob, chosen_settings, estimate_training_seconds
 from core.params import ParamSpec, param_specs, parse_value
+from core.pipeline import corrections
 from core.workspace import registrations_dir
 from ui import jobs, state, widgets
 
@@ -90,6 +91,10 @@ if trained:
                icon=":material/check_circle:")
     for line in chosen_settings(run["model_card"] or {}):
         st.caption(line)
+    marked_good = (run["model_card"] or {}).get("marked_good_by_user")
+    if marked_good:
+        st.caption(f"Trained on {run['model_card']['n_images']} images, {marked_good} of them marked good on the "
+                   "Heatmaps page.")
     audited = (run["model_card"] or {}).get("audit")
     if audited:
         dropped = audited.get("dropped_files", [])
@@ -125,9 +130,14 @@ dataset = state.dataset_images(record)
 n_train = len(dataset.subset(split="train", label=0))
 n_test = len(dataset.subset(split="test"))
 left_out = len(record["excluded"])
+marked = list(corrections(record).values())
+added, tested = marked.count("good"), marked.count("defective")
+notes = [note for n, note in ((added, f"{added} added as good from the Heatmaps page"),
+                              (left_out, f"{left_out} left out on the Datasets page")) if n]
 st.caption(f"Dataset **{record['name']}**: {n_train} normal training images"
-           + (f" ({left_out} left out on the Datasets page)" if left_out else "") + ", "
-           f"{n_test} test images. Change it in the sidebar.")
+           + (f" ({'; '.join(notes)})" if notes else "") + ", "
+           f"{n_test} test images"
+           + (f" ({tested} marked defective on the Heatmaps page)" if tested else "") + ". Change it in the sidebar.")
 if n_train < 2:
     st.warning("One training image is enough to fit a model but not to set its threshold: a threshold needs "
                "scores of good images the model was not fitted on. Add a few more good images (3 or more).",

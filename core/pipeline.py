@@ -112,8 +112,8 @@ def register_dataset(store: RunStore, dataset: ImageSet, kind: str | None = None
 
 
 def open_dataset(record: dict) -> ImageSet:
-    """Load a registered dataset (a registry row) from where it lives: the one way the CLI, the dashboard and
-    re-evaluation reopen a dataset."""
+    """Load a registered dataset (a registry row) from where it lives, as the user corrected it from the heatmaps
+    (:func:`corrections`): the one way the CLI, the dashboard and re-evaluation reopen a dataset."""
     source = Path(record["source"])
     if source.is_file() and zipfile.is_zipfile(source):
         # Registered from a zip by an older CLI, which recorded the archive: use its extracted copy.
@@ -121,7 +121,13 @@ def open_dataset(record: dict) -> ImageSet:
         source = copies[0] if copies else source
     if not source.is_dir():
         raise FileNotFoundError(f"dataset {record['name']!r}: its files are gone from {record['source']}")
-    return load_dataset(source)
+    return load_dataset(source).corrected(corrections(record))
+
+
+def corrections(record: dict) -> dict[str, str]:
+    """What the user said the images of a registered dataset are, path -> "good" or "defective"
+    (:meth:`RunStore.set_feedback`): good ones are trained on from the next fit, defective ones never."""
+    return {f["path"]: f["verdict"] for f in record["feedback"]}
 
 
 def report_dict(dataset: ImageSet) -> dict:
@@ -142,8 +148,8 @@ def training_images(store: RunStore, dataset_id: int, dataset: ImageSet) -> Imag
 
 def train_run(store: RunStore, dataset_id: int, dataset: ImageSet, detector: str, params: dict | None = None,
               progress: Progress | None = None, name: str | None = None, audit: str = "off") -> int:
-    """Fit on the dataset's good training images (less those the user left out), then evaluate, save and
-    register (see register_fitted).
+    """Fit on the dataset's good training images (less those the user left out, with those they marked good),
+    then evaluate on its test images (less those), save and register (see register_fitted).
 
     `audit` "flag" audits the training images after the fit (core.audit): every image's out-of-fold score is
     registered (split "audit"; defect "suspicious" beyond the outlier fence) and the maps of the highest are
@@ -154,6 +160,8 @@ def train_run(store: RunStore, dataset_id: int, dataset: ImageSet, detector: str
         raise ValueError(f"audit must be one of {AUDIT_MODES}, got {audit!r}")
     progress = progress or no_progress
     det = create_detector(detector, **(params or {}))
+    marked = corrections(store.get_dataset(dataset_id))
+    dataset = dataset.corrected(marked)   # as open_dataset reads it, also for a set the caller loaded itself (CLI)
     train = training_images(store, dataset_id, dataset)
     if not len(train):
         raise ValueError("every training image of this dataset was left out: restore some on the Datasets page")
@@ -179,6 +187,9 @@ def train_run(store: RunStore, dataset_id: int, dataset: ImageSet, detector: str
         train = train[[i for i in range(len(train)) if i not in dropped]]
     if left_out:
         det.fit_info_["left_out_by_user"] = left_out
+    marked_good = sum(marked.get(str(s.path)) == "good" for s in train.samples)
+    if marked_good:
+        det.fit_info_["marked_good_by_user"] = marked_good
     return register_fitted(store, dataset_id, dataset, det, progress, name, fitted_on=train, extra_scores=extra,
                            audit_maps=maps)
 

@@ -3,8 +3,9 @@
 Everything a user makes is recorded here: the datasets they registered, every run (detector, params,
 model path, metrics, timings, model card, chosen thresholds, which run is deployed), the score of
 every test image, and every image the inspection service scored (``inspections``: run, variant, time,
-source name, score, verdict, reason, seconds; see :meth:`RunStore.add_inspection`) and every threshold saved
-(``threshold_history``, see :meth:`RunStore.threshold_history`). Inspections are the
+source name, score, verdict, reason, seconds; see :meth:`RunStore.add_inspection`), every threshold saved
+(``threshold_history``, see :meth:`RunStore.threshold_history`) and what the user said test images are from
+the heatmaps (``image_feedback``, see :meth:`RunStore.set_feedback`). Inspections are the
 line's record: they are kept when their run is deleted (their ``run_id`` then names a deleted run). The default file is ``workspace_dir() / "registry.sqlite"`` (``ANOMALYSCOPE_HOME``
 moves it). Only the standard library's ``sqlite3`` is used, no ORM.
 
@@ -59,7 +60,7 @@ import pandas as pd
 
 from core.workspace import workspace_dir
 
-__all__ = ["RunStore", "RegistryError", "RegistryLockedError", "SCHEMA_VERSION", "DATASET_KINDS", "REGISTRY_FILENAME", "to_json"]
+__all__ = ["RunStore", "RegistryError", "RegistryLockedError", "SCHEMA_VERSION", "DATASET_KINDS", "FEEDBACK", "REGISTRY_FILENAME", "to_json"]
 
 # 2: runs.threshold_review, the lower end of the OK / review / NG band (NULL: two bands only).
 # 3: runs.rules (JSON: minimum defect area, scale) and runs.roi (the region of interest as a PNG), see core.rules;
@@ -67,7 +68,9 @@ __all__ = ["RunStore", "RegistryError", "RegistryLockedError", "SCHEMA_VERSION",
 # 4: the inspections table (every image the inspection service scored); a new table, so older files only gain it.
 # 5: datasets.archived and runs.archived (1: kept, but left out of the dashboard's lists until shown).
 # 6: the threshold_history table (every threshold saved, per level, with its preset and note); a new table.
-SCHEMA_VERSION = 6
+# 7: the image_feedback table (test images a user marked good or defective from a run's heatmaps); a new table,
+#    so older files only gain it.
+SCHEMA_VERSION = 7
 
 
 class RegistryError(ValueError):
@@ -81,6 +84,7 @@ DATASET_KINDS = ("mvtec", "folder", "zip", "upload")
 BUSY_TIMEOUT_S = 30.0
 SCORE_COLUMNS = ["path", "split", "label", "defect", "score"]
 VERDICTS = ("OK", "review", "NG", "")    # "": the run had no image threshold
+FEEDBACK = ("good", "defective")          # what a user may say an image is (see RunStore.set_feedback)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS datasets (
@@ -153,6 +157,17 @@ CREATE TABLE IF NOT EXISTS threshold_history (
     time    TEXT    NOT NULL
 );
 CREATE INDEX IF NOT EXISTS threshold_history_by_run ON threshold_history(run_id, level, id);
+-- what the user says an image of a dataset is, one word per image (the latest). No foreign key on run_id, the run
+-- whose heatmaps it was said from: the word outlives a deleted run, and goes with its dataset
+CREATE TABLE IF NOT EXISTS image_feedback (
+    id          INTEGER PRIMARY KEY AUTOINCREMENT,
+    dataset_id  INTEGER NOT NULL REFERENCES datasets(id) ON DELETE CASCADE,
+    path        TEXT    NOT NULL,
+    verdict     TEXT    NOT NULL CHECK (verdict IN ('good', 'defective')),
+    run_id      INTEGER,
+    time        TEXT    NOT NULL,
+    UNIQUE (dataset_id, path)
+);
 """
 
 _RUN_SELECT = """
@@ -382,11 +397,22 @@ class RunStore:
 
     # -- row decoding ----------------------------------------------------------------------
     @staticmethod
-    def _dataset_dict(row: sqlite3.Row) -> dict:
-        out = dict(row)
-        for col in _JSON_DATASET_COLUMNS:
-            out[col] = _from_json(out[col])
-        out["archived"] = bool(out["archived"])
+    def _datasets(conn: sqlite3.Connection, where: str = "", args: tuple = ()) -> list[dict]:
+        """The datasets selected by `where`, newest first, JSON decoded, each with its ``feedback``."""
+        rows = conn.execute(f"SELECT * FROM datasets {where} ORDER BY id DESC", args).fetchall()
+        ids = [r["id"] for r in rows]
+        feedback: dict[int, list[dict]] = {i: [] for i in ids}
+        for f in conn.execute(f"SELECT * FROM image_feedback WHERE dataset_id IN ({', '.join('?' * len(ids))}) "
+                              "ORDER BY id", ids):
+            feedback[f["dataset_id"]].append({k: f[k] for k in ("path", "verdict", "run_id", "time")})
+        out = []
+        for row in rows:
+            record = dict(row)
+            for col in _JSON_DATASET_COLUMNS:
+                record[col] = _from_json(record[col])
+            record["archived"] = bool(record["archived"])
+            record["feedback"] = feedback[row["id"]]
+            out.append(record)
         return out
 
     @staticmethod
@@ -433,14 +459,15 @@ class RunStore:
             return int(cur.lastrowid)
 
     def get_dataset(self, dataset_id: int) -> dict:
-        """``{"id", "name", "source", "kind", "summary", "report", "excluded", "archived", "created"}``; KeyError if missing.
-        ``excluded`` lists the training images the user left out (see :meth:`set_excluded`)."""
+        """``{"id", "name", "source", "kind", "summary", "report", "excluded", "archived", "created", "feedback"}``;
+        KeyError if missing. ``excluded`` lists the training images the user left out (see :meth:`set_excluded`),
+        ``feedback`` what the user said images are, oldest first (see :meth:`set_feedback`)."""
         dataset_id = _as_id(dataset_id, "dataset_id")
         with self._read() as conn:
-            row = conn.execute("SELECT * FROM datasets WHERE id = ?", (dataset_id,)).fetchone()
-        if row is None:
+            found = self._datasets(conn, "WHERE id = ?", (dataset_id,))
+        if not found:
             raise KeyError(f"no dataset with id {dataset_id}")
-        return self._dataset_dict(row)
+        return found[0]
 
     def set_excluded(self, dataset_id: int, paths: Iterable[str]) -> None:
         """Replace the dataset's list of training images left out of every later fit (the files stay where
@@ -451,6 +478,29 @@ class RunStore:
             cur = conn.execute("UPDATE datasets SET excluded = ? WHERE id = ?", (to_json(paths), dataset_id))
             if cur.rowcount == 0:
                 raise KeyError(f"no dataset with id {dataset_id}")
+
+    def set_feedback(self, dataset_id: int, path: str, verdict: str, run_id: int | None = None) -> None:
+        """Record what the user says an image of the dataset is, replacing what they said of it before: "good"
+        (a normal training image from the next fit on, out of the test set) or "defective" (a test defect, never
+        trained on); see :func:`core.pipeline.open_dataset`. ``run_id`` names the run it was said from."""
+        dataset_id = _as_id(dataset_id, "dataset_id")
+        if verdict not in FEEDBACK:
+            raise ValueError(f"feedback must be one of {FEEDBACK}, got {verdict!r}")
+        run_id = None if run_id is None else _as_id(run_id, "run_id")
+        with self._write() as conn:
+            if conn.execute("SELECT 1 FROM datasets WHERE id = ?", (dataset_id,)).fetchone() is None:
+                raise KeyError(f"no dataset with id {dataset_id}")
+            conn.execute("INSERT INTO image_feedback (dataset_id, path, verdict, run_id, time) VALUES (?, ?, ?, ?, ?) "
+                         "ON CONFLICT (dataset_id, path) DO UPDATE SET verdict = excluded.verdict, "
+                         "run_id = excluded.run_id, time = excluded.time",
+                         (dataset_id, str(path), verdict, run_id, _now()))
+
+    def remove_feedback(self, dataset_id: int, paths: Iterable[str]) -> None:
+        """Undo what the user said of these images: the next fit takes them as their folders say again."""
+        dataset_id = _as_id(dataset_id, "dataset_id")
+        with self._write() as conn:
+            conn.executemany("DELETE FROM image_feedback WHERE dataset_id = ? AND path = ?",
+                             [(dataset_id, str(p)) for p in paths])
 
     def rename_dataset(self, dataset_id: int, name: str) -> None:
         """Give the dataset another name (names stay unique: a clash raises ValueError naming it)."""
@@ -479,14 +529,13 @@ class RunStore:
     def find_dataset(self, name: str) -> dict | None:
         """The dataset with exactly this name, or None."""
         with self._read() as conn:
-            row = conn.execute("SELECT * FROM datasets WHERE name = ?", (name,)).fetchone()
-        return None if row is None else self._dataset_dict(row)
+            found = self._datasets(conn, "WHERE name = ?", (name,))
+        return found[0] if found else None
 
     def list_datasets(self) -> list[dict]:
         """All datasets, newest first."""
         with self._read() as conn:
-            rows = conn.execute("SELECT * FROM datasets ORDER BY id DESC").fetchall()
-        return [self._dataset_dict(r) for r in rows]
+            return self._datasets(conn)
 
     def delete_dataset(self, dataset_id: int, cascade: bool = False) -> list[str]:
         """Delete a dataset; return the model paths of the runs deleted with it (files are kept).

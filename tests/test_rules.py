@@ -104,3 +104,22 @@ def test_the_drawn_region_flags_the_pixels_the_rules_count():
     drawn = predicted_region(amap, 1.0)
     assert drawn[1, 1] and drawn[5:7, 5:7].all() and drawn.sum() == 5
     assert sorted(r.area for r in find_regions(amap, 1.0, DefectRules())) == [1, 4]
+
+
+def test_an_ng_image_without_a_pixel_at_the_pixel_threshold_shows_its_hottest_region():
+    from core.app.render import HOTTEST, PREDICTED, region_panel, why_region
+    amap = np.full((40, 40), 0.1, np.float32)
+    amap[10:14, 20:24] = 0.8                                   # hot, but under the pixel threshold 1.0
+    region, hottest = why_region(amap, 1.0, flagged=True)
+    assert hottest and region[10:14, 20:24].all() and region.sum() == 16
+    drawn = region_panel(np.zeros((40, 40, 3), np.uint8), amap, 1.0, flagged=True)
+    assert (drawn == HOTTEST).all(-1).any() and not (drawn == PREDICTED).all(-1).any()
+    assert not why_region(amap, 1.0)[0].any()                  # an OK image has nothing to explain
+    roi = np.zeros((40, 40), bool)
+    roi[:, :10] = True                                         # the hot spot lies outside the region of interest
+    amap[5, 5] = 0.3
+    region, _ = why_region(amap, 1.0, roi, flagged=True)
+    assert region[5, 5] and region.sum() == 1
+    amap[10:14, 20:24] = 2.0                                   # now over it: the predicted region, not the hottest
+    region, hottest = why_region(amap, 1.0, flagged=True)
+    assert not hottest and region.sum() == 16

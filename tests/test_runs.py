@@ -108,7 +108,8 @@ def test_dataset_round_trip(store):
     got = store.get_dataset(ds)
     assert got == {"id": ds, "name": "bottle", "source": "/data/bottle", "kind": "mvtec",
                    "summary": {"n_train": 209, "size": [900, 900], "mean": 0.5, "classes": ["good"]},
-                   "report": {"warnings": []}, "excluded": [], "archived": False, "created": got["created"]}
+                   "report": {"warnings": []}, "excluded": [], "archived": False, "created": got["created"],
+                   "feedback": []}
     created = dt.datetime.fromisoformat(got["created"])
     assert created.utcoffset() == dt.timedelta(0)
     assert store.find_dataset("bottle") == got
@@ -503,7 +504,7 @@ def test_a_version_3_registry_gains_the_inspections_table_and_keeps_its_runs(tmp
     store.add_inspection(run_id=1, variant="d", score=4.0, verdict="NG")
     assert store.count_inspections(1) == 1
     conn = sqlite3.connect(path)
-    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 6
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
     conn.close()
     assert store.get_run(1)["archived"] is False and store.get_dataset(1)["archived"] is False
 

@@ -16,7 +16,7 @@ from core.detectors import Detector, ModelFolderError, load_detector
 from core.detectors.calibration import Calibration, load_calibration
 from core.app.embeddings import VIEWS_FILE, FeatureViews, load_views
 from core.line.inspector import Inspector
-from core.pipeline import open_dataset, run_results, sweep_unregistered_models
+from core.pipeline import corrections, open_dataset, run_results, sweep_unregistered_models
 from core.results import RunResults
 from core.runs import REGISTRY_FILENAME, RegistryError, RunStore
 from core.thresholds import ScoreDistribution
@@ -49,15 +49,16 @@ def _registry() -> str:
 
 
 @st.cache_data(max_entries=16, show_spinner="Loading the dataset…")
-def _dataset(registry: str, dataset_id: int, source: str):
+def _dataset(registry: str, dataset_id: int, source: str, marked: tuple[tuple[str, str], ...]):
     return open_dataset(store().get_dataset(dataset_id))
 
 
 def dataset_images(record: dict):
-    """The ImageSet of a registered dataset (a private copy: callers may filter it freely). A dataset whose files
-    are gone or damaged stops the page with the reason, on whichever page asks."""
+    """The ImageSet of a registered dataset as the user corrected it from the heatmaps (a private copy: callers may
+    filter it freely). A dataset whose files are gone or damaged stops the page with the reason, on whichever page
+    asks."""
     try:
-        return _dataset(_registry(), record["id"], record["source"])
+        return _dataset(_registry(), record["id"], record["source"], tuple(corrections(record).items()))
     except (OSError, ValueError) as exc:
         st.error(f"Dataset {record['name']!r} cannot be opened any more: {plain(exc)}. Put its files back, or create "
                  "the dataset again under another name.", icon=":material/folder_off:")

@@ -16,7 +16,7 @@ Example::
     train = ds.subset(split="train")
     x = Preprocess().images_to_tensor([train[0], train[1]])   # (2, 3, 224, 224) float32
 """
-from .dataset import EmptyDatasetError, ImageSet, LoadReport, Sample, image_batches
+from .dataset import MARKED_DEFECTIVE, EmptyDatasetError, ImageSet, LoadReport, Sample, image_batches
 from .images import (IMAGE_SUFFIXES, MAX_PIXELS, ImageError, ImageTooLargeError, image_size, png_bytes, read_image,
                      read_mask)
 from .loaders import load_dataset, load_folder, load_mvtec, load_zip
@@ -25,6 +25,6 @@ from .zips import extract_zip
 
 __all__ = [
     "IMAGE_SUFFIXES", "MAX_PIXELS", "ImageError", "ImageTooLargeError", "EmptyDatasetError", "read_image", "read_mask", "image_size",
-    "png_bytes", "Sample", "LoadReport", "ImageSet", "image_batches", "load_mvtec", "load_folder", "load_zip", "load_dataset",
+    "png_bytes", "Sample", "LoadReport", "ImageSet", "MARKED_DEFECTIVE", "image_batches", "load_mvtec", "load_folder", "load_zip", "load_dataset",
     "extract_zip", "Preprocess", "fit_frame",
 ]

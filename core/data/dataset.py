@@ -14,6 +14,7 @@ import numpy as np
 from .images import ImageError, _probe, read_image, read_mask
 
 _SPLIT_ORDER = {"train": 0, "test": 1}
+MARKED_DEFECTIVE = "marked defective"   # the defect type of a good image the user marked defective
 
 
 def _workers() -> int:
@@ -160,6 +161,20 @@ class ImageSet(collections.abc.Sequence):
         return self._derived([s for s in self.samples
                               if (split is None or s.split == split) and (label is None or s.label == label)
                               and (defect is None or s.defect == defect)])
+
+    def corrected(self, verdicts: dict[str, str]) -> "ImageSet":
+        """The set as the user corrected it (image path -> "good" or "defective"): an image marked good becomes a
+        normal training image, out of the test set; one marked defective a defective test image, never trained on
+        (a good one gets the defect type :data:`MARKED_DEFECTIVE` and no mask)."""
+        samples = []
+        for s in self.samples:
+            verdict = verdicts.get(str(s.path))
+            if verdict == "good":
+                s = Sample(s.path, "train", 0, "good", None)
+            elif verdict == "defective":
+                s = Sample(s.path, "test", 1, s.defect if s.label else MARKED_DEFECTIVE, s.mask_path)
+            samples.append(s)
+        return self._derived(samples)
 
     @property
     def labels(self) -> np.ndarray:

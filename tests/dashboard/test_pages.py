@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from conftest import wait_until
 from PIL import Image
+from streamlit.proto.Metric_pb2 import Metric as MetricProto
 from streamlit.testing.v1 import AppTest
 
 from core.app import embeddings
@@ -380,18 +381,103 @@ def test_threshold_move_for_1000_images_is_fast(workspace, tmp_path):
     assert drawn["max"] > drawn["min"]
 
 
+def tiles(at: AppTest) -> list[str]:
+    """Each gallery tile's badges (outcome, defect type, the user's mark), in the gallery's order."""
+    return [m.value for m in at.markdown if m.value.startswith(":") and "-badge[" in m.value]
+
+
+def open_tile(at: AppTest, i: int) -> None:
+    next(b for b in at.button if b.key == f"open_{i}").click().run()
+
+
 def test_heatmaps_gallery_filters_and_detail(workspace):
     at = open_page("heatmaps")
     assert "17 caught defects" in texts(at) and "showing 23" in texts(at)
     buttons = [b for b in at.button if b.key and b.key.startswith("open_")]
-    assert len(buttons) == 23 and buttons[0].label.endswith("TP") and buttons[-1].label.endswith("TN")
-    top = at.subheader[0].value
-    buttons[-1].click().run()
-    assert at.subheader[0].value != top and metric(at, "Verdict") == "OK" and metric(at, "Truth") == "good"
+    assert len(buttons) == 23 and len(tiles(at)) == 23 and not at.subheader       # no detail before a click
+    assert tiles(at)[0] == ":blue-badge[caught defect] :gray-badge[colour]"          # the defect type on the tile
+    assert tiles(at)[-1] == ":green-badge[correct OK] :gray-badge[good]"
+    buttons[-1].click().run()                                  # the detail opens in a dialog, over the page
+    assert at.subheader[0].value.startswith("good/") and metric(at, "Verdict") == "OK"
+    assert metric(at, "Truth") == "good" and "A good image passed as OK." in texts(at)
     at.slider(key="heatmap_alpha").set_value(0.9).run()
-    assert not at.exception
-    at.multiselect[0].set_value(["false alarm"]).run()
-    assert "No test image matches these filters." in texts(at)
+    assert not at.exception and at.subheader[0].value.startswith("good/")     # still open
+    at.session_state["heatmap_detail"] = None                  # what closing the dialog does (on_dismiss)
+    at.button_group(key="heatmap_outcomes").set_value(["false alarm"]).run()
+    assert "No test image matches these filters." in texts(at) and not at.subheader
+
+
+def test_heatmap_filters_are_kept_when_the_user_leaves_the_page_and_comes_back(workspace):
+    at = open_page("heatmaps")
+    at.button_group(key="heatmap_outcomes").set_value(["caught defect", "correct OK"]).run()
+    at.radio(key="heatmap_order").set_value("lowest first").run()
+    assert "showing 23" in texts(at) and tiles(at)[0].startswith(":green-badge[correct OK]")
+    at.button_group(key=f"heatmap_defects_{workspace['run_id']}").set_value(["good"]).run()
+    assert "showing 6" in texts(at)
+    at.switch_page("app_pages/compare.py").run()
+    at.switch_page("app_pages/heatmaps.py").run()
+    assert at.button_group(key="heatmap_outcomes").value == ["caught defect", "correct OK"]
+    assert at.radio(key="heatmap_order").value == "lowest first" and "showing 6" in texts(at)
+
+
+def test_a_missed_defect_is_red_marked_defective_and_an_ng_image_without_defect_pixels_shows_its_hottest_region(
+        workspace):
+    store, run_id = workspace["store"], workspace["run_id"]
+    scores = store.run_scores(run_id).query("split == 'test'")
+    defects = np.sort(scores.query("label == 1")["score"].to_numpy())
+    store.set_threshold(run_id, image=float(defects[2:4].mean()), pixel=1e9)   # the 3 lowest defects are missed
+    at = open_page("heatmaps")
+    assert "3 missed defects" in texts(at) and "0 false alarms" in texts(at)
+    missed = [t for t in tiles(at) if "missed defect" in t]
+    assert missed == [":red-badge[missed defect] :gray-badge[colour]"] * 3 and not any("green-badge[missed" in t
+                                                                                       for t in tiles(at))
+    order = np.argsort(-scores["score"].to_numpy(), kind="stable")
+    open_tile(at, int(order[-7]))                              # the lowest defect (the 6 good images score lower)
+    assert "A defective image passed as OK." in texts(at)
+    score = next(m for m in at.metric if m.label == "Score")
+    assert score.proto.delta.startswith("-") and score.proto.color == MetricProto.MetricColor.RED   # not green
+    mark = next(b for b in at.button if b.key == "mark_defective")
+    assert mark.proto.type == "primary"
+    mark.click().run()
+    [said] = store.get_dataset(workspace["dataset_id"])["feedback"]
+    assert (said["verdict"], said["run_id"]) == ("defective", run_id) and "You marked it **defective**" in texts(at)
+    assert ":red-badge[missed defect] :gray-badge[colour] :violet-badge[marked defective]" in tiles(at)
+    next(b for b in at.button if b.key == "feedback_undo").click().run()
+    assert store.get_dataset(workspace["dataset_id"])["feedback"] == [] and not any("marked" in t for t in tiles(at))
+    at.session_state["heatmap_detail"] = None
+    open_tile(at, int(order[0]))                               # NG, with no pixel anywhere near 1e9
+    captions = [c for image in at.image for c in image.captions]
+    assert metric(at, "Verdict") == "NG" and any("the hottest region (magenta)" in c for c in captions)
+
+
+def test_a_false_alarm_marked_good_is_recorded_listed_counted_and_undone(workspace):
+    store, run_id, dataset_id = workspace["store"], workspace["run_id"], workspace["dataset_id"]
+    scores = store.run_scores(run_id).query("split == 'test'").reset_index(drop=True)
+    good = np.sort(scores.query("label == 0")["score"].to_numpy())
+    store.set_threshold(run_id, image=float(good[-2:].mean()))   # the highest-scoring good image is a false alarm
+    at = open_page("heatmaps")
+    assert "1 false alarm]" in texts(at)
+    alarm = int(scores.query("label == 0")["score"].idxmax())
+    open_tile(at, alarm)
+    assert "A good image judged NG." in texts(at)
+    mark = next(b for b in at.button if b.key == "mark_good")
+    assert mark.proto.type == "primary"
+    mark.click().run()
+    assert not at.exception, at.exception
+    [said] = store.get_dataset(dataset_id)["feedback"]
+    assert (said["path"], said["verdict"], said["run_id"]) == (scores["path"][alarm], "good", run_id)
+    assert "You marked it **good**" in texts(at) and ":violet-badge[marked good]" in " ".join(tiles(at))
+
+    at.session_state["heatmap_detail"] = None
+    at.switch_page("app_pages/train.py").run()
+    assert "29 normal training images (1 added as good from the Heatmaps page), 22 test images" in texts(at)
+    at.switch_page("app_pages/datasets.py").run()
+    assert "Marked on the Heatmaps page: 1" in texts(at)
+    counts = at.dataframe[0].value
+    assert counts.query("split == 'train'")["images"].sum() == 29
+    at.multiselect(key="undo_feedback").set_value([said["path"]]).run()
+    next(b for b in at.button if b.key == "undo_feedback_button").click().run()
+    assert store.get_dataset(dataset_id)["feedback"] == [] and "Marked on the Heatmaps page" not in texts(at)
 
 
 def test_features_shows_coreset_and_embedding_maps(workspace, tmp_path, monkeypatch):
