@@ -668,7 +668,7 @@ def test_suspicious_training_images_are_listed_left_out_and_restored(workspace, 
     refit = next(b for b in at.button if b.key == "leave_out_and_refit")
     assert refit.label == f"Leave out {len(ticked)} image{'s' if len(ticked) != 1 else ''} and refit"
     refit.click().run()
-    assert at.title[0].value == "Train" and "Training…" in texts(at)     # the job's progress, where it is shown
+    assert at.title[0].value == "Train" and "Training patchcore on dirty nuts…" in texts(at)   # its progress
     assert set(store.get_dataset(dataset_id)["excluded"]) == set(ticked)
     at.switch_page("app_pages/train.py")     # AppTest reruns the page it was told last, not the one switched to
     wait_for_job(at)
