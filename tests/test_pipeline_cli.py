@@ -137,7 +137,8 @@ def test_bench_scale_and_coverage_report_what_they_measured(tmp_path, capsys):
     assert len(copies) == 40 and len(distinct) == 9   # 8 turns and flips of one, the blank one once
 
     target = tmp_path / "scale.json"
-    assert main(["bench", "--data", str(DEMO), "--scale", "60", "--set", "resize=128", "--json", str(target)]) == 0
+    assert main(["bench", "--data", str(DEMO), "--scale", "60", "--set", "resize=128", "coreset_ratio=0.05",
+                 "score_border=0", "calibration_fraction=0", "--json", str(target)]) == 0
     [scale] = json.loads(target.read_text())
     assert scale["n_images"] == 60 and scale["input_frame"] == "128x128" and scale["fit_seconds"] > 0
     assert np.isclose(scale["fit_over_backbone"], 1000 * scale["fit_seconds"] / (60 * scale["backbone_ms"]))

@@ -35,11 +35,18 @@ def time_left(snapshot: JobSnapshot) -> str:
         f"{snapshot.seconds:.0f} s so far, about {left / 60:.0f} min left"
 
 
+def cancel(job: Job) -> None:
+    """A Cancel button's callback: callbacks run first thing in the rerun the click starts, so the click counts
+    even when that rerun is cut short (the user moving on to another page at once)."""
+    job.cancel()
+    st.toast("Cancelling at the next step…")
+
+
 def progress_panel(job: Job) -> None:
     """One progress bar per stage, the time left and Cancel, refreshed every second; the page reruns when the
     job ends so it can show the outcome."""
 
-    @st.fragment(run_every=1)
+    @st.fragment(run_every=2)
     def panel() -> None:
         snapshot = job.snapshot()
         if not snapshot.running:
@@ -49,9 +56,8 @@ def progress_panel(job: Job) -> None:
             st.progress(stage.fraction, text=f"{stage.label}: {stage.done:,} of {stage.total:,}")
         if not snapshot.stages:
             st.progress(0.0, text="Loading images and the backbone…")
-        if st.button("Cancel", icon=":material/cancel:", key=f"cancel_job_{job.id}", disabled=snapshot.cancelling):
-            job.cancel()
-            st.toast("Cancelling at the next step…")
+        st.button("Cancel", icon=":material/cancel:", key=f"cancel_job_{job.id}", disabled=snapshot.cancelling,
+                  on_click=cancel, args=(job,))
 
     panel()
 
@@ -74,10 +80,8 @@ def indicator() -> None:
                 st.caption(f"**{snapshot.title}**  \n" + (f"{stage.label}: {stage.done:,} of {stage.total:,} · "
                                                            if stage else "") + time_left(snapshot))
                 st.progress(stage.fraction if stage else 0.0)
-                if st.button("Cancel", key=f"sidebar_cancel_{job.id}", icon=":material/cancel:",
-                             disabled=snapshot.cancelling, width="stretch"):
-                    job.cancel()
-                    st.toast("Cancelling at the next step…")
+                st.button("Cancel", key=f"sidebar_cancel_{job.id}", icon=":material/cancel:",
+                          disabled=snapshot.cancelling, width="stretch", on_click=cancel, args=(job,))
         for job in jobs:
             snapshot = job.snapshot()
             if snapshot.kind == "training" and not snapshot.running and not job.seen:
@@ -87,4 +91,4 @@ def indicator() -> None:
 
     polling = bool(board().running())
     with st.sidebar:
-        st.fragment(draw, run_every=2 if polling else None)()
+        st.fragment(draw, run_every=3 if polling else None)()

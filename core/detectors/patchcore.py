@@ -183,7 +183,9 @@ class PatchCore(BackboneDetector):
         rows = []
         for step, long_side in enumerate(long_sides):
             frame = self._fit_frame(sizes_hw, long_side)
-            rows += self._compare_at(frame, images, fit_index, held, rng, tune)
+            # Each batch re-reports this candidate's step: a cancel lands within a batch, not after a candidate.
+            rows += self._compare_at(frame, images, fit_index, held, rng, tune,
+                                     lambda: progress("auto settings", step, len(long_sides)))
             progress("auto settings", step + 1, len(long_sides))
         # The frame and the score border by separation (each frame at its best, then the cheapest near the best
         # of those; the border judged at the largest bank), the bank by the held-out good images' scores
@@ -222,7 +224,7 @@ class PatchCore(BackboneDetector):
         return {**super().fold_params(), "score_border": self.score_border_px_,
                 "coreset_ratio": self.auto_settings_.get("coreset_ratio", self.coreset_ratio)}
 
-    def _compare_at(self, frame, images, fit_index, held, rng, tune: dict) -> list[dict]:
+    def _compare_at(self, frame, images, fit_index, held, rng, tune: dict, checkpoint) -> list[dict]:
         """Separation of every candidate bank size and score border at this frame: one greedy run on patches
         of the fitting images (its prefixes are the smaller banks), the held-out images searched once per
         increment of the bank."""
@@ -231,6 +233,7 @@ class PatchCore(BackboneDetector):
         per_image = max(1, AUTO_TUNE_PATCHES // len(fit_index))
         rows = []
         for start in range(0, len(fit_index), 16):
+            checkpoint()
             emb = self.embed(pre.images_to_tensor([images[int(i)] for i in fit_index[start:start + 16]]))
             for e in emb.permute(0, 2, 3, 1).reshape(emb.shape[0], -1, emb.shape[1]):
                 # An even share of every image's patches keeps the rarer images represented.
@@ -252,6 +255,7 @@ class PatchCore(BackboneDetector):
         nearest = np.full(len(q), np.inf, dtype=np.float32)
         out, done = [], 0
         for bank in banks:   # nested prefixes: each larger bank only adds its new patches to the search
+            checkpoint()
             index = faiss.IndexFlatL2(c)
             index.add(np.ascontiguousarray(patches[torch.from_numpy(order[done:bank])].numpy()))
             nearest = np.minimum(nearest, index.search(q, 1)[0][:, 0])

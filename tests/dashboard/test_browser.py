@@ -43,10 +43,22 @@ def test_upload_train_tune_inspect_and_delete_in_a_browser(page, tmp_path):
     page.get_by_role("link", name="Train a model").click()
     page.get_by_role("heading", name="Train", exact=True).wait_for()
     settle(page)
-    page.get_by_role("button", name="Train", exact=True).click()
+    page.get_by_text("Parameters (the defaults choose from your images)").click()
+    train_button = page.get_by_test_id("stMain").get_by_role("button", name="Train", exact=True)
+
+    def set_param(name: str, value: str) -> None:
+        field = page.get_by_role("textbox", name=name, exact=True)
+        field.fill(value)
+        field.press("Enter")
+        settle(page)
+
+    # The demo's settings (a short fit); then the training belongs to the server: a reload finds it, and another
+    # page cancels it from the sidebar.
+    set_param("coreset_ratio", "0.05")
+    set_param("resize", "256")
+    train_button.click()
     page.get_by_text("Training patchcore on hazelnut upload…").wait_for()
     shot(page, "3_train_progress")
-    # The training belongs to the server: a reload finds it, and another page cancels it from the sidebar.
     page.reload()
     page.get_by_text("Training patchcore on hazelnut upload…").wait_for()
     go(page, "Compare")
@@ -58,21 +70,17 @@ def test_upload_train_tune_inspect_and_delete_in_a_browser(page, tmp_path):
     go(page, "Train")
     page.get_by_text("Training cancelled: nothing was registered.").wait_for()
 
-    # The demo's settings, typed in: a wrong coreset share is refused before Train is pressed, saying what it takes.
+    # After the reload the form is fresh: a wrong coreset share is refused before Train is pressed, saying what
+    # it takes.
     page.get_by_text("Parameters (the defaults choose from your images)").click()
-    page.get_by_role("textbox", name="coreset_ratio", exact=True).fill("5")
-    page.get_by_role("textbox", name="coreset_ratio", exact=True).press("Enter")
+    set_param("coreset_ratio", "5")
     page.get_by_text(re.compile(r"a fraction between 0 and 1 \(e.g. 0.05 for 5%")).wait_for()
-    settle(page)
-    assert page.get_by_test_id("stMain").get_by_role("button", name="Train", exact=True).is_disabled()
+    assert train_button.is_disabled()
     shot(page, "3_train_form_refuses")
-    page.get_by_role("textbox", name="coreset_ratio", exact=True).fill("0.05")
-    page.get_by_role("textbox", name="coreset_ratio", exact=True).press("Enter")
-    page.get_by_role("textbox", name="resize", exact=True).fill("256")
-    page.get_by_role("textbox", name="resize", exact=True).press("Enter")
-    settle(page)
-    page.get_by_test_id("stMain").get_by_role("button", name="Train", exact=True).click()
-    page.get_by_text(re.compile(r"Run #\d+ is ready")).wait_for(timeout=600_000)
+    set_param("coreset_ratio", "0.05")
+    set_param("resize", "256")
+    train_button.click()
+    page.get_by_test_id("stMain").get_by_text(re.compile(r"Run #\d+ is ready")).wait_for(timeout=600_000)
     settle(page)
     shot(page, "3_train_done")
 
@@ -107,8 +115,9 @@ def test_upload_train_tune_inspect_and_delete_in_a_browser(page, tmp_path):
     page.get_by_text(re.compile(r"Feature maps of run #\d+…")).first.wait_for()
     assert not page.get_by_role("button", name="Compute embedding maps").is_visible()
     shot(page, "6_features_computing")
-    page.get_by_test_id("stMain").get_by_role("button", name="Cancel").click()   # UMAP is slow here: the
-    # cancellation lands between its steps while the test goes on; the end of the test checks it
+    page.get_by_test_id("stMain").get_by_role("button", name="Cancel").click()
+    page.get_by_test_id("stMain").get_by_text("cancelling at the next step…").wait_for()
+    # UMAP is slow here: the cancellation lands between its steps while the test goes on; the end checks it.
 
     go(page, "Compare")
     page.get_by_role("button", name="Deploy this run").click()
