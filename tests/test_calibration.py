@@ -38,7 +38,7 @@ def test_a_large_set_holds_out_a_share_the_model_never_sees(train_images, tmp_pa
 
 
 def test_a_small_set_is_cross_fitted_and_every_image_scored_by_a_model_without_it(train_images):
-    det = create_detector("patchcore", resize=256, coreset_ratio=0.1, score_border=0).fit(train_images)
+    det = create_detector("patchcore", resize=128, coreset_ratio=0.1, score_border=0).fit(train_images)
     cal = det.calibration_
     assert cal.method == "cross_fit" and sorted(cal.index) == list(range(len(train_images)))
     assert det.fit_info_["n_images"] == len(train_images)                  # the final model keeps every image
@@ -60,7 +60,7 @@ def test_no_calibration_where_it_is_switched_off_too_small_or_too_dear(train_ima
 
 
 def test_a_model_saved_before_calibration_loads_without_it(train_images, tmp_path):
-    det = create_detector("padim", resize=128).fit(train_images)
+    det = create_detector("padim", resize=64).fit(train_images)
     det.save(tmp_path / "m")
     config = json.loads((tmp_path / "m" / "config.json").read_text())
     del config["calibration"]
@@ -74,7 +74,7 @@ def test_a_model_saved_before_calibration_loads_without_it(train_images, tmp_pat
 
 
 def test_a_run_without_labelled_defects_gets_its_threshold_from_good_images(train_images):
-    cal = create_detector("padim", resize=128).fit(train_images).calibration_
+    cal = create_detector("padim", resize=64).fit(train_images).calibration_
     chosen = default_thresholds(None, cal)
     # 28 images cannot show 1% (1 in 29 at best), so the default is the lowest rate they can: the top score.
     # Defect regions start where one in a thousand of the good pixels reach.

@@ -347,7 +347,7 @@ def test_a_run_without_a_test_set_is_thresholded_from_good_images(workspace):
     store = workspace["store"]
     normals = load_folder(DEMO / "train" / "good")
     dataset_id = register_dataset(store, normals, "folder", "good nuts only")
-    run_id = train_run(store, dataset_id, normals, "patchcore", {"coreset_ratio": 0.05, "resize": 256,
+    run_id = train_run(store, dataset_id, normals, "patchcore", {"coreset_ratio": 0.05, "resize": 128,
                                                                   "score_border": 0})
     assert store.get_run(run_id)["thresholds"]["preset"] == "false_reject_rate"
     at = AppTest.from_file(APP, default_timeout=120)
