@@ -52,10 +52,10 @@ def test_upload_train_tune_inspect_and_delete_in_a_browser(page, tmp_path):
         field.press("Enter")
         settle(page)
 
-    # The demo's settings (a short fit); then the training belongs to the server: a reload finds it, and another
+    # A short fit (a 5% bank at 128 px); the training belongs to the server: a reload finds it, and another
     # page cancels it from the sidebar.
     set_param("coreset_ratio", "0.05")
-    set_param("resize", "256")
+    set_param("resize", "128")
     train_button.click()
     page.get_by_text("Training patchcore on hazelnut upload…").wait_for()
     shot(page, "3_train_progress")
@@ -78,7 +78,7 @@ def test_upload_train_tune_inspect_and_delete_in_a_browser(page, tmp_path):
     assert train_button.is_disabled()
     shot(page, "3_train_form_refuses")
     set_param("coreset_ratio", "0.05")
-    set_param("resize", "256")
+    set_param("resize", "128")
     train_button.click()
     page.get_by_test_id("stMain").get_by_text(re.compile(r"Run #\d+ is ready")).wait_for(timeout=600_000)
     settle(page)
