@@ -85,7 +85,9 @@ def test_home_explains_and_lists_the_registry(workspace):
     assert at.sidebar.selectbox(key="run_id").value == workspace["run_id"]
 
 
-def test_demo_in_one_click_trains_and_opens_the_heatmaps():
+def test_demo_in_one_click_trains_and_opens_the_heatmaps(monkeypatch):
+    # The demo's own settings train the session's shared run (conftest.py); the click is checked at 128 px.
+    monkeypatch.setattr("core.app.demo.DEMO_PARAMS", {"coreset_ratio": 0.05, "resize": 128})
     at = open_page()
     assert "None yet" in texts(at)
     next(b for b in at.button if b.label == "Run the demo").click().run()
