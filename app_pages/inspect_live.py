@@ -79,7 +79,8 @@ with right:
     panels = st.columns(2)
     panels[0].image(heatmap_panel(image, verdict.map, scale, 0.5), caption="Heatmap", width="stretch")
     roi = rules.roi_at(image.shape[:2])
-    panels[1].image(region_panel(image, verdict.map, pixel_threshold, roi=roi), width="stretch",
+    panels[1].image(region_panel(image, verdict.map, pixel_threshold, roi=roi, flagged=verdict.label == "NG"),
+                    width="stretch",
                     caption=f"Region at or above the pixel threshold {pixel_threshold:.4g}"
                             + ("" if roi is None else ", inside the region of interest (yellow)"))
 widgets.colour_legend(scale, image_threshold, pixel_threshold)

@@ -357,7 +357,8 @@ def rules_panel(run: dict, results) -> None:
                                 help="Only to show areas in mm²")
         rules = DefectRules(roi, min_area, scale or None)
         decision = decide(score, amap, image_threshold, state.review(run), pixel_threshold, rules)
-        st.image(region_panel(image, amap, pixel_threshold, roi=rules.roi_at(image.shape[:2])), width="stretch",
+        st.image(region_panel(image, amap, pixel_threshold, roi=rules.roi_at(image.shape[:2]),
+                              flagged=decision.label == "NG"), width="stretch",
                  caption="Region of interest outlined in yellow, defect regions inside it in cyan")
         st.markdown(f"On this image: **{decision.label}**, {decision.rule}.")
         changed = rules.settings() != saved.settings() or not _same_roi(rules.roi, saved.roi)

@@ -170,7 +170,7 @@ def _image_card(results: RunResults, i: int, decision: Decision, image_threshold
     truth = "good" if results.labels[i] == 0 else f"defect: {results.defects[i]}"
     roi = None if rules is None else rules.roi_at(amap.shape, results.preprocess)
     images = [data_uri(frame), data_uri(heatmap_panel(frame, amap, scale, 0.5, mask)),
-              data_uri(region_panel(frame, amap, pixel_threshold, mask, roi))]
+              data_uri(region_panel(frame, amap, pixel_threshold, mask, roi, flagged=decision.label == "NG"))]
     return (f"<div class='card'><p><b>{html.escape(results.name(i))}</b> · score {results.scores[i]:.4g} "
             f"vs threshold {image_threshold:.4g} · <span class='{decision.label.lower()}'>{decision.label}</span> "
             f"({html.escape(decision.rule)}) · {truth}</p>"
