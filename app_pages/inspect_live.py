@@ -31,7 +31,7 @@ run = choices[source]
 why = ("the run selected in the sidebar" + (", also the deployed run" if run["deployed"] else ", not the deployed one")
        if source == "selected" else f"the deployed run of {record['name']}"
        + ("" if selected is not None else " (no run is selected in the sidebar)"))
-st.markdown(f"Scoring with **run #{run['id']} · {run['name'] or 'unnamed'} · {run['detector']}**: {why}.")
+st.markdown(f"Scoring with **run #{run['id']} · {' · '.join(filter(None, (run['name'], run['detector'])))}**: {why}.")
 image_threshold = run["thresholds"]["image"]
 if image_threshold is None:
     st.warning(f"Run #{run['id']} has no saved threshold yet: set one on the Thresholds page first.")

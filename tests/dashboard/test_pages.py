@@ -571,7 +571,7 @@ def test_inspect_names_the_run_it_scores_the_selected_one_unless_the_deployed_on
     at.file_uploader(key="inspect_upload").set_value((bad.name, bad.read_bytes(), "image/jpeg")).run()
     assert ">OK<" in texts(at)                                 # the copy's threshold, not the deployed run's
     at.radio(key="inspect_source").set_value("deployed").run()
-    assert f"Scoring with **run #{workspace['run_id']} · unnamed · patchcore**: the deployed run of hazelnut_toy" \
+    assert f"Scoring with **run #{workspace['run_id']} · patchcore**: the deployed run of hazelnut_toy" \
            in texts(at) and ">NG<" in texts(at)
 
 
