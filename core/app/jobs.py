@@ -130,12 +130,10 @@ class Job:
                       for s in self._stages.values()]
             elapsed = end - self._start
             left = None
-            if self._status == "running":
-                current = stages[-1].seconds_left if stages else None
-                whole = None if self.estimate_s is None else self.estimate_s - elapsed
-                left = max(v for v in (current, whole) if v is not None) if (current, whole) != (None, None) else None
-                if left is not None and left <= 0:
-                    left = current
+            if self._status == "running":   # the later of the current stage's end and the estimate's, if not past
+                whole = None if self.estimate_s is None or self.estimate_s <= elapsed else self.estimate_s - elapsed
+                known = [v for v in (stages[-1].seconds_left if stages else None, whole) if v is not None]
+                left = max(known) if known else None
             return JobSnapshot(self.id, self.kind, self.title, self._status, stages, self._result, self._error,
                                elapsed, left, self._cancel.is_set())
 
