@@ -108,6 +108,7 @@ def _fit_and_evaluate(dataset, detector: str, params: dict | None, batch_size: i
         "fit_seconds": fit_seconds,
         "input_frame": "x".join(map(str, det.fit_info_["input_frame_hw"])), "bank_size": _bank_size(det),
         "model_mb": model_bytes / 2**20, **_search_quality(reloaded, tensor),
+        "search": det.model_card().get("memory_bank", {}).get("search"),
         "auto_settings": {k: v for k, v in auto.items() if k != "candidates"},
         "normal_thresholds": normal_threshold_check(det, evaluation, log),
     }

@@ -20,6 +20,8 @@ import torch
 # The greedy's pool of farthest points per pass, and the rows per matrix product when a pass updates every point;
 # below this share of points a new centre could claim, picking one at a time is cheaper.
 POOL, UPDATE_ROWS, PRUNED_SHARE = 4096, 8192, 0.02
+# The next picks (the pool's farthest points) that share is averaged over: one alone misjudged spread features.
+PRUNE_PROBES = 16
 
 
 def project(features: torch.Tensor, projection_dim: int | None, seed: int) -> np.ndarray:
@@ -150,7 +152,7 @@ def _greedy(z: np.ndarray, n_select: int, rng: np.random.Generator, progress) ->
         top, pool = torch.topk(min_sq, size + 1)
         radii[done - 1] = float(top[0].sqrt())
         min_dist, owner = min_sq.sqrt().numpy(), nearest.numpy()
-        if _claimable_share(z, selected[:done], int(pool[0]), min_dist, owner) < PRUNED_SHARE:
+        if _claimable_share(z, selected[:done], pool[:PRUNE_PROBES].numpy(), min_dist, owner) < PRUNED_SHARE:
             return _pruned_steps(z, selected, radii, done, min_dist.copy(), owner.copy(), int(pool[0]), progress)
         bound = float(top[-1])
         pool = pool[:-1].numpy()
@@ -178,11 +180,13 @@ def _centre_gaps(centres: np.ndarray, centre_sq: np.ndarray, centre: np.ndarray)
     return np.sqrt(np.maximum(scale - 2 * (centres @ centre) - 1e-5 * scale, 0))
 
 
-def _claimable_share(z: np.ndarray, centres: np.ndarray, new: int, min_dist: np.ndarray, nearest: np.ndarray) -> float:
-    """The share of points a new centre could claim: a point at distance d from its nearest centre a cannot get
-    closer to the new centre c when |c - a| >= 2 d (triangle inequality)."""
+def _claimable_share(z: np.ndarray, centres: np.ndarray, new: np.ndarray, min_dist: np.ndarray,
+                     nearest: np.ndarray) -> float:
+    """The mean share of points each of the `new` centres could claim: a point at distance d from its nearest
+    centre a cannot get closer to a new centre c when |c - a| >= 2 d (triangle inequality)."""
     points = z[centres]
-    return float(np.mean(_centre_gaps(points, (points * points).sum(1), z[new])[nearest] < 2 * min_dist))
+    points_sq = (points * points).sum(1)
+    return float(np.mean([np.mean(_centre_gaps(points, points_sq, z[c])[nearest] < 2 * min_dist) for c in new]))
 
 
 def _pruned_steps(z: np.ndarray, selected: np.ndarray, radii: np.ndarray, done: int, min_dist: np.ndarray,
