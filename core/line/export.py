@@ -73,8 +73,9 @@ def _search_note(detector: Detector) -> str | None:
         return None
     note = f"exact nearest-neighbour search over the {len(detector.memory_bank_)} bank patches"
     if detector._uses_ivf():
-        note += (f"; the checkpoint searches an IVF index ({detector.nprobe_} of {len(detector.ivf_centroids_)} cells), "
-                 "so scores differ from it by the index's recall")
+        note += (f"; the checkpoint searches an IVF index ({detector.nprobe_} of {len(detector.ivf_centroids_)} cells) "
+                 "and re-checks each image's worst patches exactly, so its maps differ from this graph's by the "
+                 "index's recall")
     return note
 
 
