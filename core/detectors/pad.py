@@ -56,7 +56,8 @@ class AlignedReference:
     homography: np.ndarray      # 3x3, reference pixel coordinates -> test pixel coordinates (model frame)
     quality: float              # normalised cross-correlation of the warped reference with the test image
     method: str                 # "features", "rotation" or "none"
-    warped: np.ndarray          # HxWx3 uint8: the reference in the test image's frame
+    view: np.ndarray            # HxWx3 uint8: the training view as it was fitted
+    warped: np.ndarray          # HxWx3 uint8: the view turned into the test image's pose and frame
     valid: np.ndarray           # HxW bool: where the warped reference holds real pixels
 
 
@@ -191,8 +192,8 @@ class PAD(BackboneDetector):
     """
 
     def __init__(self, backbone: str = DEFAULT_BACKBONE, stages: tuple = (1, 2), weights: str | None = None,
-                 resize: int | str | tuple = 256, crop: int | None = None, n_candidates: int = 8,
-                 n_references: int = 3, alignment: str = "auto", min_matches: int = 8, windows: tuple = (5, 3),
+                 resize: int | str | tuple = 256, crop: int | None = None, n_candidates: int = 10,
+                 n_references: int = 5, alignment: str = "auto", min_matches: int = 8, windows: tuple = (7, 5),
                  blur_sigma: float = 4.0, top_share: float = 0.005, calibration_fraction: float = 0.1,
                  seed: int = 0, device: str = "auto"):
         store_params(self, locals())
@@ -227,7 +228,7 @@ class PAD(BackboneDetector):
     def _to_tensor(self, frames: np.ndarray) -> torch.Tensor:
         """(N, 3, H, W) normalised input from frames already in the model frame (N, H, W, 3 uint8)."""
         pre = self.preprocess
-        x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float().div_(255.0)
+        x = torch.from_numpy(np.array(frames)).permute(0, 3, 1, 2).float().div_(255.0)   # a copy: views may be read-only
         return x.sub_(torch.tensor(pre.mean).view(1, 3, 1, 1)).div_(torch.tensor(pre.std).view(1, 3, 1, 1))
 
     def _to_frames(self, x: torch.Tensor) -> np.ndarray:
@@ -275,7 +276,7 @@ class PAD(BackboneDetector):
                                          borderMode=cv2.BORDER_REPLICATE)
             inside = cv2.warpPerspective(np.ones((h, w), np.uint8), homography, (w, h), flags=cv2.INTER_NEAREST)
             valid = cv2.erode(inside, np.ones((2 * VALID_ERODE_PX + 1,) * 2, np.uint8)) > 0
-            out.append(AlignedReference(j, homography, quality, method, warped, valid))
+            out.append(AlignedReference(j, homography, quality, method, reference, warped, valid))
         return out
 
     # --- scoring --------------------------------------------------------------------------------------
