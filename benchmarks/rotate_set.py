@@ -15,13 +15,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import cv2
 import numpy as np
 from PIL import Image
 
-from core.data import load_mvtec, read_image
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from core.data import load_mvtec, read_image  # noqa: E402
 
 
 def random_pose(rng: np.random.Generator, width: int, height: int, tilt: float) -> np.ndarray:
