@@ -1,6 +1,7 @@
 """Heatmaps: the test images sorted by score, filtered by outcome and defect type; a tile's button opens the image
 in detail over the page, where a false alarm can be marked good (trained on from the next fit of its dataset) and a
-missed defect marked defective.
+missed defect marked defective. For a PAD run the detail also shows the good training view the image was compared
+with, turned into the image's pose (PAD's alignment made visible).
 
 Every map of a run is drawn on the run's one colour scale (never rescaled per image, which would make good
 parts look defective); the legend shows that scale with the thresholds on it. The filters keep their choice for the
@@ -67,6 +68,26 @@ def badges(i: int) -> str:
             + (f" :violet-badge[marked {said['verdict']}]" if said else ""))
 
 
+@st.cache_data(max_entries=64, show_spinner="Aligning the nearest good views…")
+def aligned_reference(registry: str, run_id: int, i: int):
+    """The training view a PAD run compares test image i with, turned into its pose (core's AlignedReference)."""
+    return state.detector(state.store().get_run(run_id)).aligned_references(state.results(run_id).frame(i))[0]
+
+
+def reference_panels(frame: np.ndarray, i: int) -> None:
+    """PAD's alignment made visible: the test image, the good view it was matched with, and that view turned into
+    the test image's pose (what the map compares it with; the area the view does not cover is darkened)."""
+    ref = aligned_reference(str(state.store().path), run["id"], i)
+    how = {"features": "matched local features (homography)", "rotation": "rotation search refined by ECC",
+           "none": "no alignment"}[ref.method]
+    panels = st.columns(3)
+    panels[0].image(frame, caption="Test image", width="stretch")
+    panels[1].image(ref.view, caption=f"Nearest good training view #{ref.index}", width="stretch")
+    shown = np.where(ref.valid[..., None], ref.warped, ref.warped // 3)
+    panels[2].image(shown, width="stretch", caption=f"That view aligned to the test image: {how}, correlation "
+                                                    f"{ref.quality:.2f}")
+
+
 def open_detail(i: int) -> None:
     st.session_state[DETAIL] = (run["id"], i)
 
@@ -115,6 +136,8 @@ def detail(i: int) -> None:
                              "(magenta) is where the score came from" if hottest else
                              f"Predicted region at pixel threshold {pixel_threshold:.4g} (cyan)")
                             + ("" if roi is None else ", inside the region of interest (yellow)"))
+    if run["detector"] == "pad":
+        reference_panels(frame, i)
     st.caption(f"Verdict **{decision.label}**: {decision.rule}.")
     widgets.colour_legend(scale, image_threshold, pixel_threshold)
     said = feedback.get(results.paths[i])

@@ -11,6 +11,7 @@ FAST_PARAMS = {
     "patchcore": {"coreset_ratio": 0.05, "resize": 256, "calibration_fraction": 0},
     "padim": {"n_features": 50, "calibration_fraction": 0},
     "cpr": {"resize": 256, "n_neighbours": 10, "windows": (3, 1), "calibration_fraction": 0},
+    "pad": {"resize": 128, "n_candidates": 4, "n_references": 2, "calibration_fraction": 0},
     "regad": {"resize": 128, "n_features": 50, "calibration_fraction": 0},
     "fastflow": {"epochs": 2, "resize": 128, "crop": 112},
     "efficientad": {"steps": 40, "resize": 128, "student_width": 0.125, "ae_width": 32, "penalty_size": 64},

@@ -11,6 +11,7 @@ from . import fastflow  # noqa: F401
 from . import efficientad  # noqa: F401
 from . import cpr  # noqa: F401
 from . import regad  # noqa: F401
+from . import pad  # noqa: F401
 
 __all__ = ["Detector", "ModelFolderError", "NotFittedError", "Prediction", "create_detector", "get_detector_class",
            "list_detectors", "load_detector", "register_detector"]

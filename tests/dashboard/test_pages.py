@@ -703,6 +703,18 @@ def test_cpr_is_trained_from_the_train_page_and_compared(workspace):
     assert set(table["run"]) == {"#1 patchcore", f"#{run['id']} cpr"}
 
 
+def test_a_pad_run_shows_the_good_view_it_aligned_beside_the_test_image(workspace):
+    from core.data import load_mvtec
+    from core.pipeline import train_run
+    train_run(workspace["store"], workspace["dataset_id"], load_mvtec(DEMO), "pad",
+              {"resize": 128, "n_candidates": 4, "n_references": 2, "calibration_fraction": 0.0})
+    at = open_page("heatmaps")                                 # the newest run is selected: the pad one
+    open_tile(at, 0)
+    captions = [c for image in at.image for c in image.captions]
+    assert not at.exception and any(c.startswith("Nearest good training view #") for c in captions)
+    assert any(c.startswith("That view aligned to the test image: ") for c in captions)
+
+
 def test_a_new_variant_from_three_good_images_gets_a_regad_model_and_a_threshold():
     """The few-shot path: upload 3 good images and nothing else, pick RegAD with a registration trained on
     other products, train: the run comes with a threshold set from its good images alone."""
