@@ -138,10 +138,28 @@ class Preprocess:
         frames = [self.image_to_frame(im) for im in images]
         if not frames:
             return torch.zeros((0, 3, *self.input_hw), dtype=torch.float32)
-        x = torch.from_numpy(np.stack(frames)).permute(0, 3, 1, 2).to(torch.float32).div_(255.0)
-        mean = torch.tensor(self.mean, dtype=torch.float32).view(1, 3, 1, 1)
-        std = torch.tensor(self.std, dtype=torch.float32).view(1, 3, 1, 1)
+        return self.frames_to_tensor(np.stack(frames))
+
+    def _mean_std(self):
+        import torch
+        return (torch.tensor(self.mean, dtype=torch.float32).view(1, 3, 1, 1),
+                torch.tensor(self.std, dtype=torch.float32).view(1, 3, 1, 1))
+
+    def frames_to_tensor(self, frames: np.ndarray):
+        """(N, H, W, 3) uint8 frames already at :attr:`input_hw` -> the normalised (N, 3, H, W) float32 tensor."""
+        import torch
+
+        mean, std = self._mean_std()
+        x = torch.from_numpy(np.array(frames)).permute(0, 3, 1, 2).to(torch.float32).div_(255.0)  # a copy: views may be read-only
         return x.sub_(mean).div_(std).contiguous()
+
+    def tensor_to_frames(self, x) -> np.ndarray:
+        """The inverse of :meth:`frames_to_tensor`: the uint8 frames a normalised batch was made from."""
+        import torch
+
+        mean, std = self._mean_std()
+        x = x.cpu() * std + mean
+        return x.mul(255.0).round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
     def map_to_input(self, amap: np.ndarray, size_hw: tuple[int, int]) -> np.ndarray:
         """A map in the model frame -> an HxW float32 map at the original image size.

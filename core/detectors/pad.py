@@ -225,18 +225,6 @@ class PAD(BackboneDetector):
         rotation of the view changes it little), concatenated."""
         return F.normalize(torch.cat([f.mean((2, 3)) for f in feats], dim=1), dim=1)
 
-    def _to_tensor(self, frames: np.ndarray) -> torch.Tensor:
-        """(N, 3, H, W) normalised input from frames already in the model frame (N, H, W, 3 uint8)."""
-        pre = self.preprocess
-        x = torch.from_numpy(np.array(frames)).permute(0, 3, 1, 2).float().div_(255.0)   # a copy: views may be read-only
-        return x.sub_(torch.tensor(pre.mean).view(1, 3, 1, 1)).div_(torch.tensor(pre.std).view(1, 3, 1, 1))
-
-    def _to_frames(self, x: torch.Tensor) -> np.ndarray:
-        """The uint8 frames a preprocessed batch was made from (normalisation undone, exact to the level)."""
-        pre = self.preprocess
-        x = x.cpu() * torch.tensor(pre.std).view(1, 3, 1, 1) + torch.tensor(pre.mean).view(1, 3, 1, 1)
-        return x.mul(255.0).round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
-
     # --- fit ------------------------------------------------------------------------------------------
     def _fit(self, images: Sequence[np.ndarray], progress: Progress, batch_size: int = 16) -> None:
         frames, descriptors = [], []
@@ -244,7 +232,7 @@ class PAD(BackboneDetector):
             x = self.preprocess.images_to_tensor(batch)
             with torch.no_grad():
                 descriptors.append(self.describe(self.embed(x)))
-            frames.append(self._to_frames(x))
+            frames.append(self.preprocess.tensor_to_frames(x))
             progress("features", start + len(batch), len(images))
         self.frames_ = torch.from_numpy(np.concatenate(frames))
         self.descriptors_ = torch.cat(descriptors)
@@ -261,7 +249,7 @@ class PAD(BackboneDetector):
         self._check_fitted()
         if descriptor is None:
             with torch.no_grad():
-                descriptor = self.describe(self.embed(self._to_tensor(frame[None])))[0]
+                descriptor = self.describe(self.embed(self.preprocess.frames_to_tensor(frame[None])))[0]
         h, w = frame.shape[:2]
         found = []
         for j in self.retrieve(descriptor[None], self.n_candidates)[0].tolist():
@@ -284,12 +272,12 @@ class PAD(BackboneDetector):
         size = tuple(x.shape[-2:])
         feats = self.embed(x)
         descriptors = self.describe(feats)
-        frames = self._to_frames(x)
+        frames = self.preprocess.tensor_to_frames(x)
         maps = torch.zeros((len(x), *size))
         for i in range(len(x)):
             refs = self.aligned_references(frames[i], descriptors[i])
             with torch.no_grad():
-                ref_feats = self.embed(self._to_tensor(np.stack([r.warped for r in refs])))
+                ref_feats = self.embed(self.preprocess.frames_to_tensor(np.stack([r.warped for r in refs])))
             valid = torch.from_numpy(np.stack([r.valid for r in refs])).float()[:, None]        # (K, 1, H, W)
             for f, rf, window in zip(feats, ref_feats, self.windows):
                 grid = tuple(f.shape[-2:])

@@ -175,23 +175,17 @@ class PatchCore(BackboneDetector):
         self.nprobe_choice_ = None
         if self._uses_ivf():
             self.ivf_centroids_ = ivf_centroids(self.memory_bank_, self.seed)
-            if self.nprobe == "auto":
-                self.nprobe_ = self._choose_nprobe(np.ascontiguousarray(torch.cat(sample).numpy()))
-        self._build_index()
+        self._build_index(np.ascontiguousarray(torch.cat(sample).numpy()))
 
     def _choose_nprobe(self, queries: np.ndarray) -> int:
         """The fewest IVF cells per patch with which at most NPROBE_TOLERANCE of `queries` get a neighbour more
         than 1% farther than the exact one (measured: bottle takes 4 cells, magnetic tile 16)."""
-        bank = self.memory_bank_.numpy().astype(np.float32)
-        exact = faiss.IndexFlatL2(bank.shape[1])
-        exact.add(bank)
-        true = np.sqrt(np.maximum(exact.search(queries, 1)[0][:, 0], 0))
+        true = np.sqrt(np.maximum(self._exact_index.search(queries, 1)[0][:, 0], 0))
         queries, true = queries[true > 1e-3], true[true > 1e-3]    # bank patches themselves tell nothing
-        index = self._ivf_index(bank)
         rows = []
         for nprobe in AUTO_NPROBE:
-            index.nprobe = nprobe
-            found = np.sqrt(np.maximum(index.search(queries, 1)[0][:, 0], 0))
+            self._index.nprobe = nprobe
+            found = np.sqrt(np.maximum(self._index.search(queries, 1)[0][:, 0], 0))
             rows.append({"nprobe": nprobe, "share_over_1pct": round(float(np.mean(found > 1.01 * true)), 4)})
             if rows[-1]["share_over_1pct"] <= NPROBE_TOLERANCE:
                 break
@@ -314,24 +308,23 @@ class PatchCore(BackboneDetector):
     def _uses_ivf(self) -> bool:
         return self.search == "ivf" or (self.search == "auto" and len(self.memory_bank_) >= self.ivf_min_bank)
 
-    def _ivf_index(self, bank: np.ndarray):
-        # The cells are fitted state (saved), so a loaded model searches exactly the same lists.
-        centroids = self.ivf_centroids_.numpy().astype(np.float32)
-        quantizer = faiss.IndexFlatL2(bank.shape[1])
-        quantizer.add(centroids)
-        index = faiss.IndexIVFFlat(quantizer, bank.shape[1], len(centroids))
-        index.is_trained = True
-        index.add(bank)
-        index.referenced_objects = [quantizer]   # faiss's way to keep the quantizer alive with the index
-        return index
-
-    def _build_index(self) -> None:
+    def _build_index(self, nprobe_queries: np.ndarray | None = None) -> None:
+        """The search index over the bank; a fit whose nprobe is "auto" passes the training patches that choose it."""
         bank = self.memory_bank_.numpy().astype(np.float32)
         if self._uses_ivf():
-            self._index = self._ivf_index(bank)
-            self._index.nprobe = int(self.nprobe_)
+            # The cells are fitted state (saved), so a loaded model searches exactly the same lists.
+            centroids = self.ivf_centroids_.numpy().astype(np.float32)
+            quantizer = faiss.IndexFlatL2(bank.shape[1])
+            quantizer.add(centroids)
+            self._index = faiss.IndexIVFFlat(quantizer, bank.shape[1], len(centroids))
+            self._index.is_trained = True
+            self._index.add(bank)
+            self._quantizer = quantizer   # the IVF index does not own it
             self._exact_index = faiss.IndexFlatL2(bank.shape[1])   # re-checks the worst patches exactly
             self._exact_index.add(bank)
+            if self.nprobe_ is None:
+                self.nprobe_ = self._choose_nprobe(nprobe_queries)
+            self._index.nprobe = int(self.nprobe_)
         else:
             self._index = faiss.IndexFlatL2(bank.shape[1])
             self._index.add(bank)
