@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 from core import metrics
 from core.detectors import patchcore as patchcore_module
+from core.detectors import coreset
 from core.detectors.coreset import StreamingCoreset, greedy_coreset, project
 from core.detectors import create_detector
 from core.detectors.ops import upsample_blur
@@ -24,8 +25,10 @@ def naive_greedy(z: np.ndarray, k: int, start: int) -> list[int]:
     return selected
 
 
-def test_pruned_greedy_coreset_selects_like_the_textbook_algorithm(rng):
-    # Clustered points, like real patch features: the pruning then skips most of them.
+@pytest.mark.parametrize("pool", [64, 4096])
+def test_batched_greedy_coreset_selects_like_the_textbook_algorithm(rng, monkeypatch, pool):
+    # Clustered points, like real patch features; a small pool makes many passes over them, a large one few.
+    monkeypatch.setattr(coreset, "POOL", pool)
     centres = rng.normal(size=(20, 16)) * 10
     points = torch.from_numpy((centres[rng.integers(20, size=3000)] + rng.normal(size=(3000, 16))).astype(np.float32))
     selected, radii = greedy_coreset(points, 150, projection_dim=8, seed=3)
