@@ -97,7 +97,9 @@ class PatchCore(BackboneDetector):
     projection_dim : random projection width used only for coreset selection.
     search : nearest-neighbour index. "exact" (faiss flat L2), "ivf" (inverted lists over k-means cells of
         the bank, `nprobe` cells searched per patch), or "auto" (default): exact below `ivf_min_bank`
-        patches, where it costs less than the backbone, IVF above.
+        patches, IVF above. With the exact re-check of each image's worst patches IVF changes no image score,
+        and it is cheaper from about 2,000 patches on (measured: bottle 224 px with a 14,739-patch bank predicts
+        in 1.74x the backbone against 3.94x exact, metrics within 0.0001).
     nprobe : IVF cells searched per patch (an int >= 1): more is slower and closer to the exact search; or "auto"
         (default): the fewest cells (1 to 64) with which at most 5% of a sample of training patches get a
         neighbour more than 1% farther than the exact one. Each image's score is searched exactly either way
@@ -124,7 +126,7 @@ class PatchCore(BackboneDetector):
     def __init__(self, backbone: str = DEFAULT_BACKBONE, stages: tuple = (2, 3), weights: str | None = None,
                  resize: int | str | tuple = "auto", crop: int | None = None, coreset_ratio: float | str = "auto",
                  min_bank: int = 2000, projection_dim: int = 128, search: str = "auto", nprobe: int | str = "auto",
-                 ivf_min_bank: int = 20000, score_border: int | str = "auto", reweight: bool = True, n_reweight: int = 9,
+                 ivf_min_bank: int = 2000, score_border: int | str = "auto", reweight: bool = True, n_reweight: int = 9,
                  blur_sigma: float = 4.0, calibration_fraction: float = 0.1, seed: int = 0, device: str = "auto"):
         store_params(self, locals())
 
