@@ -48,6 +48,26 @@ def test_large_inputs_go_through_in_tiles_without_seams():
         assert (t - w)[..., seam - 2:seam + 2].abs().mean() < 0.015 * w.abs().mean()
 
 
+def test_a_cpu_batch_runs_in_small_calls_with_the_same_maps(monkeypatch):
+    import core.backbones as backbones
+    extractor = FeatureExtractor("tf_efficientnet_lite0", (2, 3))
+    x = torch.randn(5, 3, 96, 128, generator=torch.Generator().manual_seed(0))
+    calls, model = [], extractor.model
+
+    class Counting(torch.nn.Module):
+        def forward(self, part):
+            calls.append(len(part))
+            return model(part)
+    monkeypatch.setattr(extractor, "model", Counting())
+    monkeypatch.setattr(backbones, "CPU_PIXELS_PER_CALL", 2 * 96 * 128)
+    split = extractor(x)
+    assert calls == [2, 2, 1]
+    whole = model(x.contiguous())           # one NCHW call over the whole batch, for reference
+    for got, want in zip(split, whole):
+        assert got.is_contiguous() and got.shape == want.shape
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
+
+
 def test_feature_extractor_reports_real_shapes():
     extractor = FeatureExtractor("tf_efficientnet_lite0", (1, 2, 3))
     maps = extractor(torch.zeros(2, 3, 224, 224))
