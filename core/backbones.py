@@ -31,8 +31,8 @@ DEFAULT_BACKBONE = "tf_efficientnet_lite0"
 TILE, TILE_MARGIN = 512, 96
 # On a CPU these nets are memory-bound (depthwise convolutions over wide expanded maps): channels-last weights
 # and calls of at most this many input pixels keep the maps in cache. Measured on the 2-core machine, Lite0 to
-# stage 3, ms per image against the NCHW batches of 8 used before: 224 px 3.5 vs 13.6, 448 px 12.6 vs 93.6,
-# 640 px 56 vs 230 (128 px: 1.2 vs 2.9).
+# stage 3, 16 bottle images, ms per image against one NCHW batch of 16 as before: 224 px 4.2 vs 16.3, 448 px 14.4
+# vs 114.1 (the best call sizes found, in images: 4 at 128 px, 2 at 224 and 320, 1 from 448 px).
 CPU_PIXELS_PER_CALL = 110_000
 
 # Renames inside one block. Blocks with an expansion conv are timm InvertedResidual; the first block of
